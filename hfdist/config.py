@@ -1,0 +1,293 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden by ``--set section.field=value``.
+
+Every check runs before any model or data is touched, and each failure is one ``HfdistError`` whose
+message names the field (``train.global_batch_size``) or the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from hfdist.errors import HfdistError
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local folder, or the alias "smollm2-135m" (the offline SmolLM2-135M that the set-up installs).
+    path: str = "smollm2-135m"
+    gguf_file: Optional[str] = None  # a .gguf inside `path` (transformers dequantizes it)
+    revision: Optional[str] = None
+    # "random" builds the architecture from the config only (benchmarks, plans); "pretrained" loads weights.
+    init: str = "pretrained"
+    # Parameter dtype of the trained model: float32 or bfloat16 (float16 trains badly with Adam at lr 1e-6).
+    dtype: str = "float32"
+    # "auto" takes flash_attention_2 when flash-attn is installed and on CUDA, else sdpa (said in the log).
+    attn_implementation: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    # "austen" (the embedded corpus), a local .txt/.jsonl/.json/.parquet/.csv file or folder, or a hub dataset id.
+    source: str = "austen"
+    subset: Optional[str] = None  # hub dataset configuration name
+    split: str = "train"
+    text_field: str = "text"
+    # "exact": the upstream rule, texts whose tokenization reaches seq_len tokens, cut to seq_len;
+    # "chunk": running text cut into consecutive seq_len windows.
+    mode: str = "exact"
+    seq_len: int = 256
+    num_samples: int = 2000
+    num_validation: int = 64
+    num_contexts: int = 32
+    context_len: int = 32
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam (coupled L2, here 0) or adamw (decoupled weight decay)
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "constant"  # constant, linear or cosine decay after warmup
+    warmup_steps: int = 0
+    max_grad_norm: float = 0.0  # 0 disables clipping; the norm is logged either way
+    implementation: str = "auto"  # auto (fused on CUDA, foreach on CPU), fused, foreach, for_loop
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    global_batch_size: int = 8  # sequences per optimizer step, whatever the world size
+    micro_batch_size: int = 8  # sequences per forward pass on one rank
+    max_steps: int = 0  # 0: no limit beyond the epochs
+    target_loss: float = 0.0  # stop after an epoch whose mean train loss is at or below this; 0 disables
+    seed: int = 0
+    fused_loss: bool = True  # loss and entropy through hfdist.kernels.fused_linear_cross_entropy
+    loss_backend: str = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_every_steps: int = 1
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1  # also always before and after training; 0: only before and after
+    total_len: int = 256  # greedy generation from the context up to this many tokens (upstream protocol)
+    ttr_window: int = 96
+    batch_size: int = 8
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: no intermediate checkpoints
+    keep_last: int = 2
+    save_final_model: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = "single"  # single, fsdp or deepspeed
+    # FSDP2: mixed precision (bf16 params, fp32 reduce), CPU offload, HSDP replicas across nodes.
+    mixed_precision: bool = False
+    cpu_offload: bool = False
+    replicate_degree: int = 1  # HSDP: >1 shards within groups of world/replicate ranks, replicates across them
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; configs/deepspeed/ has examples
+    timeout_s: int = 1800
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    output_dir: Optional[str] = None  # default: runs/<config name>-<time>
+
+
+CHOICES = {
+    "model.init": ("pretrained", "random"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "data.mode": ("exact", "chunk"),
+    "optim.name": ("adam", "adamw"),
+    "optim.schedule": ("constant", "linear", "cosine"),
+    "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
+    "train.loss_backend": ("auto", "torch", "triton"),
+    "distributed.backend": ("single", "fsdp", "deepspeed"),
+}
+POSITIVE = ("data.seq_len", "data.num_samples", "data.context_len", "train.epochs", "train.global_batch_size",
+            "train.micro_batch_size", "train.log_every_steps", "eval.total_len", "eval.ttr_window",
+            "eval.batch_size", "checkpoint.keep_last", "distributed.replicate_degree", "distributed.timeout_s",
+            "optim.lr")
+NON_NEGATIVE = ("data.num_validation", "data.num_contexts", "optim.weight_decay", "optim.warmup_steps",
+                "optim.max_grad_norm", "optim.eps", "train.max_steps", "train.target_loss", "eval.every_epochs",
+                "checkpoint.every_steps")
+
+
+def _convert(value: Any, annotation: Any, name: str) -> Any:
+    """Check ``value`` against a field's annotation; ints are accepted for floats, nothing else is coerced."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, name)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported annotation {annotation!r} for {name}")
+    raise HfdistError(f"config field {name}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _fill(section_obj: Any, values: dict, prefix: str, source: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section_obj)}
+    hints = typing.get_type_hints(type(section_obj))  # resolves the string annotations of `from __future__`
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise HfdistError(f"{source}: unknown config field {name!r} (known: {known})")
+        current = getattr(section_obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise HfdistError(f"{source}: config section {name!r} must be a mapping, got {value!r}")
+            _fill(current, value, f"{name}.", source)
+        else:
+            setattr(section_obj, key, _convert(value, hints[key], name))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.field=value`` -> (["section", "field"], value parsed as YAML, so 1e-6, true, null work)."""
+    if "=" not in text:
+        raise HfdistError(f"--set {text!r}: expected section.field=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads "1e-6" as a string
+    return key.strip().split("."), value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Build a Config from defaults, then the YAML file, then ``--set`` overrides; validate everything."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise HfdistError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise HfdistError(f"config file {str(path)!r}{where}: not valid YAML") from None
+        if not isinstance(data, dict):
+            raise HfdistError(f"config file {str(path)!r}: top level must be a mapping of sections")
+        _fill(config, _floatify(data), "", f"config file {str(path)!r}")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _fill(config, nested, "", f"--set {text!r}")
+    validate(config)
+    return config
+
+
+def _floatify(data: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-6`` as a string; numbers in configs are meant as numbers."""
+    if isinstance(data, dict):
+        return {k: _floatify(v) for k, v in data.items()}
+    if isinstance(data, str) and _looks_like_float(data) and any(c in data for c in "eE."):
+        return float(data)
+    return data
+
+
+def get_field(config: Config, name: str) -> Any:
+    obj: Any = config
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(config: Config) -> None:
+    """Checks that need no model, data or process group. World-size checks live in the backends."""
+    for name, allowed in CHOICES.items():
+        value = get_field(config, name)
+        if value not in allowed:
+            raise HfdistError(f"config field {name}: {value!r} is not one of {', '.join(allowed)}")
+    for name in POSITIVE:
+        if not get_field(config, name) > 0:
+            raise HfdistError(f"config field {name}: must be > 0, got {get_field(config, name)!r}")
+    for name in NON_NEGATIVE:
+        if get_field(config, name) < 0:
+            raise HfdistError(f"config field {name}: must be >= 0, got {get_field(config, name)!r}")
+    if not (0.0 <= config.optim.beta1 < 1.0 and 0.0 <= config.optim.beta2 < 1.0):
+        raise HfdistError("config fields optim.beta1/optim.beta2: must lie in [0, 1)")
+    train = config.train
+    if train.global_batch_size % train.micro_batch_size:
+        raise HfdistError(f"config field train.global_batch_size: {train.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size {train.micro_batch_size}")
+    data = config.data
+    if data.context_len >= config.eval.total_len:
+        raise HfdistError(f"config field data.context_len: {data.context_len} must be below eval.total_len "
+                          f"{config.eval.total_len}")
+    if data.context_len > data.seq_len:
+        raise HfdistError(f"config field data.context_len: {data.context_len} exceeds data.seq_len {data.seq_len}")
+    if config.eval.total_len - data.context_len < config.eval.ttr_window:
+        raise HfdistError(f"config field eval.ttr_window: {config.eval.ttr_window} exceeds the generated length "
+                          f"eval.total_len - data.context_len = {config.eval.total_len - data.context_len}")
+    if data.num_samples < train.global_batch_size:
+        raise HfdistError(f"config field data.num_samples: {data.num_samples} is below train.global_batch_size "
+                          f"{train.global_batch_size}")
+    if config.distributed.backend == "deepspeed" and config.distributed.deepspeed_config:
+        if not Path(config.distributed.deepspeed_config).is_file():
+            raise HfdistError(f"config field distributed.deepspeed_config: file "
+                              f"{config.distributed.deepspeed_config!r} does not exist")
+    if config.model.gguf_file and config.model.init == "random":
+        raise HfdistError("config field model.gguf_file: a gguf file holds weights; it needs model.init=pretrained")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    from hfdist.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,112 @@
+"""The interface every backend (single, fsdp, deepspeed) gives the training loop.
+
+The loop never asks which backend it runs on. A backend owns: the process group, how the model is built
+(meta device, zero.Init, or plainly), how it and the optimizer are wrapped, how gradients are reduced and
+scaled, and how training state is saved and exported.
+
+Loss convention: the loop hands ``backward`` this rank's share of the global loss, that is
+``sum(token losses on this rank's micro-batch) / (non-ignored tokens in the whole global batch, all ranks)``.
+The true loss of the step is the sum of these shares over ranks and micro-batches; each backend scales
+for its own reduction (FSDP and DeepSpeed average gradients across ranks, so they multiply by the
+data-parallel size) so that the gradient is exactly that of the global mean.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from hfdist.config import Config
+from hfdist.errors import HfdistError
+
+
+class Backend(ABC):
+    name: str = "base"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.rank = 0
+        self.world_size = 1
+        self.local_rank = 0
+        self.device = torch.device("cpu")
+        self.model: Optional[nn.Module] = None  # the HyperfitModel, wrapped as the backend needs
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+
+    # ---- topology -------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size
+
+    def gradient_accumulation_steps(self) -> int:
+        """global batch = micro batch x accumulation x data-parallel size; refuse what does not divide."""
+        train = self.config.train
+        per_step = train.micro_batch_size * self.dp_size
+        if train.global_batch_size % per_step:
+            raise HfdistError(
+                f"config field train.global_batch_size: {train.global_batch_size} is not divisible by "
+                f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size ({self.dp_size})")
+        return train.global_batch_size // per_step
+
+    # ---- model ------------------------------------------------------------------------------------
+    @abstractmethod
+    def build(self, model_factory: Callable[[torch.device], nn.Module],
+              optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
+              scheduler_factory: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]) -> None:
+        """Build the HyperfitModel (``model_factory(device)``; device may be ``meta``), wrap it, build the
+        optimizer and scheduler over the wrapped parameters. Sets self.model/optimizer/scheduler."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, is_last_micro_batch: bool) -> None:
+        """Backpropagate this rank's share of the global loss (see the module docstring)."""
+
+    @abstractmethod
+    def step(self, max_grad_norm: float) -> torch.Tensor:
+        """Clip (when max_grad_norm > 0), step the optimizer and scheduler, zero the gradients.
+
+        Returns the total gradient norm before clipping, as a tensor (no host sync); a non-finite norm
+        is returned as is and the caller decides what to do."""
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---- collectives --------------------------------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        pass
+
+    # ---- state ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def save_checkpoint(self, folder: Path) -> None:
+        """Write model, optimizer and scheduler state into ``folder`` (all ranks call; the folder is
+        temporary and made atomic by hfdist.checkpoint)."""
+
+    @abstractmethod
+    def load_checkpoint(self, folder: Path) -> None:
+        """Load what save_checkpoint wrote (possibly at another world size, where the backend allows)."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The consolidated HF-model state dict (keys as in ``model.lm.state_dict()``) on the main rank,
+        on CPU; other ranks may return {}. All ranks must call it."""
+
+    def unwrapped_lm(self) -> nn.Module:
+        """The Hugging Face model inside, for evaluation and generation (sharded under FSDP: all ranks
+        must run its forward passes together)."""
+        return self.model.lm
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,63 @@
+"""The single-process backend: one model on one device, DCP checkpoints in the same format as FSDP's."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from hfdist.distributed.base import Backend
+
+
+class SingleBackend(Backend):
+    name = "single"
+
+    def __init__(self, config, device: torch.device | None = None):
+        super().__init__(config)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = device
+
+    def build(self, model_factory: Callable[[torch.device], nn.Module], optimizer_factory, scheduler_factory) -> None:
+        self.model = model_factory(self.device)
+        if self.config.train.activation_checkpointing:
+            self.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = optimizer_factory(self.model)
+        self.scheduler = scheduler_factory(self.optimizer)
+
+    def backward(self, loss: torch.Tensor, is_last_micro_batch: bool) -> None:
+        loss.backward()
+
+    def step(self, max_grad_norm: float) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        # clip_grad_norm_ with an infinite max computes the norm without scaling anything.
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"),
+                                                   foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _state(self) -> dict:
+        options = StateDictOptions(full_state_dict=False)
+        return {"model": get_model_state_dict(self.model, options=options),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options)}
+
+    def save_checkpoint(self, folder: Path) -> None:
+        dcp.save(self._state(), checkpoint_id=str(folder / "dcp"), no_dist=True)
+        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(folder / "dcp"), no_dist=True)
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.lm.state_dict().items()}

@@ -1,0 +1,302 @@
+"""The hyperfitting loop: the same code for the single, FSDP2 and DeepSpeed backends.
+
+One optimizer step takes ``train.global_batch_size`` sequences, split across data-parallel ranks and
+micro-batches; the loss is the mean next-token cross-entropy over every predicted token of the global
+batch (each rank backpropagates its share, see ``hfdist.distributed.base``). Before training, every
+``eval.every_epochs`` epochs and after training, the model is evaluated on the held-out validation
+sequences (loss, perplexity, entropy, top-k mass) and by greedy generation from the held-out contexts
+(TTR over the last ``eval.ttr_window`` generated tokens). Training stops after ``train.epochs``, at
+``train.max_steps``, or after the first epoch whose mean train loss is at or below ``train.target_loss``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from hfdist import checkpoint
+from hfdist.config import Config, OptimConfig, save_config
+from hfdist.data import StepSampler, build_data, iterate_batches
+from hfdist.errors import HfdistError
+from hfdist.io import atomic_directory, atomic_write_json
+from hfdist.models import HyperfitModel, load_model, load_tokenizer
+from hfdist.monitor import MetricsLogger
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(config: OptimConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Adam or AdamW over all trainable parameters; weight_decay 0 really means no decay in either."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay)
+    impl = config.implementation
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    if impl == "fused":
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = impl == "foreach"
+    cls = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
+    return cls(params, **kwargs)
+
+
+def build_scheduler(config: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Linear warmup over ``warmup_steps``, then constant, linear decay to 0, or cosine decay to 0."""
+    warmup, schedule = config.warmup_steps, config.schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux: the process's high-water mark.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@torch.no_grad()
+def evaluate(lm: torch.nn.Module, validation: torch.Tensor, contexts: torch.Tensor, config: Config,
+             device: torch.device) -> dict:
+    """Held-out loss/entropy/top-k mass and greedy TTR; the same numbers `hfdist evaluate` reports."""
+    from hfdist.metrics import greedy_ttr, heldout_stats
+
+    was_training = lm.training
+    lm.eval()
+    values = {}
+    if len(validation):
+        stats = heldout_stats(lm, validation.to(device), batch_size=config.eval.batch_size)
+        values.update({f"eval/{k}": v for k, v in stats.items() if k != "num_tokens"})
+    if len(contexts):
+        ttr = greedy_ttr(lm, contexts.to(device), total_len=config.eval.total_len, window=config.eval.ttr_window)
+        values[f"eval/ttr{config.eval.ttr_window}"] = ttr[f"ttr{config.eval.ttr_window}"]
+    lm.train(was_training)
+    return values
+
+
+def default_output_dir(config_path: Optional[str]) -> Path:
+    name = Path(config_path).stem if config_path else "run"
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(run_dir: Path, resume: Optional[str]) -> None:
+    """Refuse to train over a finished run unless resuming: nothing of an earlier result is overwritten."""
+    if resume is None and run_dir.exists() and any((run_dir / name).exists()
+                                                   for name in ("model", "metrics.jsonl", "checkpoints")):
+        raise HfdistError(f"--output-dir {str(run_dir)!r}: already holds a run; pass --resume to continue it "
+                          "or choose another folder")
+
+
+class Trainer:
+    def __init__(self, config: Config, run_dir: Path, resume: Optional[str] = None, progress: bool = True):
+        from hfdist.distributed import build_backend
+
+        self.config = config
+        self.run_dir = run_dir
+        self.backend = build_backend(config)
+        if self.backend.is_main:
+            prepare_run_dir(run_dir, resume)
+        self.accumulation = self.backend.gradient_accumulation_steps()
+        seed_everything(config.train.seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+        self.tokenizer = load_tokenizer(config.model)
+        self.data = build_data(config.data, self.tokenizer)
+        if self.backend.is_main:
+            save_config(config, run_dir / "config.yaml")
+            self.data.save(run_dir / "data")
+        self.sampler = StepSampler(len(self.data.train), config.train.global_batch_size,
+                                   config.train.micro_batch_size, self.backend.dp_rank, self.backend.dp_size,
+                                   config.train.seed)
+        steps = self.sampler.steps_per_epoch * config.train.epochs
+        self.total_steps = min(steps, config.train.max_steps) if config.train.max_steps else steps
+
+        def model_factory(device: torch.device) -> HyperfitModel:
+            lm = load_model(config.model, device)
+            max_positions = getattr(lm.config, "max_position_embeddings", None)
+            if max_positions and config.data.seq_len > max_positions:
+                raise HfdistError(f"config field data.seq_len: {config.data.seq_len} exceeds the model's "
+                                  f"max_position_embeddings {max_positions}")
+            return HyperfitModel(lm, fused_loss=config.train.fused_loss, loss_backend=config.train.loss_backend)
+
+        self.backend.build(model_factory, lambda m: build_optimizer(config.optim, m, self.backend.device),
+                           lambda o: build_scheduler(config.optim, o, self.total_steps))
+        self.metrics = MetricsLogger(run_dir, enabled=self.backend.is_main)
+        self.progress = progress and self.backend.is_main
+        self.state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_entropy_sum": 0.0,
+                      "epoch_steps": 0, "evaluated_step": -1}
+        if resume is not None:
+            folder = checkpoint.resolve_resume(resume, run_dir / "checkpoints")
+            self.state = checkpoint.load(folder, self.backend)
+            logger.info("resumed from %s at step %d", folder, self.state["step"])
+        # The running sums of the epoch's step losses and entropies (restored from the state on resume).
+        self._epoch_sums = torch.tensor([self.state["epoch_loss_sum"], self.state["epoch_entropy_sum"]],
+                                        device=self.backend.device)
+
+    # -------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        config, backend, state = self.config, self.backend, self.state
+        seq_len = config.data.seq_len
+        if state["step"] == 0:
+            self._evaluate()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=state["step"], desc="hyperfit", unit="step", file=sys.stderr,
+                       dynamic_ncols=True)
+        stopped_by = "epochs"
+        while state["epoch"] < config.train.epochs:
+            while state["step_in_epoch"] < self.sampler.steps_per_epoch:
+                if state["step"] >= self.total_steps:
+                    break
+                started = time.perf_counter()
+                loss, entropy = self._train_step(state["epoch"], state["step_in_epoch"])
+                state["step"] += 1
+                state["step_in_epoch"] += 1
+                if state["step"] % config.train.log_every_steps == 0 or state["step"] == self.total_steps:
+                    loss_value, entropy_value = loss.item(), entropy.item()  # the only host syncs of a step
+                    elapsed = time.perf_counter() - started
+                    tokens_per_s = config.train.global_batch_size * seq_len / elapsed
+                    self.metrics.log("step", state["step"], {
+                        "train/loss": loss_value, "train/entropy": entropy_value,
+                        "train/grad_norm": self._last_grad_norm.item(), "train/lr": backend.current_lr(),
+                        "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": elapsed,
+                        "memory/peak_gib": peak_memory_gib(backend.device)},
+                        epoch=state["epoch"] + state["step_in_epoch"] / self.sampler.steps_per_epoch)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}")
+                self._epoch_sums += torch.stack([loss, entropy])  # stays on the device: no sync per step
+                state["epoch_steps"] += 1
+                if bar is not None:
+                    bar.update(1)
+                if config.checkpoint.every_steps and state["step"] % config.checkpoint.every_steps == 0:
+                    state["epoch_loss_sum"], state["epoch_entropy_sum"] = self._epoch_sums.tolist()
+                    checkpoint.save(self.run_dir / "checkpoints", state["step"], backend, dict(state),
+                                    config.checkpoint.keep_last)
+            if state["step_in_epoch"] < self.sampler.steps_per_epoch:
+                stopped_by = "max_steps"
+                break
+            loss_sum, entropy_sum = self._epoch_sums.tolist()
+            epoch_loss = loss_sum / max(1, state["epoch_steps"])
+            state["epoch"] += 1
+            self.metrics.log("epoch", state["step"], {
+                "train/loss": epoch_loss, "train/entropy": entropy_sum / max(1, state["epoch_steps"])},
+                epoch=state["epoch"])
+            state.update(step_in_epoch=0, epoch_loss_sum=0.0, epoch_entropy_sum=0.0, epoch_steps=0)
+            self._epoch_sums.zero_()
+            if config.eval.every_epochs and state["epoch"] % config.eval.every_epochs == 0:
+                self._evaluate()
+            if config.train.target_loss and epoch_loss <= config.train.target_loss:
+                stopped_by = "target_loss"
+                break
+        if bar is not None:
+            bar.close()
+        if state["evaluated_step"] != state["step"]:
+            self._evaluate()
+        if config.checkpoint.save_final_model:
+            self.export(self.run_dir / "model")
+        summary = self._summary(stopped_by)
+        self.metrics.close()
+        return summary
+
+    def _train_step(self, epoch: int, step_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        backend, device = self.backend, self.backend.device
+        micro_batches = [self.data.train[indices] for indices in self.sampler.micro_batches(epoch, step_in_epoch)]
+        local_tokens = torch.tensor(float(sum(b.shape[0] * (b.shape[1] - 1) for b in micro_batches)), device=device)
+        global_tokens = backend.all_reduce_sum(local_tokens)
+        loss_total = torch.zeros((), device=device)
+        entropy_total = torch.zeros((), device=device)
+        for i, batch in enumerate(micro_batches):
+            loss_sum, entropy_sum, _ = backend.model(batch.to(device, non_blocking=True))
+            share = loss_sum / global_tokens
+            backend.backward(share, is_last_micro_batch=i == len(micro_batches) - 1)
+            loss_total += share.detach()
+            entropy_total += entropy_sum.detach() / global_tokens
+        self._last_grad_norm = backend.step(self.config.optim.max_grad_norm)
+        # Each rank holds its share of the global mean; the sum over ranks is the step's loss.
+        totals = backend.all_reduce_sum(torch.stack([loss_total, entropy_total]))
+        return totals[0], totals[1]
+
+    def _evaluate(self) -> None:
+        lm = self.backend.unwrapped_lm()
+        values = evaluate(lm, self.data.validation, self.data.contexts, self.config, self.backend.device)
+        state = self.state
+        self.metrics.log("eval", state["step"], values,
+                         epoch=state["epoch"] + state["step_in_epoch"] / self.sampler.steps_per_epoch)
+        state["evaluated_step"] = state["step"]
+        if self.backend.is_main:
+            logger.info("eval at step %d: %s", state["step"],
+                        ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+
+    def export(self, folder: Path) -> None:
+        """Save the final model and tokenizer with save_pretrained (safetensors), atomically."""
+        state_dict = self.backend.full_state_dict()
+        if self.backend.is_main:
+            lm = self.backend.unwrapped_lm()
+            with atomic_directory(folder) as tmp:
+                lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        self.backend.barrier()
+
+    def _summary(self, stopped_by: str) -> dict:
+        from hfdist.monitor import read_metrics
+
+        summary = {"stopped_by": stopped_by, "steps": self.state["step"], "epochs": self.state["epoch"]}
+        if self.backend.is_main:
+            records = read_metrics(self.run_dir / "metrics.jsonl")
+            evals = [r for r in records if r["kind"] == "eval"]
+            epochs = [r for r in records if r["kind"] == "epoch"]
+            steps = [r for r in records if r["kind"] == "step"]
+            summary["base"] = {k: v for k, v in evals[0].items() if k.startswith("eval/")} if evals else {}
+            summary["hyperfitted"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+            summary["train_loss_first_step"] = steps[0]["train/loss"] if steps else None
+            summary["train_loss_last_epoch"] = epochs[-1]["train/loss"] if epochs else None
+            summary["tokens_per_s_median"] = float(np.median([r["perf/tokens_per_s"] for r in steps])) if steps else None
+            atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def train(config: Config, run_dir: Path, resume: Optional[str] = None, progress: bool = True) -> dict:
+    trainer = Trainer(config, run_dir, resume=resume, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.backend.close()
+
+
+def format_summary(summary: dict) -> str:
+    """The base-vs-hyperfitted table the demo prints."""
+    rows = [("train loss (nats/token)", summary.get("train_loss_first_step"), summary.get("train_loss_last_epoch"))]
+    base, hyper = summary.get("base", {}), summary.get("hyperfitted", {})
+    for key, label in (("eval/loss", "validation loss (nats/token)"), ("eval/perplexity", "validation perplexity"),
+                       ("eval/entropy", "validation entropy (nats)"), ("eval/top1_mass", "top-1 probability mass"),
+                       ("eval/ttr96", "greedy TTR over last 96 tokens")):
+        rows.append((label, base.get(key), hyper.get(key)))
+    lines = [f"| {'measure':32} | {'base':>10} | {'hyperfitted':>11} |", f"|{'-' * 34}|{'-' * 12}|{'-' * 13}|"]
+    for label, before, after in rows:
+        fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        lines.append(f"| {label:32} | {fmt(before):>10} | {fmt(after):>11} |")
+    return "\n".join(lines)

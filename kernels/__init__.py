@@ -1,0 +1,1 @@
+"""Triton kernels, importable as ``hfdist.kernels`` (placeholder until the kernels land)."""

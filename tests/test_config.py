@@ -1,0 +1,77 @@
+"""Config loading: YAML + --set overrides, typed, validated up front, errors that name the field."""
+from pathlib import Path
+
+import pytest
+
+from hfdist.config import load_config, save_config
+from hfdist.errors import HfdistError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.train.global_batch_size == 8
+
+
+def test_paper_recipe():
+    config = load_config(Path(__file__).parent.parent / "configs" / "paper-llama-3.1-8b.yaml")
+    assert (config.data.num_samples, config.data.seq_len, config.train.epochs) == (2000, 256, 20)
+    assert config.optim.lr == 1e-6 and config.optim.weight_decay == 0.0 and config.optim.name == "adam"
+
+
+def test_overrides_are_typed():
+    config = load_config(None, ["optim.lr=3e-5", "train.epochs=2", "train.fused_loss=false", "model.path=/x"])
+    assert config.optim.lr == 3e-5 and isinstance(config.optim.lr, float)
+    assert config.train.epochs == 2 and config.train.fused_loss is False and config.model.path == "/x"
+
+
+def test_int_accepted_for_float():
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=abc", "train.epochs: expected int"),
+    ("train.epochs=1.5", "train.epochs: expected int"),
+    ("train.fused_loss=3", "train.fused_loss: expected bool"),
+    ("train.nonsense=1", "unknown config field 'train.nonsense'"),
+    ("nonsense.x=1", "unknown config field 'nonsense'"),
+    ("train=3", "config section 'train' must be a mapping"),
+    ("train.epochs=0", "train.epochs: must be > 0"),
+    ("optim.lr=-1e-6", "optim.lr: must be > 0"),
+    ("optim.name=sgd", "optim.name: 'sgd' is not one of adam, adamw"),
+    ("data.mode=sliding", "data.mode"),
+    ("train.micro_batch_size=3", "train.global_batch_size: 8 is not a multiple of train.micro_batch_size 3"),
+    ("eval.ttr_window=400", "eval.ttr_window"),
+    ("data.context_len=300", "data.context_len"),
+    ("optim.beta1=1.5", "optim.beta1"),
+    ("trainepochs", "expected section.field=value"),
+])
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(HfdistError, match=None) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(HfdistError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(HfdistError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(HfdistError, match="top level must be a mapping"):
+        load_config(bad)
+    bad.write_text("train:\n  epochs: '3'\n")
+    with pytest.raises(HfdistError, match="train.epochs: expected int, got '3'"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(None, ["optim.lr=2e-5", "data.seq_len=64"])
+    save_config(config, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == config

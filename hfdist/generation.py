@@ -1,0 +1,400 @@
+"""Batched decoding with a KV cache for any Hugging Face causal LM, and the paper's citation blocker.
+
+``generate`` is a small re-implementation of ``model.generate`` for the two strategies the paper compares:
+
+- ``greedy``: the arg-max token (the lowest token id on ties, as ``torch.argmax``), token for token the
+  same output as ``model.generate(do_sample=False)`` in fp32, batched and left-padded;
+- ``sample``: ``hfdist.kernels.sample`` with temperature, top-k, top-p and min-p, driven by one
+  ``torch.Generator`` seeded once per call, so a fixed ``seed`` reproduces the output.
+
+It keeps the loop lean because long sequences are the point: the output and attention-mask buffers are
+allocated once, the model computes logits for the last position only (``logits_to_keep=1``), and the host
+waits on the device only every ``check_every`` steps to see whether every row has emitted EOS.
+
+Prompts are left-padded (``attention_mask`` 0 on the pads); position ids are computed from the mask exactly as
+``transformers`` does (``cumsum(mask) - 1``, pads at 1). After a row emits an EOS token, its later positions
+hold ``pad_token_id`` (default: the model's pad id, else the first EOS id), as in ``model.generate``; the
+output is cut after the step at which the last row finished, so its width is ``prompt + steps run``.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from hfdist.errors import HfdistError
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("greedy", "sample")
+CACHES = ("dynamic", "static")
+
+
+# --------------------------------------------------------------------------------------------- citation blocker
+# Two polynomial hashes modulo primes below 2**31: every product stays below 2**62, so numpy and torch int64
+# compute them identically, without overflow, on any device. The pair gives a 62-bit key per n-gram.
+_P1, _B1 = 2147483647, 1000003
+_P2, _B2 = 2147483629, 999983
+
+
+def _powers(base: int, prime: int, n: int) -> np.ndarray:
+    """base**(n-1-i) mod prime for i in 0..n-1: the weights of the polynomial hash of an n-gram."""
+    out = np.empty(n, dtype=np.int64)
+    value = 1
+    for i in range(n - 1, -1, -1):
+        out[i] = value
+        value = value * base % prime
+    return out
+
+
+def _hash_np(grams: np.ndarray, pw1: np.ndarray, pw2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    g = grams.astype(np.int64)
+    h1 = ((g * pw1) % _P1).sum(-1) % _P1
+    h2 = ((g * pw2) % _P2).sum(-1) % _P2
+    return h1, h2
+
+
+class CitationBlocker:
+    """Blocks the token that would continue a training sequence, given the last ``n`` generated tokens.
+
+    The paper's "citation blocker": at every decoding step, if the last ``n`` generated tokens of a row occur
+    anywhere in the hyperfitting data, every token that follows that n-gram in the data gets logit -inf before
+    the next token is chosen (greedy or sampled), so the model cannot keep quoting its training text. The n-gram
+    must lie entirely inside the generated part (the issue's and upstream's rule): nothing is blocked during the
+    first ``n`` steps. ``include_prompt=True`` also lets the n-gram reach back into the prompt.
+
+    The index is built once over the training token ids: every (n-gram, next token) pair of every sequence
+    (n-grams never cross two sequences), keyed by a 62-bit hash of the n-gram, in an open-addressing table
+    with linear probing whose longest probe is ``max_probe``. A step looks up all rows at once on the logits'
+    device: hash the ``B`` n-grams, compare ``max_probe`` slots, check the stored n-gram token for token (so a
+    hash collision never blocks anything), then set the ``<= max_next`` continuations to -inf: O(1) per row,
+    no host synchronisation, no scan of the data.
+    """
+
+    def __init__(self, sequences, n: int = 5, include_prompt: bool = False):
+        if n < 1:
+            raise HfdistError(f"blocker n: must be >= 1, got {n}")
+        self.n = n
+        self.include_prompt = include_prompt
+        rows = _as_row_list(sequences)
+        pairs = []
+        for row in rows:
+            if len(row) > n:
+                pairs.append(np.lib.stride_tricks.sliding_window_view(row, n + 1))
+        pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, n + 1), dtype=np.int64)
+        self.num_pairs = len(pairs)
+        # Group the continuations by n-gram: np.unique sorted the pairs, so equal n-grams are adjacent.
+        grams, first, counts = np.unique(pairs[:, :n], axis=0, return_index=True, return_counts=True)
+        self.num_ngrams = len(grams)
+        self.max_next = int(counts.max()) if len(counts) else 0
+        self._pw1, self._pw2 = _powers(_B1, _P1, n), _powers(_B2, _P2, n)
+        h1, h2 = _hash_np(grams, self._pw1, self._pw2)
+        keys = h1 * (1 << 31) + h2
+        size = 16
+        while size < 4 * max(len(grams), 1):  # load factor <= 1/4: probes stay short
+            size *= 2
+        table_key = np.full(size, -1, dtype=np.int64)
+        table_val = np.zeros(size, dtype=np.int64)
+        pending, probe = np.arange(len(grams)), 0
+        while len(pending):  # vectorised linear-probing insertion: one round per probe distance
+            slots = (h2[pending] + probe) & (size - 1)
+            free = table_key[slots] == -1
+            candidates, cand_slots = pending[free], slots[free]
+            won_slots, first_idx = np.unique(cand_slots, return_index=True)
+            winners = candidates[first_idx]
+            table_key[won_slots], table_val[won_slots] = keys[winners], winners
+            placed = np.zeros(len(grams), dtype=bool)
+            placed[winners] = True
+            pending = pending[~placed[pending]]
+            probe += 1
+        self.max_probe = max(probe, 1)
+        self.table_size = size
+        self._host = {
+            "table_key": table_key, "table_val": table_val, "grams": grams.astype(np.int64),
+            "start": first.astype(np.int64), "count": counts.astype(np.int64),
+            "next": pairs[:, n].astype(np.int64) if len(pairs) else np.zeros(1, dtype=np.int64),
+            "pw1": self._pw1, "pw2": self._pw2,
+        }
+        self._on: dict = {}
+
+    def _tensors(self, device: torch.device) -> dict:
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = {k: torch.from_numpy(v).to(device) for k, v in self._host.items()}
+            self._on[key]["probes"] = torch.arange(self.max_probe, device=device)
+            self._on[key]["slots"] = torch.arange(max(self.max_next, 1), device=device)
+        return self._on[key]
+
+    def lookup(self, grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For n-grams [B, n]: the continuations [B, max_next] and a validity mask [B, max_next]."""
+        t = self._tensors(grams.device)
+        g = grams.long()
+        h1 = ((g * t["pw1"]) % _P1).sum(-1) % _P1
+        h2 = ((g * t["pw2"]) % _P2).sum(-1) % _P2
+        key = h1 * (1 << 31) + h2
+        slots = (h2[:, None] + t["probes"]) & (self.table_size - 1)
+        hit = t["table_key"][slots] == key[:, None]  # [B, max_probe]; at most one hit: keys are unique
+        index = (t["table_val"][slots] * hit).sum(-1)
+        found = hit.any(-1) & (t["grams"][index] == g).all(-1)  # exact check: no false positive on collision
+        count = torch.where(found, t["count"][index], torch.zeros_like(index))
+        cols = (t["start"][index][:, None] + t["slots"]).clamp_(max=len(self._host["next"]) - 1)
+        valid = t["slots"] < count[:, None]
+        return t["next"][cols], valid
+
+    def block_(self, logits: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
+        """Set to -inf, in place, the logits [B, V] of every training continuation of each row's n-gram."""
+        if self.num_ngrams == 0:
+            return logits
+        tokens, valid = self.lookup(grams)
+        # One scatter with no conflicting writes: invalid entries repeat the row's first entry; a row with
+        # nothing to block writes its own logit back.
+        first = tokens[:, :1]
+        tokens = torch.where(valid, tokens, first)
+        keep = logits.gather(1, first)
+        fill = torch.where(valid[:, :1], torch.full_like(keep, float("-inf")), keep)
+        logits.scatter_(1, tokens, fill.expand(-1, tokens.shape[1]))
+        return logits
+
+    def blocked_tokens(self, context: Sequence[int]) -> set[int]:
+        """The tokens blocked after ``context`` (its last n tokens), for inspection and tests."""
+        if len(context) < self.n:
+            return set()
+        tokens, valid = self.lookup(torch.tensor([list(context)[-self.n:]], dtype=torch.long))
+        return set(tokens[0][valid[0]].tolist())
+
+
+def _as_row_list(sequences) -> list[np.ndarray]:
+    if isinstance(sequences, torch.Tensor):
+        sequences = sequences.cpu().numpy()
+    if isinstance(sequences, np.ndarray):
+        if sequences.ndim != 2:
+            raise HfdistError(f"blocker sequences: expected a 2-D array of token ids, got shape {sequences.shape}")
+        return [row.astype(np.int64) for row in sequences]
+    return [np.asarray(row, dtype=np.int64) for row in sequences]
+
+
+# ----------------------------------------------------------------------------------------------- the engine
+class _ForwardAdapter:
+    """Calls ``model(...)`` with the keyword names this transformers version and model class accept."""
+
+    def __init__(self, model):
+        inner = model
+        while hasattr(inner, "module") and not hasattr(inner, "config"):  # DDP / DeepSpeed engine wrappers
+            inner = inner.module
+        self.model = model
+        self.config = inner.config
+        params = inspect.signature(inner.forward).parameters
+        # transformers 5.2x renamed past_key_values to cache (the old name still works, with a warning).
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self.cache_position = "cache_position" in params
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache, past_length: int) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                  self.cache_kw: cache, "use_cache": True}
+        if self.keep_kw:
+            kwargs[self.keep_kw] = 1
+        if self.cache_position:  # older transformers index the cache with it (the static cache needs it)
+            kwargs["cache_position"] = torch.arange(past_length, past_length + input_ids.shape[1],
+                                                    device=input_ids.device)
+        return self.model(**kwargs).logits[:, -1, :]
+
+
+def make_cache(model, kind: str = "dynamic", max_cache_len: Optional[int] = None):
+    """A fresh ``DynamicCache`` or ``StaticCache`` for ``model`` (works on transformers 5.17 to 5.24)."""
+    from transformers import DynamicCache, StaticCache
+
+    config = getattr(model, "config", None) or model.module.config
+    if kind == "dynamic":
+        try:
+            return DynamicCache(config=config)
+        except TypeError:
+            return DynamicCache()
+    if kind == "static":
+        return StaticCache(config=config, max_cache_len=max_cache_len)
+    raise HfdistError(f"cache {kind!r}: unknown (choose from {', '.join(CACHES)})")
+
+
+def _eos_ids(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    return [int(e) for e in eos_token_id]
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_options(strategy, max_new_tokens, temperature, top_p, top_k, min_p) -> None:
+    if strategy not in STRATEGIES:
+        raise HfdistError(f"strategy {strategy!r}: unknown (choose from {', '.join(STRATEGIES)})")
+    if max_new_tokens < 0:
+        raise HfdistError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+    if strategy == "sample":
+        if not temperature > 0:
+            raise HfdistError(f"temperature: must be > 0 for sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise HfdistError(f"top_p: must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise HfdistError(f"top_k: must be >= 0 (0 disables), got {top_k}")
+        if not 0 <= min_p < 1:
+            raise HfdistError(f"min_p: must be in [0, 1), got {min_p}")
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+             max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None,
+             blocker: Optional[CitationBlocker] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
+             cache: str = "dynamic", check_every: int = 8, sampler_backend: str = "auto",
+             sync_ranks: bool = False) -> torch.Tensor:
+    """Continue each (left-padded) prompt by ``max_new_tokens`` tokens; returns ids [B, prompt + new].
+
+    ``eos_token_id`` (an id or a list): a row stops after it emits one; later positions get ``pad_token_id``.
+    ``None`` (the default) never stops early, which the TTR protocol needs (a fixed number of tokens).
+    ``seed`` seeds the sampling generator; ``None`` uses torch's global RNG. ``cache`` is ``dynamic`` or
+    ``static`` (preallocated, for ``torch.compile``/CUDA graphs). ``sync_ranks``: with a sharded model
+    (FSDP), every rank must run the same number of forward passes, so the "all rows finished" test is
+    reduced over ranks.
+    """
+    _check_options(strategy, max_new_tokens, temperature, top_p, top_k, min_p)
+    if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise HfdistError(f"input_ids: expected integer ids [batch, length], got {tuple(input_ids.shape)} "
+                          f"{input_ids.dtype}")
+    device = _model_device(model)
+    input_ids = input_ids.to(device=device, dtype=torch.long)
+    batch, prompt_len = input_ids.shape
+    mask = (torch.ones_like(input_ids) if attention_mask is None
+            else attention_mask.to(device=device, dtype=torch.long))
+    if mask.shape != input_ids.shape:
+        raise HfdistError(f"attention_mask: shape {tuple(mask.shape)} differs from input_ids "
+                          f"{tuple(input_ids.shape)}")
+    if max_new_tokens == 0 or batch == 0:
+        return input_ids.clone()
+    forward = _ForwardAdapter(model)
+    eos = _eos_ids(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(forward.config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
+
+    total = prompt_len + max_new_tokens
+    out = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
+    out[:, :prompt_len] = input_ids
+    full_mask = torch.ones((batch, total), dtype=torch.long, device=device)
+    full_mask[:, :prompt_len] = mask
+    # Left padding: real tokens are numbered from 0; pads get 1 (any valid index: they are masked out).
+    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+    next_position = mask.sum(-1, keepdim=True)  # [B, 1]: position of the first generated token
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    last_step = torch.full((batch,), max_new_tokens - 1, dtype=torch.long, device=device)
+    generator = None
+    if strategy == "sample" and seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(seed))
+    if strategy == "sample":
+        from hfdist.kernels import sample
+    blocker_start = 0 if blocker is None or blocker.include_prompt else blocker.n
+    kv = make_cache(model, cache, max_cache_len=total)
+
+    logits = forward(input_ids, mask, positions, kv, 0)
+    steps_run = max_new_tokens
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        cur = prompt_len + step
+        if blocker is not None and step >= blocker_start and cur >= blocker.n:
+            blocker.block_(logits, out[:, cur - blocker.n:cur])
+        if strategy == "greedy":
+            token = logits.argmax(-1)
+        else:
+            token = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                           generator=generator, backend=sampler_backend)
+        if eos:
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            newly = torch.isin(token, eos_t) & ~finished
+            last_step = torch.where(newly, torch.full_like(last_step, step), last_step)
+            finished |= newly
+        out[:, cur] = token
+        if step == max_new_tokens - 1:
+            break
+        if eos and (step + 1) % check_every == 0 and _all_finished(finished, sync_ranks):
+            steps_run = step + 1
+            break
+        logits = forward(token[:, None], full_mask[:, :cur + 1], next_position + step, kv, cur)
+    if eos:
+        # Cut after the step at which the last row finished (what model.generate returns): one sync.
+        steps_run = min(steps_run, int(last_step.max()) + 1)
+        if sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([steps_run], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            steps_run = int(t)
+    return out[:, :prompt_len + steps_run]
+
+
+def _all_finished(finished: torch.Tensor, sync_ranks: bool) -> bool:
+    done = finished.all()
+    if sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        done = done.to(torch.int32)
+        torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+    return bool(done)
+
+
+def continuation_ids(output: torch.Tensor, prompt_len: int, eos_token_id=None) -> list[list[int]]:
+    """The generated ids of each row as lists, cut before the first EOS (tokens after EOS never count)."""
+    eos = set(_eos_ids(eos_token_id))
+    rows = []
+    for row in output[:, prompt_len:].tolist():
+        if eos:
+            for i, tok in enumerate(row):
+                if tok in eos:
+                    row = row[:i]
+                    break
+        rows.append(row)
+    return rows
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``input_ids`` and ``attention_mask`` [B, max_len]."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if len(seq):
+            ids[i, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+def generate_batched(model, prompts: Sequence[Sequence[int]], *, batch_size: int = 32, pad_token_id: int = 0,
+                     eos_token_id=None, **kwargs) -> list[list[int]]:
+    """Generate for a list of token-id prompts in left-padded batches; returns the continuations (cut at EOS).
+
+    With ``torch.distributed`` initialised and ``data_parallel=True`` in kwargs, each rank takes every
+    world-th batch and the results are gathered on all ranks (the data-parallel mode for replicated models).
+    """
+    data_parallel = kwargs.pop("data_parallel", False)
+    rank, world = 0, 1
+    if data_parallel and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    results: dict[int, list[int]] = {}
+    starts = list(range(0, len(prompts), batch_size))
+    for start in starts[rank::world]:
+        chunk = prompts[start:start + batch_size]
+        ids, mask = left_pad(chunk, pad_token_id)
+        out = generate(model, ids, mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        for i, cont in enumerate(continuation_ids(out.cpu(), ids.shape[1], eos_token_id)):
+            results[start + i] = cont
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, results)
+        for part in gathered:
+            results.update(part)
+    return [results[i] for i in range(len(prompts))]

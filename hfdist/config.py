@@ -104,6 +104,9 @@ class DistributedConfig:
     replicate_degree: int = 1  # HSDP: >1 shards within groups of world/replicate ranks, replicates across them
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; configs/deepspeed/ has examples
     timeout_s: int = 1800
+    # FSDP pretrained weights: "per_rank" reads each rank's rows from the safetensors files (no rank holds the
+    # whole model); "rank0_broadcast" loads the whole model on rank 0 and broadcasts the shards.
+    weight_loading: str = "per_rank"
 
 
 @dataclass
@@ -128,6 +131,7 @@ CHOICES = {
     "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
     "train.loss_backend": ("auto", "torch", "triton"),
     "distributed.backend": ("single", "fsdp", "deepspeed"),
+    "distributed.weight_loading": ("per_rank", "rank0_broadcast"),
 }
 POSITIVE = ("data.seq_len", "data.num_samples", "data.context_len", "train.epochs", "train.global_batch_size",
             "train.micro_batch_size", "train.log_every_steps", "eval.total_len", "eval.ttr_window",

@@ -4,8 +4,8 @@
 
 - ``greedy``: the arg-max token (the lowest token id on ties, as ``torch.argmax``), token for token the
   same output as ``model.generate(do_sample=False)`` in fp32, batched and left-padded;
-- ``sample``: ``hfdist.kernels.sample`` with temperature, top-k, top-p and min-p, driven by one
-  ``torch.Generator`` seeded once per call, so a fixed ``seed`` reproduces the output.
+- ``sample``: ``hfdist.kernels.sample`` with temperature, top-k, top-p and min-p, with counter-based
+  per-row, per-step seeds derived from ``seed``, so a fixed ``seed`` reproduces the output.
 
 It keeps the loop lean because long sequences are the point: the output and attention-mask buffers are
 allocated once, the model computes logits for the last position only (``logits_to_keep=1``), and the host
@@ -130,8 +130,11 @@ class CitationBlocker:
 
     def lookup(self, grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For n-grams [B, n]: the continuations [B, max_next] and a validity mask [B, max_next]."""
-        t = self._tensors(grams.device)
         g = grams.long()
+        if self.num_ngrams == 0:
+            empty = torch.zeros((len(g), 1), dtype=torch.long, device=g.device)
+            return empty, empty.bool()
+        t = self._tensors(grams.device)
         h1 = ((g * t["pw1"]) % _P1).sum(-1) % _P1
         h2 = ((g * t["pw2"]) % _P2).sum(-1) % _P2
         key = h1 * (1 << 31) + h2
@@ -180,7 +183,7 @@ def _as_row_list(sequences) -> list[np.ndarray]:
 class _ForwardAdapter:
     """Calls ``model(...)`` with the keyword names this transformers version and model class accept."""
 
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False):
         inner = model
         while hasattr(inner, "module") and not hasattr(inner, "config"):  # DDP / DeepSpeed engine wrappers
             inner = inner.module
@@ -191,8 +194,15 @@ class _ForwardAdapter:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         self.cache_position = "cache_position" in params
+        self.compiled = None
+        if compile:
+            # As transformers' own generate does for compileable caches: one graph for the decode step (fixed
+            # shapes with the static cache), CUDA graphs on GPU ("reduce-overhead").
+            mode = "reduce-overhead" if _model_device(model).type == "cuda" else "default"
+            self.compiled = torch.compile(model.forward, mode=mode, dynamic=False, fullgraph=False)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache, past_length: int) -> torch.Tensor:
+    def __call__(self, input_ids, attention_mask, position_ids, cache, past_length: int,
+                 decode: bool = False) -> torch.Tensor:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   self.cache_kw: cache, "use_cache": True}
         if self.keep_kw:
@@ -200,6 +210,9 @@ class _ForwardAdapter:
         if self.cache_position:  # older transformers index the cache with it (the static cache needs it)
             kwargs["cache_position"] = torch.arange(past_length, past_length + input_ids.shape[1],
                                                     device=input_ids.device)
+        if decode and self.compiled is not None:
+            # The graph's output buffer is reused by the next replay: copy the logits out.
+            return self.compiled(**kwargs).logits[:, -1, :].clone()
         return self.model(**kwargs).logits[:, -1, :]
 
 
@@ -253,14 +266,17 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
              max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None,
              blocker: Optional[CitationBlocker] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
-             cache: str = "dynamic", check_every: int = 8, sampler_backend: str = "auto",
-             sync_ranks: bool = False) -> torch.Tensor:
+             cache: str = "dynamic", compile: bool = False, check_every: int = 8,
+             sampler_backend: str = "auto", sync_ranks: bool = False) -> torch.Tensor:
     """Continue each (left-padded) prompt by ``max_new_tokens`` tokens; returns ids [B, prompt + new].
 
     ``eos_token_id`` (an id or a list): a row stops after it emits one; later positions get ``pad_token_id``.
     ``None`` (the default) never stops early, which the TTR protocol needs (a fixed number of tokens).
-    ``seed`` seeds the sampling generator; ``None`` uses torch's global RNG. ``cache`` is ``dynamic`` or
-    ``static`` (preallocated, for ``torch.compile``/CUDA graphs). ``sync_ranks``: with a sharded model
+    ``seed``: row ``r`` at step ``t`` samples with ``hfdist.kernels.sampling_seeds(seed, t, B)[r]``, so a fixed
+    seed reproduces the output on any backend; ``None`` draws from torch's global RNG. ``cache`` is ``dynamic`` or
+    ``static`` (preallocated: every decode step then has the same shapes); ``compile=True`` (needs the
+    static cache) runs the decode step through ``torch.compile`` (CUDA graphs on GPU) - worth it on a GPU for
+    long generations, not on a CPU. ``sync_ranks``: with a sharded model
     (FSDP), every rank must run the same number of forward passes, so the "all rows finished" test is
     reduced over ranks.
     """
@@ -278,7 +294,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                           f"{tuple(input_ids.shape)}")
     if max_new_tokens == 0 or batch == 0:
         return input_ids.clone()
-    forward = _ForwardAdapter(model)
+    if compile and cache != "static":
+        raise HfdistError("compile=True needs cache='static' (fixed shapes for the compiled decode step)")
+    forward = _ForwardAdapter(model, compile=compile)
     eos = _eos_ids(eos_token_id)
     if pad_token_id is None:
         pad_token_id = getattr(forward.config, "pad_token_id", None)
@@ -296,12 +314,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     next_position = mask.sum(-1, keepdim=True)  # [B, 1]: position of the first generated token
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     last_step = torch.full((batch,), max_new_tokens - 1, dtype=torch.long, device=device)
-    generator = None
-    if strategy == "sample" and seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(seed))
     if strategy == "sample":
-        from hfdist.kernels import sample
+        from hfdist.kernels import sample, sampling_seeds
+    invalid = torch.zeros(batch, dtype=torch.bool, device=device)
     blocker_start = 0 if blocker is None or blocker.include_prompt else blocker.n
     kv = make_cache(model, cache, max_cache_len=total)
 
@@ -315,8 +330,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         if strategy == "greedy":
             token = logits.argmax(-1)
         else:
-            token = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                           generator=generator, backend=sampler_backend)
+            # Counter-based seeds, one per (seed, step, row): reproducible without a generator's state, and
+            # on_invalid="flag" keeps the sampler from synchronising; a flagged row (all logits -inf or NaN)
+            # is reported once at the end.
+            seeds = None if seed is None else sampling_seeds(seed, step, batch, device=device)
+            token = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seeds,
+                           backend=sampler_backend, on_invalid="flag")
+            invalid |= token < 0
+            token = token.clamp_(min=0)
         if eos:
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             newly = torch.isin(token, eos_t) & ~finished
@@ -328,7 +349,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         if eos and (step + 1) % check_every == 0 and _all_finished(finished, sync_ranks):
             steps_run = step + 1
             break
-        logits = forward(token[:, None], full_mask[:, :cur + 1], next_position + step, kv, cur)
+        # A static cache attends over all max_cache_len slots: give it the whole mask (same shape every step;
+        # slots not yet written are excluded by causality). A dynamic cache needs the mask of what it holds.
+        step_mask = full_mask if cache == "static" else full_mask[:, :cur + 1]
+        logits = forward(token[:, None], step_mask, next_position + step, kv, cur, decode=True)
+    if strategy == "sample" and bool(invalid.any()):
+        rows = invalid.nonzero().flatten().tolist()
+        raise HfdistError(f"sampling: rows {rows} had no valid token at some step (logits all -inf or NaN; "
+                          "a blocker that blocks every token, or a diverged model)")
     if eos:
         # Cut after the step at which the last row finished (what model.generate returns): one sync.
         steps_run = min(steps_run, int(last_step.max()) + 1)

@@ -15,18 +15,28 @@ from typing import Optional
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: Optional[int] = None):
         self.enabled = enabled
         self._jsonl = None
         self._writer = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a")
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.is_file():
+            from hfdist.io import atomic_write_text
+
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            atomic_write_text(path, "".join(kept))
+        self._jsonl = open(path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+            # purge_step hides events a stopped run wrote after the checkpoint we resume from.
+            self._writer = SummaryWriter(log_dir=str(run_dir / "tb"),
+                                         purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, kind: str, step: int, values: dict, epoch: Optional[float] = None) -> None:
         if not self.enabled:

@@ -96,6 +96,44 @@ def evaluate(lm: torch.nn.Module, validation: torch.Tensor, contexts: torch.Tens
     return values
 
 
+def build_model(backend, config: Config, total_steps: int) -> None:
+    """Have the backend build the HyperfitModel, its optimizer and its LR schedule."""
+
+    def model_factory(device: torch.device) -> HyperfitModel:
+        lm = load_model(config.model, device)
+        max_positions = getattr(lm.config, "max_position_embeddings", None)
+        if max_positions and config.data.seq_len > max_positions:
+            raise HfdistError(f"config field data.seq_len: {config.data.seq_len} exceeds the model's "
+                              f"max_position_embeddings {max_positions}")
+        return HyperfitModel(lm, fused_loss=config.train.fused_loss, loss_backend=config.train.loss_backend)
+
+    backend.build(model_factory, lambda m: build_optimizer(config.optim, m, backend.device),
+                  lambda o: build_scheduler(config.optim, o, total_steps))
+
+
+def train_step(backend, micro_batches: list[torch.Tensor], max_grad_norm: float):
+    """One optimizer step over this rank's micro-batches of the global batch.
+
+    Returns (loss, entropy, grad_norm) as tensors, with no host sync: the global mean next-token loss
+    and entropy (summed across ranks), and the gradient norm before clipping.
+    """
+    device = backend.device
+    local_tokens = torch.tensor(float(sum(b.shape[0] * (b.shape[1] - 1) for b in micro_batches)), device=device)
+    global_tokens = backend.all_reduce_sum(local_tokens)
+    loss_total = torch.zeros((), device=device)
+    entropy_total = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        loss_sum, entropy_sum, _ = backend.model(batch.to(device, non_blocking=True))
+        share = loss_sum / global_tokens
+        backend.backward(share, is_last_micro_batch=i == len(micro_batches) - 1)
+        loss_total += share.detach()
+        entropy_total += entropy_sum.detach() / global_tokens
+    grad_norm = backend.step(max_grad_norm)
+    # Each rank holds its share of the global mean; the sum over ranks is the step's loss.
+    totals = backend.all_reduce_sum(torch.stack([loss_total, entropy_total]))
+    return totals[0], totals[1], grad_norm
+
+
 def default_output_dir(config_path: Optional[str]) -> Path:
     name = Path(config_path).stem if config_path else "run"
     return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -133,17 +171,7 @@ class Trainer:
         steps = self.sampler.steps_per_epoch * config.train.epochs
         self.total_steps = min(steps, config.train.max_steps) if config.train.max_steps else steps
 
-        def model_factory(device: torch.device) -> HyperfitModel:
-            lm = load_model(config.model, device)
-            max_positions = getattr(lm.config, "max_position_embeddings", None)
-            if max_positions and config.data.seq_len > max_positions:
-                raise HfdistError(f"config field data.seq_len: {config.data.seq_len} exceeds the model's "
-                                  f"max_position_embeddings {max_positions}")
-            return HyperfitModel(lm, fused_loss=config.train.fused_loss, loss_backend=config.train.loss_backend)
-
-        self.backend.build(model_factory, lambda m: build_optimizer(config.optim, m, self.backend.device),
-                           lambda o: build_scheduler(config.optim, o, self.total_steps))
-        self.metrics = MetricsLogger(run_dir, enabled=self.backend.is_main)
+        build_model(self.backend, config, self.total_steps)
         self.progress = progress and self.backend.is_main
         self.state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_entropy_sum": 0.0,
                       "epoch_steps": 0, "evaluated_step": -1}
@@ -151,6 +179,9 @@ class Trainer:
             folder = checkpoint.resolve_resume(resume, run_dir / "checkpoints")
             self.state = checkpoint.load(folder, self.backend)
             logger.info("resumed from %s at step %d", folder, self.state["step"])
+        # On resume, records logged after the checkpoint (by the run that stopped) are dropped first.
+        self.metrics = MetricsLogger(run_dir, enabled=self.backend.is_main,
+                                     resume_step=self.state["step"] if resume is not None else None)
         # The running sums of the epoch's step losses and entropies (restored from the state on resume).
         self._epoch_sums = torch.tensor([self.state["epoch_loss_sum"], self.state["epoch_entropy_sum"]],
                                         device=self.backend.device)
@@ -167,51 +198,41 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=state["step"], desc="hyperfit", unit="step", file=sys.stderr,
                        dynamic_ncols=True)
-        stopped_by = "epochs"
-        while state["epoch"] < config.train.epochs:
-            while state["step_in_epoch"] < self.sampler.steps_per_epoch:
-                if state["step"] >= self.total_steps:
-                    break
-                started = time.perf_counter()
-                loss, entropy = self._train_step(state["epoch"], state["step_in_epoch"])
-                state["step"] += 1
-                state["step_in_epoch"] += 1
-                if state["step"] % config.train.log_every_steps == 0 or state["step"] == self.total_steps:
-                    loss_value, entropy_value = loss.item(), entropy.item()  # the only host syncs of a step
-                    elapsed = time.perf_counter() - started
-                    tokens_per_s = config.train.global_batch_size * seq_len / elapsed
-                    self.metrics.log("step", state["step"], {
-                        "train/loss": loss_value, "train/entropy": entropy_value,
-                        "train/grad_norm": self._last_grad_norm.item(), "train/lr": backend.current_lr(),
-                        "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": elapsed,
-                        "memory/peak_gib": peak_memory_gib(backend.device)},
-                        epoch=state["epoch"] + state["step_in_epoch"] / self.sampler.steps_per_epoch)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}")
-                self._epoch_sums += torch.stack([loss, entropy])  # stays on the device: no sync per step
-                state["epoch_steps"] += 1
-                if bar is not None:
-                    bar.update(1)
-                if config.checkpoint.every_steps and state["step"] % config.checkpoint.every_steps == 0:
-                    state["epoch_loss_sum"], state["epoch_entropy_sum"] = self._epoch_sums.tolist()
-                    checkpoint.save(self.run_dir / "checkpoints", state["step"], backend, dict(state),
-                                    config.checkpoint.keep_last)
-            if state["step_in_epoch"] < self.sampler.steps_per_epoch:
+        stopped_by = None
+        while stopped_by is None:
+            if state["epoch"] >= config.train.epochs:
+                stopped_by = "epochs"
+                break
+            if state["step"] >= self.total_steps:
                 stopped_by = "max_steps"
                 break
-            loss_sum, entropy_sum = self._epoch_sums.tolist()
-            epoch_loss = loss_sum / max(1, state["epoch_steps"])
-            state["epoch"] += 1
-            self.metrics.log("epoch", state["step"], {
-                "train/loss": epoch_loss, "train/entropy": entropy_sum / max(1, state["epoch_steps"])},
-                epoch=state["epoch"])
-            state.update(step_in_epoch=0, epoch_loss_sum=0.0, epoch_entropy_sum=0.0, epoch_steps=0)
-            self._epoch_sums.zero_()
-            if config.eval.every_epochs and state["epoch"] % config.eval.every_epochs == 0:
-                self._evaluate()
-            if config.train.target_loss and epoch_loss <= config.train.target_loss:
+            started = time.perf_counter()
+            loss, entropy = self._train_step(state["epoch"], state["step_in_epoch"])
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+            if state["step"] % config.train.log_every_steps == 0 or state["step"] == self.total_steps:
+                loss_value, entropy_value = loss.item(), entropy.item()  # the only host syncs of a step
+                elapsed = time.perf_counter() - started
+                tokens_per_s = config.train.global_batch_size * seq_len / elapsed
+                self.metrics.log("step", state["step"], {
+                    "train/loss": loss_value, "train/entropy": entropy_value,
+                    "train/grad_norm": self._last_grad_norm.item(), "train/lr": backend.current_lr(),
+                    "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": elapsed,
+                    "memory/peak_gib": peak_memory_gib(backend.device)},
+                    epoch=state["epoch"] + state["step_in_epoch"] / self.sampler.steps_per_epoch)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            self._epoch_sums += torch.stack([loss, entropy])  # stays on the device: no sync per step
+            state["epoch_steps"] += 1
+            if bar is not None:
+                bar.update(1)
+            if state["step_in_epoch"] == self.sampler.steps_per_epoch and self._end_epoch():
                 stopped_by = "target_loss"
-                break
+            # Saved last, after the epoch's bookkeeping, so that a resumed run logs nothing twice.
+            if config.checkpoint.every_steps and state["step"] % config.checkpoint.every_steps == 0:
+                state["epoch_loss_sum"], state["epoch_entropy_sum"] = self._epoch_sums.tolist()
+                checkpoint.save(self.run_dir / "checkpoints", state["step"], backend, dict(state),
+                                config.checkpoint.keep_last)
         if bar is not None:
             bar.close()
         if state["evaluated_step"] != state["step"]:
@@ -222,23 +243,25 @@ class Trainer:
         self.metrics.close()
         return summary
 
+    def _end_epoch(self) -> bool:
+        """Log the epoch's mean train loss and entropy, evaluate when due; True if the target loss is reached."""
+        state, config = self.state, self.config
+        loss_sum, entropy_sum = self._epoch_sums.tolist()
+        epoch_loss = loss_sum / max(1, state["epoch_steps"])
+        state["epoch"] += 1
+        self.metrics.log("epoch", state["step"], {
+            "train/loss": epoch_loss, "train/entropy": entropy_sum / max(1, state["epoch_steps"])},
+            epoch=state["epoch"])
+        state.update(step_in_epoch=0, epoch_loss_sum=0.0, epoch_entropy_sum=0.0, epoch_steps=0)
+        self._epoch_sums.zero_()
+        if config.eval.every_epochs and state["epoch"] % config.eval.every_epochs == 0:
+            self._evaluate()
+        return bool(config.train.target_loss) and epoch_loss <= config.train.target_loss
+
     def _train_step(self, epoch: int, step_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        backend, device = self.backend, self.backend.device
         micro_batches = [self.data.train[indices] for indices in self.sampler.micro_batches(epoch, step_in_epoch)]
-        local_tokens = torch.tensor(float(sum(b.shape[0] * (b.shape[1] - 1) for b in micro_batches)), device=device)
-        global_tokens = backend.all_reduce_sum(local_tokens)
-        loss_total = torch.zeros((), device=device)
-        entropy_total = torch.zeros((), device=device)
-        for i, batch in enumerate(micro_batches):
-            loss_sum, entropy_sum, _ = backend.model(batch.to(device, non_blocking=True))
-            share = loss_sum / global_tokens
-            backend.backward(share, is_last_micro_batch=i == len(micro_batches) - 1)
-            loss_total += share.detach()
-            entropy_total += entropy_sum.detach() / global_tokens
-        self._last_grad_norm = backend.step(self.config.optim.max_grad_norm)
-        # Each rank holds its share of the global mean; the sum over ranks is the step's loss.
-        totals = backend.all_reduce_sum(torch.stack([loss_total, entropy_total]))
-        return totals[0], totals[1]
+        loss, entropy, self._last_grad_norm = train_step(self.backend, micro_batches, self.config.optim.max_grad_norm)
+        return loss, entropy
 
     def _evaluate(self) -> None:
         lm = self.backend.unwrapped_lm()

@@ -1,1 +1,12 @@
-"""Triton kernels, importable as ``hfdist.kernels`` (placeholder until the kernels land)."""
+"""hfdist.kernels: fused linear cross-entropy and sorting-free sampling (Triton, with torch references).
+
+Functional ops with thin ``nn.Module`` wrappers; each op takes ``backend="auto" | "triton" | "torch"``
+("auto": Triton on CUDA, torch elsewhere; "triton" on CPU needs ``TRITON_INTERPRET=1``). This package
+imports nothing from the rest of hfdist, and triton only when the Triton backend is first used.
+"""
+from .cross_entropy import (CrossEntropyLoss, FusedLinearCrossEntropyLoss, cross_entropy,
+                            fused_linear_cross_entropy)
+from .sampling import Sampler, sample, sampling_seeds
+
+__all__ = ["fused_linear_cross_entropy", "cross_entropy", "sample", "sampling_seeds",
+           "FusedLinearCrossEntropyLoss", "CrossEntropyLoss", "Sampler"]

@@ -12,7 +12,7 @@ from hfdist.trainer import train
 
 OVERRIDES = ["data.seq_len=32", "data.num_samples=16", "data.num_validation=4", "data.num_contexts=2",
              "data.context_len=8", "data.mode=chunk", "eval.total_len=48", "eval.ttr_window=16",
-             "train.epochs=4", "optim.lr=3e-3", "eval.every_epochs=2"]
+             "train.epochs=8", "optim.lr=1e-2", "eval.every_epochs=4"]
 
 
 def _run(model_dir, run_dir, *extra):
@@ -37,16 +37,16 @@ def test_loss_falls_and_run_folder_is_complete(finished_run):
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert len(steps) == 8 and len(epochs) == 4
-    assert [e["step"] for e in evals] == [0, 4, 8]  # before, every 2 epochs (the last one is the final eval)
-    assert epochs[-1]["train/loss"] < 0.6 * epochs[0]["train/loss"]
+    assert len(steps) == 16 and len(epochs) == 8
+    assert [e["step"] for e in evals] == [0, 8, 16]  # before, every 4 epochs (the last one is the final eval)
+    assert epochs[-1]["train/loss"] < 0.8 * epochs[0]["train/loss"]
     assert evals[-1]["eval/entropy"] < evals[0]["eval/entropy"]  # predictions sharpen as it hyperfits
     for key in ("train/loss", "train/entropy", "train/grad_norm", "train/lr", "perf/tokens_per_s"):
         assert key in steps[0]
     for name in ("config.yaml", "summary.json", "data/train_token_ids.npy", "data/contexts.npy",
                  "data/selection.json", "model/model.safetensors", "model/tokenizer.json"):
         assert (run_dir / name).is_file(), name
-    assert summary["steps"] == 8 and summary["stopped_by"] == "epochs"
+    assert summary["steps"] == 16 and summary["stopped_by"] == "epochs"
     assert json.loads((run_dir / "summary.json").read_text())["hyperfitted"]["eval/ttr16"] > 0
 
 
@@ -108,21 +108,22 @@ def test_target_loss_and_max_steps_stop_early(finished_run, tmp_path):
 
 
 def test_resume_continues_the_loss_curve_exactly(finished_run, tmp_path):
-    """Stop after a checkpoint at step 4, resume: steps 5..8 match an uninterrupted run's bit for bit."""
+    """Stop at step 5 (last checkpoint at step 4), resume: the records after step 4 are replaced, and steps
+    5..16 match an uninterrupted run's bit for bit, with nothing logged twice."""
     model_dir, _, _ = finished_run
     full = tmp_path / "full"
     _run(model_dir, full, "checkpoint.every_steps=2", "checkpoint.keep_last=10", "eval.every_epochs=0")
     interrupted = tmp_path / "interrupted"
-    _run(model_dir, interrupted, "checkpoint.every_steps=2", "eval.every_epochs=0", "train.max_steps=4")
+    _run(model_dir, interrupted, "checkpoint.every_steps=2", "eval.every_epochs=0", "train.max_steps=5")
     config = load_config(None, OVERRIDES + [f"model.path={model_dir}", "checkpoint.every_steps=2",
                                             "eval.every_epochs=0"])
     train(config, interrupted, resume="latest", progress=False)
 
     def losses(run_dir):
-        return {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"}
+        return [(r["step"], r["train/loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
 
     resumed, reference = losses(interrupted), losses(full)
-    assert sorted(resumed) == list(range(1, 9))
+    assert [step for step, _ in resumed] == list(range(1, 17))
     assert resumed == reference
     epochs = lambda d: [r["train/loss"] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "epoch"]  # noqa
     assert epochs(interrupted) == epochs(full)

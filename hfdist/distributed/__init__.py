@@ -1,14 +1,34 @@
-"""Backends behind one interface (see base.py). The DISTRIBUTED worker extends build_backend."""
+"""Backends behind one interface (base.py): single process, FSDP2, DeepSpeed ZeRO-3.
+
+``build_backend`` reads where this process sits in the job (torchrun, SLURM, mpirun or nothing: see
+env.py), starts the process group for the sharded backends, and returns the backend the config names.
+"""
 from __future__ import annotations
 
 from hfdist.config import Config
 from hfdist.distributed.base import Backend
+from hfdist.distributed.env import LaunchEnv, discover
 from hfdist.errors import HfdistError
+
+__all__ = ["Backend", "LaunchEnv", "build_backend", "discover"]
 
 
 def build_backend(config: Config) -> Backend:
-    if config.distributed.backend == "single":
+    env = discover()
+    name = config.distributed.backend
+    if name == "single":
+        if env.world_size > 1:
+            raise HfdistError(f"config field distributed.backend: 'single' runs one process, but the launcher "
+                              f"({env.launcher}) started {env.world_size}; set distributed.backend=fsdp or deepspeed")
         from hfdist.distributed.single import SingleBackend
 
         return SingleBackend(config)
-    raise HfdistError(f"config field distributed.backend: {config.distributed.backend!r} is not available yet")
+    if name == "fsdp":
+        from hfdist.distributed.fsdp import FSDPBackend
+
+        return FSDPBackend(config, env)
+    if name == "deepspeed":
+        from hfdist.distributed.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(config, env)
+    raise HfdistError(f"config field distributed.backend: {name!r} is not one of single, fsdp, deepspeed")

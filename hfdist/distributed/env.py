@@ -1,0 +1,168 @@
+"""Where this process sits in the job: rank, world size, local rank and the rendezvous address.
+
+Launchers announce the topology differently; each is read here into one ``LaunchEnv``:
+- ``torchrun`` (also ``srun torchrun`` and the ``deepspeed`` launcher): RANK, WORLD_SIZE, LOCAL_RANK,
+  LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+- SLURM with one task per GPU (``srun python -m hfdist ...``): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+  SLURM_NTASKS_PER_NODE; the master is the first host of SLURM_JOB_NODELIST, the port derives from the job id.
+- MPI (``mpirun``/``mpiexec`` from MPICH or OpenMPI): rank and size from mpi4py's COMM_WORLD, the local rank
+  from a shared-memory split of it, the master address (rank 0's host name) and a free port broadcast from
+  rank 0.
+The result is written back as the torchrun variables so that ``init_method="env://"`` and DeepSpeed read
+the same values whichever launcher started the job.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from hfdist.errors import HfdistError
+
+logger = logging.getLogger(__name__)
+
+MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
+
+
+@dataclass
+class LaunchEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "none"  # torchrun, slurm, mpi or none
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+    def export(self) -> None:
+        """Set the torchrun variables (env:// rendezvous, DeepSpeed and transformers read them)."""
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+                          LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=self.master_addr,
+                          MASTER_PORT=str(self.master_port))
+
+
+def _int_env(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        if default is None:
+            raise HfdistError(f"environment variable {name}: missing (set by the launcher)")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise HfdistError(f"environment variable {name}: expected an integer, got {value!r}") from None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[03-05,09],cpu1`` -> ``gpu03`` (as ``scontrol show hostnames``)."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise HfdistError(f"environment variable SLURM_JOB_NODELIST: cannot parse {nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{first}"
+
+
+def _slurm_tasks_per_node() -> int:
+    # SLURM_NTASKS_PER_NODE is only set with --ntasks-per-node; SLURM_TASKS_PER_NODE is "4(x2),3" style.
+    if "SLURM_NTASKS_PER_NODE" in os.environ:
+        return _int_env("SLURM_NTASKS_PER_NODE")
+    text = os.environ.get("SLURM_TASKS_PER_NODE", "1")
+    return int(re.match(r"\d+", text).group(0))
+
+
+def _from_torchrun() -> LaunchEnv:
+    world_size = _int_env("WORLD_SIZE")
+    return LaunchEnv(rank=_int_env("RANK"), world_size=world_size, local_rank=_int_env("LOCAL_RANK", 0),
+                     local_world_size=_int_env("LOCAL_WORLD_SIZE", world_size),
+                     master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                     master_port=_int_env("MASTER_PORT", 29500), launcher="torchrun")
+
+
+def _from_slurm() -> LaunchEnv:
+    job_id = _int_env("SLURM_JOB_ID", 0)
+    return LaunchEnv(rank=_int_env("SLURM_PROCID"), world_size=_int_env("SLURM_NTASKS"),
+                     local_rank=_int_env("SLURM_LOCALID", 0), local_world_size=_slurm_tasks_per_node(),
+                     master_addr=os.environ.get("MASTER_ADDR") or first_slurm_host(os.environ["SLURM_JOB_NODELIST"]),
+                     # One port per job, so that two jobs sharing a node do not collide.
+                     master_port=_int_env("MASTER_PORT", 20000 + job_id % 20000), launcher="slurm")
+
+
+def _from_mpi() -> LaunchEnv:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise HfdistError("launched by mpirun, but mpi4py is not installed (pip install hfdist[mpi])") from None
+    comm = MPI.COMM_WORLD
+    rank, world_size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # the ranks on this host
+    local_rank, local_world_size = local.Get_rank(), local.Get_size()
+    local.Free()
+    if rank == 0:
+        # A host name every rank can resolve; MASTER_ADDR/MASTER_PORT given by the user take precedence.
+        master = (os.environ.get("MASTER_ADDR") or socket.gethostname(),
+                  int(os.environ.get("MASTER_PORT") or free_port()))
+    else:
+        master = None
+    master_addr, master_port = comm.bcast(master, root=0)
+    return LaunchEnv(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
+                     master_addr=master_addr, master_port=master_port, launcher="mpi")
+
+
+def discover() -> LaunchEnv:
+    """Read the topology from whichever launcher started this process (see the module docstring)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _from_torchrun()
+    if "SLURM_PROCID" in os.environ and _int_env("SLURM_NTASKS", 1) > 1 and "SLURM_JOB_NODELIST" in os.environ:
+        return _from_slurm()
+    if any(name in os.environ for name in MPI_RANK_VARS):
+        return _from_mpi()
+    return LaunchEnv()
+
+
+def init_process_group(env: LaunchEnv, timeout_s: int) -> torch.device:
+    """Start the default process group (NCCL on CUDA, gloo on CPU); returns this rank's device."""
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        if env.local_rank >= torch.cuda.device_count():
+            raise HfdistError(f"local rank {env.local_rank} but only {torch.cuda.device_count()} CUDA devices on "
+                              f"{socket.gethostname()}: launch at most one process per GPU")
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if dist.is_initialized():
+        return device
+    if env.launcher == "none" and "MASTER_PORT" not in os.environ:
+        env.master_port = free_port()  # a one-process group (e.g. FSDP on one rank) needs some port
+    env.export()
+    logger.info("process group: %s, rank %d of %d (local %d of %d), rendezvous %s:%d via %s", backend, env.rank,
+                env.world_size, env.local_rank, env.local_world_size, env.master_addr, env.master_port, env.launcher)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    try:
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
+    except (RuntimeError, ValueError) as exc:
+        raise HfdistError(f"process group: cannot rendezvous at {env.master_addr}:{env.master_port} as rank "
+                          f"{env.rank} of {env.world_size} ({str(exc).splitlines()[0]})") from None
+    return device

@@ -1,0 +1,88 @@
+"""How FSDP2 shards a HyperfitModel, kept apart from the model (as torchtitan does).
+
+Units: every decoder layer (the classes the model names in ``_no_split_modules``), the input embedding
+when it is not tied to the LM head, and the root HyperfitModel, which keeps the final norm and the LM head:
+its forward hands ``lm_head.weight`` straight to the fused loss, so the head must be gathered by the
+root's own hooks. Each parameter is cut along dim 0 into ``shard`` pieces (torch.chunk sizes, padded to
+the largest), so a rank holds ``ceil(rows / shard)`` rows of every parameter.
+
+Mesh: ``("dp_shard",)`` for plain FSDP; ``("dp_replicate", "dp_shard")`` for HSDP, where parameters are
+sharded within groups of ``world / replicate`` ranks (a node) and replicated across the groups, so the
+all-gathers stay on the fast intra-node links and only the gradient all-reduce crosses nodes.
+This module is also what ``hfdist plan`` runs on the meta device, so plan and training share one rule.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from hfdist.errors import HfdistError
+
+
+def build_mesh(device_type: str, world_size: int, replicate_degree: int = 1) -> DeviceMesh:
+    """A 1-D ``dp_shard`` mesh, or a 2-D ``(dp_replicate, dp_shard)`` mesh for HSDP."""
+    if replicate_degree < 1 or world_size % replicate_degree:
+        raise HfdistError(f"config field distributed.replicate_degree: {replicate_degree} does not divide the world "
+                          f"size {world_size}")
+    if replicate_degree == 1:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(device_type, (replicate_degree, world_size // replicate_degree),
+                            mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a Hugging Face model (its ``_no_split_modules`` classes), in order."""
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise HfdistError(f"model {type(lm).__name__}: names no decoder-layer classes (_no_split_modules); "
+                          "FSDP needs them to shard layer by layer")
+    return layers
+
+
+def embeddings_tied(lm: nn.Module) -> bool:
+    out = lm.get_output_embeddings()
+    return out is not None and out.weight is lm.get_input_embeddings().weight
+
+
+def fsdp_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every unit ``apply_fsdp`` creates, the root last."""
+    lm = model.lm
+    names = {m: n for n, m in model.named_modules()}
+    units = [(names[layer], layer) for layer in decoder_layers(lm)]
+    if not embeddings_tied(lm):
+        embedding = lm.get_input_embeddings()
+        units.insert(0, (names[embedding], embedding))
+    units.append(("root", model))
+    return units
+
+
+def mixed_precision_policy(enabled: bool) -> MixedPrecisionPolicy:
+    """bf16 compute copies of the parameters, gradients reduced (and kept) in fp32 when enabled."""
+    if not enabled:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool = False, cpu_offload: bool = False,
+               reshard_after_forward: bool = True, pin_memory: Optional[bool] = None) -> nn.Module:
+    """Shard ``model`` (a HyperfitModel, possibly on the meta device) in place; returns it."""
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
+    kwargs = dict(mesh=mesh, mp_policy=mixed_precision_policy(mixed_precision), offload_policy=offload)
+    units = fsdp_units(model)
+    for _, module in units[:-1]:
+        fully_shard(module, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root's parameters (norm, LM head) are needed again at the start of backward: keep them gathered.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+    return model
+
+
+def enable_activation_checkpointing(lm: nn.Module) -> None:
+    """Recompute each decoder layer in backward (Hugging Face's own switch, as the single backend uses)."""
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

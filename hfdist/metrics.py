@@ -1,0 +1,364 @@
+"""The paper's measurements of generated text and of a model's predictions, each with its exact definition.
+
+On generations (lists of token ids; a generation is the continuation only, never the prompt, cut before EOS):
+- ``type_token_ratio``: unique ids / count over the last ``window`` (96) tokens (the upstream definition);
+  ``word_type_token_ratio`` the same over whitespace-separated words; ``ttr_over_position`` the sliding window.
+- ``distinct_n``: unique n-grams / all n-grams, pooled over the generations (Li et al., 2016).
+- ``self_bleu``: mean sentence BLEU-4 of each generation against all the others as references
+  (sacrebleu's ``sentence_bleu`` on token ids: exp smoothing, effective order), in [0, 1].
+- ``dataset_overlap``: the longest run of tokens a generation shares with any training sequence, and the share
+  of generations whose longest run exceeds ``min_run`` (10) tokens.
+- ``repetition_rate``: 1 - unique n-grams / n-grams within each generation (n = 4), averaged over generations.
+
+On held-out text with a model (``heldout_stats``): next-token NLL (nats), perplexity, entropy, top-k mass.
+``greedy_ttr`` runs the upstream protocol: greedy from 32-token contexts to 256 tokens, TTR of the last 96.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from hfdist.errors import HfdistError
+
+
+# ------------------------------------------------------------------------------------------------ diversity
+def type_token_ratio(token_ids: Sequence[int], window: int = 96) -> float:
+    """Unique tokens / token count over the last ``window`` tokens (all of them if fewer); 0.0 if empty."""
+    if window < 1:
+        raise HfdistError(f"window: must be >= 1, got {window}")
+    tail = list(token_ids)[-window:]
+    return len(set(tail)) / len(tail) if tail else 0.0
+
+
+def word_type_token_ratio(text: str, window: int = 96) -> float:
+    """``type_token_ratio`` over the words of ``text`` (split on whitespace, case kept)."""
+    return type_token_ratio(text.split(), window)
+
+
+def ttr_over_position(token_ids: Sequence[int], window: int = 96) -> list[float]:
+    """Sliding-window TTR: entry ``i`` is the TTR of tokens ``[i, i + window)``, for each full window.
+
+    So entry ``i`` belongs to position ``i + window`` (the end of its window); a sequence of ``L >= window``
+    tokens has ``L - window + 1`` entries, a shorter one none. Counted incrementally: O(L).
+    """
+    ids = list(token_ids)
+    if window < 1:
+        raise HfdistError(f"window: must be >= 1, got {window}")
+    if len(ids) < window:
+        return []
+    counts = Counter(ids[:window])
+    out = [len(counts) / window]
+    for i in range(window, len(ids)):
+        counts[ids[i]] += 1
+        old = ids[i - window]
+        counts[old] -= 1
+        if counts[old] == 0:
+            del counts[old]
+        out.append(len(counts) / window)
+    return out
+
+
+def _ngrams(seq: Sequence, n: int) -> list[tuple]:
+    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+def distinct_n(sequences: Iterable[Sequence[int]], n: int = 2) -> float:
+    """Unique n-grams / all n-grams, pooled over all sequences; 0.0 when there is no n-gram."""
+    if n < 1:
+        raise HfdistError(f"n: must be >= 1, got {n}")
+    grams = [g for seq in sequences for g in _ngrams(list(seq), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(sequences: Iterable[Sequence[int]], n: int = 4) -> float:
+    """Mean over sequences of 1 - unique n-grams / n-grams (the share of n-grams that repeat an earlier one
+    of the same sequence); sequences shorter than ``n`` are skipped; 0.0 if none is long enough."""
+    rates = []
+    for seq in sequences:
+        grams = _ngrams(list(seq), n)
+        if grams:
+            rates.append(1.0 - len(set(grams)) / len(grams))
+    return float(np.mean(rates)) if rates else 0.0
+
+
+# --------------------------------------------------------------------------------------------------- BLEU
+def _bleu_from_stats(correct: list[int], total: list[int], hyp_len: int, ref_len: int, smoothing: str) -> float:
+    """sacrebleu's ``BLEU.compute_bleu`` with effective order, on a 0..1 scale."""
+    if hyp_len < ref_len:
+        bp = math.exp(1 - ref_len / hyp_len) if hyp_len > 0 else 0.0
+    else:
+        bp = 1.0
+    if not any(correct):
+        return 0.0
+    log_sum, order, smooth = 0.0, 0, 1.0
+    for c, t in zip(correct, total):
+        if t == 0:
+            break
+        order += 1
+        if c == 0:
+            if smoothing == "exp":  # NIST / Chen & Cherry method 3: 1 / (2^k * total) for the k-th zero
+                smooth *= 2
+                log_sum += math.log(1.0 / (smooth * t))
+            else:  # "none": a zero precision makes the score 0
+                return 0.0
+        else:
+            log_sum += math.log(c / t)
+    return bp * math.exp(log_sum / order)
+
+
+def _closest_length(hyp_len: int, ref_lens: Iterable[int]) -> int:
+    """The reference length closest to the hypothesis length; ties go to the shorter (as sacrebleu)."""
+    return min(ref_lens, key=lambda r: (abs(r - hyp_len), r))
+
+
+def sentence_bleu(hypothesis: Sequence[int], references: Sequence[Sequence[int]], max_order: int = 4,
+                  smoothing: str = "exp") -> float:
+    """BLEU of one token sequence against several references, in [0, 1].
+
+    Clipped n-gram precisions for n = 1..``max_order`` (a hypothesis n-gram counts at most as often as it
+    occurs in the reference where it occurs most), their geometric mean over the orders the hypothesis is long
+    enough for (effective order), times the brevity penalty ``exp(1 - r / h)`` when the hypothesis length
+    ``h`` is below the closest reference length ``r``. ``smoothing="exp"`` replaces the k-th zero precision by
+    ``1 / (2^k * total)``; ``"none"`` leaves it zero. Equals ``sacrebleu.sentence_bleu(...).score / 100``
+    with ``tokenize="none"`` on the ids written as words.
+    """
+    hyp = list(hypothesis)
+    ref_max: Counter = Counter()
+    for ref in references:
+        for g, c in Counter(g for n in range(1, max_order + 1) for g in _ngrams(list(ref), n)).items():
+            if c > ref_max[g]:
+                ref_max[g] = c
+    return _sentence_bleu_stats(hyp, ref_max, [len(r) for r in references], max_order, smoothing)
+
+
+def _sentence_bleu_stats(hyp: list, ref_max, ref_lens: list[int], max_order: int, smoothing: str) -> float:
+    correct, total = [0] * max_order, [0] * max_order
+    hyp_counts = Counter(g for n in range(1, max_order + 1) for g in _ngrams(hyp, n))
+    for g, c in hyp_counts.items():
+        correct[len(g) - 1] += min(c, ref_max(g) if callable(ref_max) else ref_max[g])
+    for n in range(1, max_order + 1):
+        total[n - 1] = max(len(hyp) - n + 1, 0)
+    return _bleu_from_stats(correct, total, len(hyp), _closest_length(len(hyp), ref_lens), smoothing)
+
+
+def self_bleu(sequences: Sequence[Sequence[int]], max_order: int = 4, smoothing: str = "exp") -> float:
+    """Mean over generations of ``sentence_bleu(generation, all other generations)``, in [0, 1].
+
+    Higher means the generations resemble each other more (less diverse). Needs at least two generations.
+    The reference counts are pooled once: for each n-gram the largest and second-largest count over all
+    generations, so "the maximum over the others" costs O(1) and the whole is O(total n-grams).
+    """
+    if smoothing not in ("exp", "none"):
+        raise HfdistError(f"smoothing {smoothing!r}: unknown (choose from exp, none)")
+    seqs = [list(s) for s in sequences]
+    if len(seqs) < 2:
+        raise HfdistError(f"self_bleu: needs at least 2 generations, got {len(seqs)}")
+    best: dict = {}  # n-gram -> (largest count, its sequence, second-largest count)
+    for i, seq in enumerate(seqs):
+        for g, c in Counter(g for n in range(1, max_order + 1) for g in _ngrams(seq, n)).items():
+            top, who, second = best.get(g, (0, -1, 0))
+            if c > top:
+                best[g] = (c, i, top)
+            elif c > second:
+                best[g] = (top, who, c)
+    lengths = [len(s) for s in seqs]
+    scores = []
+    for i, seq in enumerate(seqs):
+        def others_max(g, i=i):
+            top, who, second = best[g]
+            return second if who == i else top
+        scores.append(_sentence_bleu_stats(seq, others_max, lengths[:i] + lengths[i + 1:], max_order, smoothing))
+    return float(np.mean(scores))
+
+
+# ------------------------------------------------------------------------------------------ dataset overlap
+def _concat(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenated tokens, the row of each position and the end (exclusive) of that position's row."""
+    arrays = [np.asarray(r, dtype=np.int64).reshape(-1) for r in rows]
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    row = np.repeat(np.arange(len(arrays)), lengths)
+    ends = np.cumsum(lengths)
+    return tokens, row, ends[row] if len(row) else np.zeros(0, dtype=np.int64)
+
+
+def longest_common_runs(generations: Sequence[Sequence[int]], training) -> list[int]:
+    """For each generation, the length of the longest run of consecutive tokens that also occurs,
+    consecutively, inside one training sequence.
+
+    Grows all candidate runs one token at a time: at length k, a (start in a generation) survives if its
+    k-gram is among the surviving training k-grams, and a training start survives if its k-gram is among the
+    generations'; the survivors of length k are the only candidates for k + 1. k-grams are compared by a
+    64-bit polynomial hash (false match chance about 1e-19 per pair).
+    """
+    if isinstance(training, torch.Tensor):
+        training = training.cpu().numpy()
+    g_tok, g_row, g_end = _concat(generations)
+    t_tok, _, t_end = _concat(training)
+    best = np.zeros(len(generations), dtype=np.int64)
+    base = np.uint64(1099511628211)
+    q_pos, t_pos = np.arange(len(g_tok)), np.arange(len(t_tok))
+    q_hash = np.zeros(len(q_pos), dtype=np.uint64)
+    t_hash = np.zeros(len(t_pos), dtype=np.uint64)
+    k = 0
+    with np.errstate(over="ignore"):
+        while len(q_pos) and len(t_pos):
+            # Extend every surviving run by its next token (if its row has one).
+            q_ok, t_ok = q_pos + k < g_end[q_pos], t_pos + k < t_end[t_pos]
+            q_pos, q_hash = q_pos[q_ok], q_hash[q_ok]
+            t_pos, t_hash = t_pos[t_ok], t_hash[t_ok]
+            q_hash = q_hash * base + (g_tok[q_pos + k].astype(np.uint64) + np.uint64(1))
+            t_hash = t_hash * base + (t_tok[t_pos + k].astype(np.uint64) + np.uint64(1))
+            q_keep = np.isin(q_hash, t_hash)
+            t_keep = np.isin(t_hash, q_hash)
+            q_pos, q_hash = q_pos[q_keep], q_hash[q_keep]
+            t_pos, t_hash = t_pos[t_keep], t_hash[t_keep]
+            k += 1
+            best[np.unique(g_row[q_pos])] = k
+    return best.tolist()
+
+
+def dataset_overlap(generations: Sequence[Sequence[int]], training, min_run: int = 10) -> dict:
+    """Copying of the training data: per generation the longest common token run (``longest_common_runs``);
+    ``mean_longest_run``, ``max_longest_run``, and ``share_over_min_run``: the share of generations whose
+    longest run is longer than ``min_run`` tokens."""
+    runs = longest_common_runs(generations, training)
+    return {
+        "longest_runs": runs,
+        "mean_longest_run": float(np.mean(runs)) if runs else 0.0,
+        "max_longest_run": int(max(runs)) if runs else 0,
+        "min_run": min_run,
+        "share_over_min_run": float(np.mean([r > min_run for r in runs])) if runs else 0.0,
+    }
+
+
+def generation_metrics(generations: Sequence[Sequence[int]], *, texts: Optional[Sequence[str]] = None,
+                       training=None, window: int = 96, min_run: int = 10) -> dict:
+    """Every generation metric for one set of generations (the rows of the compare table)."""
+    gens = [list(g) for g in generations]
+    out = {
+        "num_generations": len(gens),
+        "mean_length": float(np.mean([len(g) for g in gens])) if gens else 0.0,
+        f"ttr{window}": float(np.mean([type_token_ratio(g, window) for g in gens])) if gens else 0.0,
+        "distinct_1": distinct_n(gens, 1),
+        "distinct_2": distinct_n(gens, 2),
+        "distinct_3": distinct_n(gens, 3),
+        "repetition_rate_4": repetition_rate(gens, 4),
+        "self_bleu": self_bleu(gens) if len(gens) >= 2 else None,
+    }
+    if texts is not None:
+        out[f"word_ttr{window}"] = float(np.mean([word_type_token_ratio(t, window) for t in texts])) if texts else 0.0
+    if training is not None:
+        overlap = dataset_overlap(gens, training, min_run)
+        out.update({"overlap_mean_longest_run": overlap["mean_longest_run"],
+                    "overlap_max_longest_run": overlap["max_longest_run"],
+                    f"overlap_share_over_{min_run}": overlap["share_over_min_run"]})
+    return out
+
+
+def mean_ttr_over_position(generations: Sequence[Sequence[int]], window: int = 96) -> list[float]:
+    """The mean of ``ttr_over_position`` over the generations long enough for each window position."""
+    curves = [ttr_over_position(g, window) for g in generations]
+    width = max((len(c) for c in curves), default=0)
+    out = []
+    for i in range(width):
+        values = [c[i] for c in curves if len(c) > i]
+        out.append(float(np.mean(values)))
+    return out
+
+
+# ------------------------------------------------------------------------------------ the model's predictions
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def next_token_stats(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                     batch_size: int = 8) -> dict:
+    """Per predicted position (tokens 1..L-1 from the tokens before; a position counts when it and the
+    token before are unmasked): ``nll`` (nats), ``entropy`` (nats), ``top1``/``top3``/``top5`` (probability
+    mass of the k most probable tokens); each a float64 numpy array, positions of all rows concatenated."""
+    if input_ids.ndim != 2:
+        raise HfdistError(f"input_ids: expected [batch, length], got shape {tuple(input_ids.shape)}")
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    parts: dict = {k: [] for k in ("nll", "entropy", "top1", "top3", "top5")}
+    for start in range(0, len(input_ids), batch_size):
+        ids = input_ids[start:start + batch_size].to(device=device, dtype=torch.long)
+        mask = (torch.ones_like(ids) if attention_mask is None
+                else attention_mask[start:start + batch_size].to(device=device, dtype=torch.long))
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        for row in range(len(ids)):  # one row at a time: at most [L, V] fp32 temporaries besides the logits
+            keep = (mask[row, 1:] * mask[row, :-1]).bool()
+            logp = torch.log_softmax(logits[row, :-1][keep].float(), dim=-1)
+            target = ids[row, 1:][keep]
+            p = logp.exp()
+            parts["nll"].append(-logp.gather(1, target[:, None])[:, 0])
+            parts["entropy"].append(-(p * logp).sum(-1))
+            top = p.topk(min(5, p.shape[-1]), dim=-1).values.cumsum(-1)
+            for k in (1, 3, 5):
+                parts[f"top{k}"].append(top[:, min(k, top.shape[-1]) - 1])
+        del logits
+    model.train(was_training)
+    return {k: torch.cat(v).double().cpu().numpy() if v else np.zeros(0) for k, v in parts.items()}
+
+
+def summarize_next_token_stats(stats: dict) -> dict:
+    """Means of ``next_token_stats`` arrays: ``loss`` (mean NLL, nats), ``perplexity`` = exp(loss),
+    ``entropy`` (mean entropy of the predicted distribution, nats), ``top1_mass``/``top3_mass``/``top5_mass``
+    (mean probability of the 1/3/5 most probable tokens), ``num_tokens`` (predicted positions)."""
+    n = len(stats["nll"])
+    if n == 0:
+        raise HfdistError("held-out statistics: no predicted tokens (sequences shorter than 2 tokens?)")
+    loss = float(stats["nll"].mean())
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "entropy": float(stats["entropy"].mean()),
+        "top1_mass": float(stats["top1"].mean()),
+        "top3_mass": float(stats["top3"].mean()),
+        "top5_mass": float(stats["top5"].mean()),
+        "num_tokens": n,
+    }
+
+
+def heldout_stats(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                  batch_size: int = 8) -> dict:
+    """Held-out next-token statistics, means over all predicted tokens (``summarize_next_token_stats`` of
+    ``next_token_stats``): ``loss``, ``perplexity``, ``entropy``, ``top1_mass``, ``top3_mass``, ``top5_mass``,
+    ``num_tokens``."""
+    return summarize_next_token_stats(next_token_stats(model, input_ids, attention_mask, batch_size=batch_size))
+
+
+def greedy_ttr(model, contexts: torch.Tensor, *, total_len: int = 256, window: int = 96, eos_token_id=None,
+               batch_size: int = 32) -> dict:
+    """The upstream TTR protocol: greedy decoding from each context (e.g. [B, 32]) until ``total_len`` tokens
+    (context included), then the TTR of the last ``window`` generated tokens (cut at EOS if ``eos_token_id``).
+
+    Returns ``ttr{window}`` (mean over contexts), ``ttr{window}_per_context`` and ``generations`` (the
+    generated ids of each context, prompt excluded)."""
+    from hfdist.generation import continuation_ids, generate
+
+    if contexts.ndim != 2:
+        raise HfdistError(f"contexts: expected [num_contexts, context_len], got shape {tuple(contexts.shape)}")
+    new_tokens = total_len - contexts.shape[1]
+    if new_tokens < 1:
+        raise HfdistError(f"total_len {total_len}: must exceed the context length {contexts.shape[1]}")
+    was_training = model.training
+    model.eval()
+    generations = []
+    for start in range(0, len(contexts), batch_size):
+        chunk = contexts[start:start + batch_size]
+        out = generate(model, chunk, max_new_tokens=new_tokens, eos_token_id=eos_token_id)
+        generations.extend(continuation_ids(out.cpu(), chunk.shape[1], eos_token_id))
+    model.train(was_training)
+    per_context = [type_token_ratio(g, window) for g in generations]
+    return {f"ttr{window}": float(np.mean(per_context)) if per_context else 0.0,
+            f"ttr{window}_per_context": per_context, "generations": generations}

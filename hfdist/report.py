@@ -1,0 +1,448 @@
+"""The paper's comparison of a base and a hyperfitted model: generations, metrics, a markdown table, plots.
+
+``run_comparison`` decodes the same held-out contexts four ways (the rows of the paper's Table 1, without the
+human-preference column, plus the blocker):
+
+=============================  ===========  ==========================================================
+row                            model        decoding
+=============================  ===========  ==========================================================
+``original_greedy``            base         greedy
+``original_top_p``             base         sampling, top-p 0.9, temperature 0.7, top-k 50 (the paper's)
+``hyperfitted_greedy``         hyperfitted  greedy
+``hyperfitted_greedy_blocker`` hyperfitted  greedy + citation blocker (n = 5 over the training ids)
+=============================  ===========  ==========================================================
+
+and measures each (``hfdist.metrics.generation_metrics``), plus both models' next-token statistics on the
+held-out sequences. It writes into ``out_dir`` (default ``RUN/compare``): ``report.md``, ``report.json``,
+``generations_<row>.jsonl``, ``ttr_over_position.png``, ``training_curves.png``, ``top1_probability.png``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from hfdist.errors import HfdistError
+
+logger = logging.getLogger(__name__)
+
+ROWS = ("original_greedy", "original_top_p", "hyperfitted_greedy", "hyperfitted_greedy_blocker")
+ROW_LABELS = {
+    "original_greedy": ("Original", "Greedy"),
+    "original_top_p": ("Original", "Top-p"),
+    "hyperfitted_greedy": ("Hyperfitted", "Greedy"),
+    "hyperfitted_greedy_blocker": ("Hyperfitted", "Greedy + citation blocker"),
+}
+
+
+@dataclass
+class CompareSettings:
+    num_contexts: Optional[int] = None  # None: every context in the file
+    max_new_tokens: int = 224  # the upstream protocol: 32-token contexts continued to 256 tokens
+    top_p: float = 0.9  # the paper's top-p baseline: p 0.9, temperature 0.7, top-k 50
+    temperature: float = 0.7
+    top_k: int = 50
+    seed: int = 0
+    blocker_n: int = 5
+    window: int = 96  # TTR window
+    min_run: int = 10  # dataset overlap: share of generations sharing more than this many tokens
+    batch_size: int = 32
+    stop_at_eos: bool = False  # the protocol generates a fixed number of tokens
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+# ------------------------------------------------------------------------------------------- file formats
+def load_token_array(path, what: str) -> np.ndarray:
+    """A 2-D integer ``.npy`` array of token ids (int64), or an HfdistError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HfdistError(f"{what} {str(path)!r}: no such file")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise HfdistError(f"{what} {str(path)!r}: not a .npy array ({exc})") from None
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise HfdistError(f"{what} {str(path)!r}: expected a 2-D integer array of token ids, got "
+                          f"shape {array.shape} dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
+def write_jsonl(path, records: list[dict]) -> None:
+    from hfdist.io import atomic_write_text
+
+    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_generations(path) -> list[dict]:
+    """The records of a generations file (``hfdist generate``/``compare``); each needs ``continuation_ids``."""
+    path = Path(path)
+    if not path.is_file():
+        raise HfdistError(f"generations file {str(path)!r}: no such file")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise HfdistError(f"generations file {str(path)!r} line {number}: not JSON") from None
+        ids = record.get("continuation_ids") if isinstance(record, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise HfdistError(f"generations file {str(path)!r} line {number}: field 'continuation_ids' missing "
+                              "or not a list of token ids")
+        records.append(record)
+    if not records:
+        raise HfdistError(f"generations file {str(path)!r}: no records")
+    return records
+
+
+def generation_records(prompts: list[list[int]], continuations: list[list[int]], stopped: list[bool],
+                       tokenizer, settings: dict) -> list[dict]:
+    """One JSON record per prompt: prompt and continuation, as ids and text, and the decoding settings."""
+    records = []
+    for i, (prompt, cont, stop) in enumerate(zip(prompts, continuations, stopped)):
+        record = {"index": i, "prompt_ids": list(map(int, prompt)), "continuation_ids": list(map(int, cont))}
+        if tokenizer is not None:
+            record["prompt_text"] = tokenizer.decode(prompt, skip_special_tokens=True)
+            record["continuation_text"] = tokenizer.decode(cont, skip_special_tokens=True)
+        record["num_new_tokens"] = len(cont)
+        record["stopped_at_eos"] = bool(stop)
+        record["settings"] = settings
+        records.append(record)
+    return records
+
+
+# -------------------------------------------------------------------------------------------------- plots
+def _figure(width: float = 7.0, height: float = 4.0):
+    # Figure + Agg canvas directly: no pyplot, so no global backend state and no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, bbox_inches="tight")
+    tmp.replace(path)
+
+
+def plot_ttr_over_position(curves: dict[str, list[float]], path, window: int = 96) -> None:
+    """Mean sliding-window TTR against the position (in generated tokens) where each window ends."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for name, curve in curves.items():
+        if curve:
+            model, decoding = ROW_LABELS.get(name, (name, ""))
+            ax.plot(np.arange(window, window + len(curve)), curve, label=f"{model} {decoding.lower()}".strip())
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("generated tokens (end of window)")
+    ax.set_ylabel(f"TTR over the last {window} tokens")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Type-token ratio over position")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, Path(path))
+
+
+def plot_training_curves(records: list[dict], path) -> None:
+    """Per-epoch mean training loss (log scale) and entropy, with the held-out evaluations beside them."""
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig = _figure(10, 4)
+    for col, (metric, label) in enumerate((("loss", "loss (nats/token)"), ("entropy", "entropy (nats)"))):
+        ax = fig.add_subplot(1, 2, col + 1)
+        for rows, prefix, style in ((epochs, "train", "o-"), (evals, "eval", "s--")):
+            points = [(r.get("epoch", 0), r[f"{prefix}/{metric}"]) for r in rows
+                      if isinstance(r.get(f"{prefix}/{metric}"), (int, float))]
+            if points:
+                x, y = zip(*points)
+                ax.plot(x, y, style, markersize=3, label=f"{prefix} {metric}")
+        if metric == "loss" and ax.has_data():
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no records in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle("Hyperfitting: loss and entropy per epoch")
+    _save(fig, Path(path))
+
+
+def plot_top1(top1: dict[str, np.ndarray], path) -> None:
+    """Histogram of the top-1 next-token probability on held-out tokens, one per model."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    bins = np.linspace(0, 1, 41)
+    for name, values in top1.items():
+        if len(values):
+            label = {"base": "Original", "hyperfitted": "Hyperfitted"}.get(name, name)
+            ax.hist(values, bins=bins, alpha=0.55, density=True,
+                    label=f"{label} (mean {float(np.mean(values)):.2f})")
+    ax.set_xlabel("probability of the most probable next token")
+    ax.set_ylabel("density")
+    ax.set_title("Top-1 probability on held-out text")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, Path(path))
+
+
+# -------------------------------------------------------------------------------------------------- tables
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(rows: dict[str, dict], window: int = 96, min_run: int = 10) -> str:
+    """The markdown table of the generation metrics, one line per decoding (the paper's Table 1 layout)."""
+    header = (f"| Model | Decoding | TTR-{window} ↑ | Distinct-2 ↑ | Self-BLEU ↓ | Repeated 4-grams ↓ | "
+              f"Overlap > {min_run} tokens ↓ | Longest overlap (mean) | Tokens/s |")
+    lines = [header, "|" + "---|" * 9]
+    for name, m in rows.items():
+        model, decoding = ROW_LABELS.get(name, (name, ""))
+        if name == "original_top_p":
+            s = m.get("settings", {})
+            decoding = f"Top-p (p={s.get('top_p')}, T={s.get('temperature')}, k={s.get('top_k')})"
+        if name == "hyperfitted_greedy_blocker":
+            decoding = f"Greedy + citation blocker (n={m.get('settings', {}).get('blocker_n')})"
+        overlap = m.get(f"overlap_share_over_{min_run}")
+        lines.append("| " + " | ".join([
+            model, decoding, _fmt(m.get(f"ttr{window}")), _fmt(m.get("distinct_2")), _fmt(m.get("self_bleu")),
+            _fmt(m.get("repetition_rate_4")), "-" if overlap is None else f"{100 * overlap:.1f}%",
+            _fmt(m.get("overlap_mean_longest_run"), 1), _fmt(m.get("tokens_per_s"), 1)]) + " |")
+    return "\n".join(lines)
+
+
+def format_heldout_table(heldout: dict[str, dict]) -> str:
+    lines = ["| Model | Perplexity | Entropy (nats) | Top-1 mass | Top-3 mass | Top-5 mass | Tokens |",
+             "|" + "---|" * 7]
+    for name, s in heldout.items():
+        label = {"base": "Original", "hyperfitted": "Hyperfitted"}.get(name, name)
+        lines.append(f"| {label} | {_fmt(s['perplexity'], 2)} | {_fmt(s['entropy'])} | {_fmt(s['top1_mass'])} | "
+                     f"{_fmt(s['top3_mass'])} | {_fmt(s['top5_mass'])} | {s['num_tokens']} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- comparison
+def _read_run_config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise HfdistError(f"{str(path)!r}: missing (not a hyperfit run folder? pass --base)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise HfdistError(f"{str(path)!r}: not valid YAML") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("path"), str):
+        raise HfdistError(f"{str(path)!r}: field model.path missing (the base model; or pass --base)")
+    return model
+
+
+def model_config_for(path: str, base_section: Optional[dict], dtype: str):
+    from hfdist.config import ModelConfig
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: v for k, v in (base_section or {}).items() if k in known}
+    values.update(path=str(path), init="pretrained", dtype=dtype)
+    return ModelConfig(**values)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _decode_all(model, contexts: torch.Tensor, settings: CompareSettings, eos, pad: int, **options):
+    """Generate for every context in batches; returns continuations (cut at EOS), stop flags and seconds."""
+    from hfdist.generation import continuation_ids, generate
+
+    continuations, stopped = [], []
+    start_time = time.perf_counter()
+    for start in range(0, len(contexts), settings.batch_size):
+        chunk = contexts[start:start + settings.batch_size]
+        out = generate(model, chunk, max_new_tokens=settings.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                       **options).cpu()
+        conts = continuation_ids(out, chunk.shape[1], eos)
+        continuations.extend(conts)
+        stopped.extend(eos is not None and len(c) < settings.max_new_tokens for c in conts)
+    return continuations, stopped, time.perf_counter() - start_time
+
+
+def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Optional[str] = None,
+                   out_dir=None, contexts_path=None, train_path=None, validation_path=None,
+                   settings: Optional[CompareSettings] = None, **overrides) -> dict:
+    """Run the paper's comparison and write the report; returns the report as a dict.
+
+    With ``run_dir`` (a hyperfit run folder) everything has a default: the base model is config.yaml's
+    ``model.path``, the hyperfitted one ``RUN/model``, contexts ``RUN/data/contexts.npy``, the blocker and overlap
+    data ``RUN/data/train_token_ids.npy``, the held-out sequences ``RUN/data/validation_token_ids.npy``, the
+    curves ``RUN/metrics.jsonl``, the output ``RUN/compare``. Without it, pass ``base``, ``hyperfitted``,
+    ``contexts_path`` and ``out_dir`` (training and validation data are then optional). ``overrides`` set
+    fields of ``CompareSettings`` (e.g. ``num_contexts=8``).
+    """
+    from hfdist.generation import CitationBlocker
+    from hfdist.metrics import (generation_metrics, mean_ttr_over_position, next_token_stats,
+                                summarize_next_token_stats)
+    from hfdist.models import load_model, load_tokenizer
+
+    settings = dataclasses.replace(settings or CompareSettings(), **overrides)
+    run = Path(run_dir) if run_dir is not None else None
+    if run is not None and not run.is_dir():
+        raise HfdistError(f"--run {str(run)!r}: no such folder")
+    base_section = None
+    if run is not None:
+        if base is None:
+            base_section = _read_run_config(run)
+            base = base_section["path"]
+        hyperfitted = hyperfitted or str(run / "model")
+        contexts_path = contexts_path or run / "data" / "contexts.npy"
+        train_path = train_path or run / "data" / "train_token_ids.npy"
+        validation_path = validation_path or run / "data" / "validation_token_ids.npy"
+        out_dir = out_dir or run / "compare"
+    for value, flag in ((base, "--base"), (hyperfitted, "--hyperfitted"), (contexts_path, "--contexts"),
+                        (out_dir, "--out")):
+        if value is None:
+            raise HfdistError(f"compare: {flag} is needed without --run")
+    if run is not None and not Path(hyperfitted).exists():
+        raise HfdistError(f"hyperfitted model {str(hyperfitted)!r}: no such folder (did the run finish?)")
+    contexts = load_token_array(contexts_path, "contexts")
+    if settings.num_contexts is not None:
+        if not 2 <= settings.num_contexts <= len(contexts):
+            raise HfdistError(f"--num-contexts {settings.num_contexts}: must be between 2 and the "
+                              f"{len(contexts)} contexts in {str(contexts_path)!r}")
+        contexts = contexts[:settings.num_contexts]
+    if len(contexts) < 2:
+        raise HfdistError(f"contexts {str(contexts_path)!r}: Self-BLEU needs at least 2 contexts, got {len(contexts)}")
+    train = load_token_array(train_path, "training data") if train_path and Path(train_path).is_file() else None
+    if train is None:
+        logger.warning("no training token ids (%s): no citation blocker row, no dataset overlap", train_path)
+    validation = (load_token_array(validation_path, "validation data")
+                  if validation_path and Path(validation_path).is_file() else None)
+    device = resolve_device(settings.device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    contexts_t = torch.from_numpy(contexts)
+    blocker = CitationBlocker(train, n=settings.blocker_n) if train is not None else None
+
+    rows: dict[str, dict] = {}
+    curves: dict[str, list[float]] = {}
+    heldout: dict[str, dict] = {}
+    top1: dict[str, np.ndarray] = {}
+    sample_texts: dict[str, str] = {}
+    plans = {"base": [("original_greedy", {"strategy": "greedy"}),
+                      ("original_top_p", {"strategy": "sample", "top_p": settings.top_p,
+                                          "temperature": settings.temperature, "top_k": settings.top_k,
+                                          "seed": settings.seed})],
+             "hyperfitted": [("hyperfitted_greedy", {"strategy": "greedy"})]}
+    if blocker is not None:
+        plans["hyperfitted"].append(("hyperfitted_greedy_blocker", {"strategy": "greedy", "blocker": blocker}))
+    for which, path in (("base", base), ("hyperfitted", hyperfitted)):
+        model_config = model_config_for(path, base_section if which == "base" else None, settings.dtype)
+        logger.info("compare: loading the %s model %s", which, path)
+        tokenizer = load_tokenizer(model_config)
+        model = load_model(model_config, device).eval()
+        eos = tokenizer.eos_token_id if settings.stop_at_eos else None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        for name, options in plans[which]:
+            logger.info("compare: %s on %d contexts, %d new tokens", name, len(contexts), settings.max_new_tokens)
+            conts, stopped, seconds = _decode_all(model, contexts_t, settings, eos, pad, **options)
+            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in conts]
+            row_settings = {"model": str(path), "max_new_tokens": settings.max_new_tokens,
+                            "stop_at_eos": settings.stop_at_eos,
+                            **{k: v for k, v in options.items() if k != "blocker"}}
+            if "blocker" in options:
+                row_settings["blocker_n"] = settings.blocker_n
+            metrics = generation_metrics(conts, texts=texts, training=train, window=settings.window,
+                                         min_run=settings.min_run)
+            metrics["tokens_per_s"] = sum(len(c) for c in conts) / seconds if seconds > 0 else None
+            metrics["seconds"] = seconds
+            metrics["settings"] = row_settings
+            rows[name] = metrics
+            curves[name] = mean_ttr_over_position(conts, settings.window)
+            sample_texts[name] = texts[0]
+            write_jsonl(out / f"generations_{name}.jsonl",
+                        generation_records(contexts.tolist(), conts, stopped, tokenizer, row_settings))
+        if validation is not None:
+            stats = next_token_stats(model, torch.from_numpy(validation), batch_size=8)
+            heldout[which] = summarize_next_token_stats(stats)
+            top1[which] = stats["top1"]
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rows = {name: rows[name] for name in ROWS if name in rows}
+
+    plot_ttr_over_position(curves, out / "ttr_over_position.png", settings.window)
+    metrics_path = run / "metrics.jsonl" if run is not None else None
+    records = []
+    if metrics_path is not None and metrics_path.is_file():
+        from hfdist.monitor import read_metrics
+
+        records = read_metrics(metrics_path)
+    plot_training_curves(records, out / "training_curves.png")
+    plots = ["ttr_over_position.png", "training_curves.png"]
+    if top1:
+        plot_top1(top1, out / "top1_probability.png")
+        plots.append("top1_probability.png")
+
+    report = {
+        "base": str(base), "hyperfitted": str(hyperfitted), "run": str(run) if run is not None else None,
+        "contexts": str(contexts_path), "num_contexts": len(contexts), "context_len": int(contexts.shape[1]),
+        "settings": dataclasses.asdict(settings), "device": str(device),
+        "rows": rows, "heldout": heldout, "ttr_over_position": curves, "plots": plots,
+        "generations": {name: f"generations_{name}.jsonl" for name in rows},
+    }
+    from hfdist.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", format_report(report, sample_texts))
+    logger.info("compare: report in %s", out)
+    return report
+
+
+def format_report(report: dict, sample_texts: Optional[dict] = None) -> str:
+    s = report["settings"]
+    parts = [
+        "# Hyperfitting comparison",
+        "",
+        f"Base model `{report['base']}`, hyperfitted model `{report['hyperfitted']}`; "
+        f"{report['num_contexts']} held-out contexts of {report['context_len']} tokens, each continued by "
+        f"{s['max_new_tokens']} tokens{' (stopping at EOS)' if s['stop_at_eos'] else ''} on {report['device']}.",
+        "",
+        format_table(report["rows"], s["window"], s["min_run"]),
+        "",
+        f"TTR-{s['window']}: unique / total tokens over the last {s['window']} generated tokens, mean over "
+        "contexts. Distinct-2: unique / total bigrams over all generations. Self-BLEU: mean sentence BLEU-4 "
+        "(exp smoothing) of each generation against the others. Repeated 4-grams: share of 4-grams repeating an "
+        f"earlier one in the same generation. Overlap: share of generations sharing a run of more than "
+        f"{s['min_run']} consecutive tokens with a training sequence; longest overlap: mean longest shared run.",
+    ]
+    if report["heldout"]:
+        parts += ["", "## Next-token predictions on held-out text", "", format_heldout_table(report["heldout"])]
+    parts += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in report["plots"]]
+    if sample_texts:
+        parts += ["", "## First generation of each decoding", ""]
+        for name, text in sample_texts.items():
+            model, decoding = ROW_LABELS.get(name, (name, ""))
+            snippet = " ".join(text.split())[:400]
+            parts += [f"**{model}, {decoding.lower()}**: {snippet}", ""]
+    return "\n".join(parts).rstrip() + "\n"

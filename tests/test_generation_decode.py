@@ -1,0 +1,104 @@
+"""hfdist.generation.generate against Hugging Face model.generate on a real (tiny, random) Llama."""
+import pytest
+import torch
+
+from hfdist.errors import HfdistError
+from hfdist.generation import continuation_ids, generate, left_pad
+from hfdist.testing import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(vocab_size=256, seed=0)
+
+
+def _prompts(lengths, seed=1, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf(model, ids, mask, new, eos=None, pad=0):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                          pad_token_id=pad)
+
+
+def test_greedy_equals_hf_generate_single_prompt(model):
+    ids, mask = left_pad(_prompts([9]), 0)
+    ours = generate(model, ids, mask, max_new_tokens=40)
+    assert torch.equal(ours, _hf(model, ids, mask, 40))
+    # attention_mask=None means "no padding"
+    assert torch.equal(generate(model, ids, max_new_tokens=40), ours)
+
+
+def test_greedy_equals_hf_generate_left_padded_batch(model):
+    ids, mask = left_pad(_prompts([7, 12, 3, 12, 1]), 0)
+    assert (mask == 0).any()  # the batch really is padded
+    ours = generate(model, ids, mask, max_new_tokens=33)
+    assert ours.shape == (5, 12 + 33)
+    assert torch.equal(ours, _hf(model, ids, mask, 33))
+
+
+def test_tied_embeddings_model_equals_hf():
+    tied = tiny_llama(vocab_size=300, seed=3, tie_word_embeddings=True)
+    ids, mask = left_pad(_prompts([4, 6], seed=5, vocab=300), 0)
+    assert torch.equal(generate(tied, ids, mask, max_new_tokens=20), _hf(tied, ids, mask, 20))
+
+
+def test_eos_stops_rows_like_hf(model):
+    ids, mask = left_pad(_prompts([7, 12, 3, 12]), 0)
+    free = generate(model, ids, mask, max_new_tokens=30)
+    eos = int(free[0, ids.shape[1] + 5])  # a token row 0 emits at step 5: row 0 must stop there
+    ours = generate(model, ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+    ref = _hf(model, ids, mask, 30, eos=eos)
+    assert torch.equal(ours, ref)
+    assert (ours[0, ids.shape[1] + 6:] == 0).all()  # padded after EOS
+    conts = continuation_ids(ours, ids.shape[1], eos)
+    assert eos not in conts[0] and len(conts[0]) <= 5
+
+
+def test_output_is_cut_when_every_row_finished(model):
+    ids, mask = left_pad(_prompts([5, 8]), 0)
+    free = generate(model, ids, mask, max_new_tokens=20)
+    p = ids.shape[1]
+    eos = [int(free[0, p + 2]), int(free[1, p + 3])]  # both rows stop within 4 steps
+    ours = generate(model, ids, mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=0, check_every=16)
+    ref = _hf(model, ids, mask, 20, eos=eos)
+    assert ours.shape[1] < p + 20
+    assert torch.equal(ours, ref)
+
+
+def test_static_cache_equals_dynamic(model):
+    ids, mask = left_pad(_prompts([6, 11, 2]), 0)
+    dynamic = generate(model, ids, mask, max_new_tokens=25)
+    static = generate(model, ids, mask, max_new_tokens=25, cache="static")
+    assert torch.equal(dynamic, static)
+
+
+def test_bad_inputs_raise_hfdist_error(model):
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(HfdistError, match="strategy 'beam'"):
+        generate(model, ids, max_new_tokens=3, strategy="beam")
+    with pytest.raises(HfdistError, match="top_p"):
+        generate(model, ids, max_new_tokens=3, strategy="sample", top_p=1.5)
+    with pytest.raises(HfdistError, match="attention_mask"):
+        generate(model, ids, torch.ones(1, 4, dtype=torch.long), max_new_tokens=3)
+    with pytest.raises(HfdistError, match="cache 'paged'"):
+        generate(model, ids, max_new_tokens=3, cache="paged")
+    assert torch.equal(generate(model, ids, max_new_tokens=0), ids)
+
+
+def test_sampling_with_a_seed_is_reproducible(model):
+    ids, mask = left_pad(_prompts([5, 9, 9]), 0)
+    kwargs = dict(max_new_tokens=30, strategy="sample", temperature=1.0, top_p=0.95, top_k=100, seed=123)
+    first = generate(model, ids, mask, **kwargs)
+    assert torch.equal(first, generate(model, ids, mask, **kwargs))
+    other = generate(model, ids, mask, **{**kwargs, "seed": 124})
+    assert not torch.equal(first, other)  # the seed matters (random model: near-uniform distributions)
+    greedy = generate(model, ids, mask, max_new_tokens=30)
+    assert not torch.equal(first, greedy)
+
+
+def test_sampling_at_tiny_temperature_is_greedy(model):
+    ids, mask = left_pad(_prompts([5, 9]), 0)
+    cold = generate(model, ids, mask, max_new_tokens=15, strategy="sample", temperature=1e-4, seed=0)
+    assert torch.equal(cold, generate(model, ids, mask, max_new_tokens=15))

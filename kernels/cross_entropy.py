@@ -121,6 +121,12 @@ def ce_rows_torch(x: torch.Tensor, labels: torch.Tensor, opts: CEOptions, *, wan
     return loss, lse, entropy
 
 
+def _require_interpreted_on_cpu(resolved: str, device: torch.device, op: str) -> None:
+    if resolved == "triton" and device.type == "cpu":
+        from . import _triton_cross_entropy as tce
+        check_interpreted(tce._ce_kernel, op)
+
+
 def _ce_rows(backend: str):
     if backend == "torch":
         return ce_rows_torch, None
@@ -310,6 +316,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{op}: labels must be int64 or int32, got {labels.dtype}")
     resolved = resolve_backend(backend, hidden.device, op)
+    _require_interpreted_on_cpu(resolved, hidden.device, op)
     shape = labels.shape
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     if hidden2.stride(-1) != 1:
@@ -395,6 +402,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
         raise ValueError(f"{op}: labels {tuple(labels.shape)} must have logits' leading shape "
                          f"{tuple(logits.shape[:-1])}")
     resolved = resolve_backend(backend, logits.device, op)
+    _require_interpreted_on_cpu(resolved, logits.device, op)
     shape = labels.shape
     logits2 = logits.reshape(-1, logits.shape[-1])
     if logits2.stride(-1) != 1:

@@ -111,7 +111,7 @@ def _check_scalar(name, value, low, high, integer=False):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"sample: {name} must be an int >= {low} (or a tensor [B]), got {value!r}")
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value) \
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
             or not low <= value <= high:
         raise ValueError(f"sample: {name} must be a number in [{low}, {high}] (or a tensor [B]), got {value!r}")
 
@@ -224,7 +224,7 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0
         raise ValueError(f"sample: on_invalid must be 'raise' or 'flag', got {on_invalid!r}")
     if seed is not None and generator is not None:
         raise ValueError("sample: pass seed or generator, not both")
-    for name, value, low, high, integer in (("temperature", temperature, 0.0, math.inf, False),
+    for name, value, low, high, integer in (("temperature", temperature, 0.0, 1e30, False),
                                             ("top_p", top_p, 0.0, 1.0, False), ("top_k", top_k, 0, None, True),
                                             ("min_p", min_p, 0.0, 1.0, False)):
         if not isinstance(value, torch.Tensor):

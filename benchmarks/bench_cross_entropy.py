@@ -1,0 +1,232 @@
+"""Benchmark: LM-head + cross-entropy, forward + backward, time and peak extra memory.
+
+Compares hfdist.kernels.fused_linear_cross_entropy with torch eager (``F.cross_entropy`` on the full
+logits), torch.compile of the same, and Liger-Kernel's fused linear cross-entropy when installed.
+Writes ``bench_cross_entropy_<device>.json`` and ``.md`` into ``--out``.
+
+  python benchmarks/bench_cross_entropy.py --device cuda                  # Llama 3 8B head, N = 4K..32K
+  python benchmarks/bench_cross_entropy.py --device cpu                   # N=8192, H=1024, V=32000, fp32
+  python benchmarks/bench_cross_entropy.py --device cpu --quick           # seconds: checks the script runs
+
+"Extra memory" is the peak above what the inputs (hidden, weight, labels) already hold, gradients of
+hidden and weight included. On CUDA it is torch's allocator peak; on CPU each method runs in a fresh
+subprocess and the peak is the process's RSS high-water mark (getrusage) minus its RSS before the call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+PEAK_TFLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
+
+
+def gpu_peak_flops():
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def make_inputs(n, h, v, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=gen) ).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) / h**0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    labels[::17] = -100
+    return hidden, weight, labels
+
+
+def method_fn(name, device):
+    """A callable(hidden, weight, labels) -> loss for one method, or None when unavailable."""
+    from hfdist.kernels import fused_linear_cross_entropy
+
+    def eager(hidden, weight, labels):
+        return F.cross_entropy((hidden @ weight.T).float(), labels)
+
+    if name == "hfdist":
+        backend = "triton" if device == "cuda" else "torch"
+        return lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend=backend)
+    if name == "hfdist-torch":
+        return lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="torch")
+    if name == "torch-eager":
+        return eager
+    if name == "torch-compile":
+        return torch.compile(eager, dynamic=True)
+    if name == "liger":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except Exception:  # not installed, or no GPU support in this build
+            return None
+        if device != "cuda":
+            return None
+        loss = LigerFusedLinearCrossEntropyLoss()
+        return lambda h, w, y: loss(w, h, y)
+    raise ValueError(name)
+
+
+def run_cuda(name, n, h, v, dtype, reps):
+    fn = method_fn(name, "cuda")
+    if fn is None:
+        return {"method": name, "status": "not installed"}
+    hidden, weight, labels = make_inputs(n, h, v, dtype, "cuda")
+    try:
+        for _ in range(2):  # warm-up: compile, autotune, allocator
+            fn(hidden, weight, labels).backward()
+            hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(hidden, weight, labels).backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        times = []
+        for _ in range(reps):
+            hidden.grad = weight.grad = None
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(hidden, weight, labels).backward()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    except torch.cuda.OutOfMemoryError:
+        return {"method": name, "status": "out of memory"}
+    finally:
+        hidden.grad = weight.grad = None
+        del hidden, weight, labels
+        torch.cuda.empty_cache()
+    return {"method": name, "status": "ok", "time_s": statistics.median(times), "extra_bytes": extra}
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child_cpu(name, n, h, v, dtype, reps):
+    """Runs in a fresh process: one measured call for memory, then timed calls."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    fn = method_fn(name, "cpu")
+    if fn is None:
+        return {"method": name, "status": "not installed"}
+    hidden, weight, labels = make_inputs(n, h, v, dtype, "cpu")
+    if name == "torch-compile":  # compile on a small copy so that compilation is not counted as memory
+        small = make_inputs(64, h, v, dtype, "cpu")
+        fn(*small).backward()
+    base = rss_bytes()
+    t0 = time.perf_counter()
+    fn(hidden, weight, labels).backward()
+    first = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = [first]
+    for _ in range(reps - 1):
+        hidden.grad = weight.grad = None
+        t0 = time.perf_counter()
+        fn(hidden, weight, labels).backward()
+        times.append(time.perf_counter() - t0)
+    return {"method": name, "status": "ok", "time_s": statistics.median(times), "extra_bytes": peak - base}
+
+
+def run_cpu(name, n, h, v, dtype, reps):
+    cmd = [sys.executable, __file__, "--child", name, "--n", str(n), "--h", str(h), "--v", str(v),
+           "--dtype", str(dtype).replace("torch.", ""), "--reps", str(reps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+    if out.returncode != 0:
+        return {"method": name, "status": f"failed: {out.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fmt_bytes(b):
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def write_reports(stem, meta, rows, h, v, dtype, markdown=True):
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    lines = [f"Fused linear cross-entropy, forward + backward, {meta['device']}, torch {meta['torch']}, "
+             f"H={h}, V={v}, {str(dtype).replace('torch.', '')}", "",
+             "| N | method | time | TFLOP/s | of peak | extra memory |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['n']} | {r['method']} | {r['status']} | | | |")
+            continue
+        frac = f"{100 * r['fraction_of_peak']:.0f}%" if "fraction_of_peak" in r else "-"
+        lines.append(f"| {r['n']} | {r['method']} | {1e3 * r['time_s']:.1f} ms | {r['tflops']:.2f} | {frac} | "
+                     f"{fmt_bytes(r['extra_bytes'])} |")
+    if markdown:
+        stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n", type=int, nargs="+")
+    parser.add_argument("--h", type=int)
+    parser.add_argument("--v", type=int)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=["hfdist", "torch-eager", "torch-compile", "liger"])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: check that the script runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--no-md", action="store_true", help="write only the JSON (the table goes to stdout)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        dtype = getattr(torch, args.dtype)
+        print(json.dumps(child_cpu(args.child, args.n[0], args.h, args.v, dtype, args.reps)))
+        return 0
+
+    if args.device == "cuda":
+        ns, h, v, dtype = [4096, 8192, 16384, 32768], 4096, 128256, "bfloat16"
+        if args.quick:
+            ns, h, v = [1024], 512, 8192
+    else:
+        ns, h, v, dtype = [8192], 1024, 32000, "float32"
+        if args.quick:
+            ns, h, v = [256], 64, 1000
+    ns, h, v = args.n or ns, args.h or h, args.v or v
+    dtype = getattr(torch, args.dtype or dtype)
+    methods = [m for m in args.methods if not (args.device == "cpu" and m == "liger")]
+    peak = gpu_peak_flops() if args.device == "cuda" else None
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    meta = {"device": device_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "peak_flops": peak, "note": "6NHV flop per forward+backward; extra memory includes the gradients"}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"bench_cross_entropy_{args.device}{'_quick' if args.quick else ''}"
+    rows = []
+    for n in ns:
+        for name in methods:
+            run = run_cuda if args.device == "cuda" else run_cpu
+            result = run(name, n, h, v, dtype, args.reps)
+            result.update(n=n, h=h, v=v, dtype=str(dtype).replace("torch.", ""))
+            if result["status"] == "ok":
+                flops = 6 * n * h * v  # fwd logits + bwd d_hidden + bwd d_weight
+                result["tflops"] = flops / result["time_s"] / 1e12
+                if peak:
+                    result["fraction_of_peak"] = flops / result["time_s"] / peak
+            rows.append(result)
+            print(json.dumps(result), flush=True)
+            table = write_reports(stem, meta, rows, h, v, dtype, not args.no_md)  # after every row: a timeout keeps what ran
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Generation speed: hfdist.generation.generate against Hugging Face ``model.generate`` in the same process.
+
+Same model, same prompts (32-token windows of the embedded Austen corpus, or random ids for a model
+without a tokenizer), same settings, exactly ``--new-tokens`` new tokens per row (EOS disabled on both
+sides), for greedy and the paper's top-p (p 0.9, temperature 0.7, top-k 50) at each batch size. Every
+configuration runs ``--repeats`` times after one short warm-up; tokens/s = rows x new tokens / wall time
+(prefill included), median over repeats. Greedy outputs are also compared token for token.
+
+Also measured: the citation blocker's cost per decoding step (greedy with and without a blocker built over
+``--blocker-rows`` x 256 training ids, and ``CitationBlocker.block_`` alone), and on a GPU with
+``--compile`` hfdist with the static cache + torch.compile (CUDA graphs) and HF with its static cache.
+
+Usage:
+  python benchmarks/bench_generate.py --model smollm2-135m --out benchmarks/results          # the real numbers
+  python benchmarks/bench_generate.py --quick                                               # a 30 s check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hfdist.generation import CitationBlocker, generate  # noqa: E402
+
+TOP_P = {"top_p": 0.9, "temperature": 0.7, "top_k": 50}
+
+
+def machine_info(device: torch.device) -> dict:
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
+    return info
+
+
+def load(model_name: str, device: torch.device, dtype: torch.dtype):
+    """The model and, if it has one, its tokenizer. ``tiny`` is a random 2-layer Llama (no tokenizer)."""
+    if model_name == "tiny":
+        from hfdist.testing import tiny_llama
+
+        return tiny_llama(vocab_size=4096, hidden_size=128, num_layers=2).to(device, dtype), None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfdist.models import resolve_model_path
+
+    path = resolve_model_path(model_name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def make_prompts(tokenizer, vocab: int, rows: int, length: int) -> torch.Tensor:
+    if tokenizer is not None:
+        import gzip
+
+        from hfdist.data import EMBEDDED
+
+        ids: list[int] = []
+        with gzip.open(EMBEDDED["austen"], "rt") as f:
+            for line in f:
+                ids.extend(tokenizer(json.loads(line)["text"][:20000], add_special_tokens=False)["input_ids"])
+                if len(ids) >= rows * length * 4:
+                    break
+        windows = [ids[i * length * 4: i * length * 4 + length] for i in range(rows)]
+        return torch.tensor(windows, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab, (rows, length), generator=g)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> tuple[list[float], torch.Tensor]:
+    times, out = [], None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
+def hf_generate(model, ids, new_tokens: int, strategy: str, pad: int, static: bool = False):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=0, do_sample=strategy != "greedy",
+                              eos_token_id=None, pad_token_id=pad, **(TOP_P if strategy != "greedy" else {}))
+    if static:
+        config.cache_implementation = "static"
+    return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+
+
+def ours_generate(model, ids, new_tokens: int, strategy: str, pad: int, **kwargs):
+    extra = dict(TOP_P, seed=0) if strategy != "greedy" else {}
+    return generate(model, ids, max_new_tokens=new_tokens, strategy="sample" if strategy != "greedy" else "greedy",
+                    pad_token_id=pad, **extra, **kwargs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="model folder/hub id/alias, or 'tiny'")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--new-tokens", type=int, default=224)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--strategies", default="greedy,top-p")
+    parser.add_argument("--blocker-rows", type=int, default=2000, help="training rows (x 256) for the blocker")
+    parser.add_argument("--compile", action="store_true", help="also hfdist static+compile and HF static cache")
+    parser.add_argument("--quick", action="store_true", help="tiny model, short runs: checks the script works")
+    parser.add_argument("--out", default=None, help="folder for generate_<device>.json/.md (default: print only)")
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.batch_sizes, args.new_tokens, args.repeats, args.blocker_rows = "tiny", "1,4", 24, 1, 200
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model, tokenizer = load(args.model, device, dtype)
+    vocab = model.config.vocab_size
+    pad = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None
+           else model.config.pad_token_id if model.config.pad_token_id is not None else 0)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    prompts = make_prompts(tokenizer, vocab, max(batch_sizes), args.prompt_len).to(device)
+    rng = np.random.default_rng(0)
+    blocker = CitationBlocker(rng.integers(3, vocab, size=(args.blocker_rows, 256)), n=5)
+
+    impls = {"hf": lambda ids, s: hf_generate(model, ids, args.new_tokens, s, pad),
+             "hfdist": lambda ids, s: ours_generate(model, ids, args.new_tokens, s, pad)}
+    if args.compile:
+        impls["hf_static"] = lambda ids, s: hf_generate(model, ids, args.new_tokens, s, pad, static=True)
+        impls["hfdist_static_compile"] = lambda ids, s: ours_generate(model, ids, args.new_tokens, s, pad,
+                                                                      cache="static", compile=True)
+    results = []
+    for strategy in args.strategies.split(","):
+        for batch in batch_sizes:
+            ids = prompts[:batch]
+            outputs = {}
+            for name, fn in impls.items():
+                fn(ids[:, :8], strategy)  # warm-up (and compilation, for the compiled variants)
+                times, out = timed(lambda: fn(ids, strategy), device, args.repeats)
+                outputs[name] = out
+                new = out.shape[1] - ids.shape[1]
+                row = {"impl": name, "strategy": strategy, "batch": batch, "new_tokens": new,
+                       "seconds_median": statistics.median(times), "seconds": times,
+                       "tokens_per_s": batch * new / statistics.median(times)}
+                results.append(row)
+                print(f"{strategy:6s} batch {batch:3d} {name:22s} {row['tokens_per_s']:10.1f} tokens/s", flush=True)
+            if strategy == "greedy":
+                for name in outputs:
+                    if name != "hf":
+                        same = torch.equal(outputs[name], outputs["hf"])
+                        results.append({"impl": name, "strategy": "greedy", "batch": batch,
+                                        "equals_hf_greedy": same})
+                        print(f"greedy batch {batch:3d} {name} output equals HF: {same}")
+
+    # The blocker: a whole greedy run with and without it, and block_ alone on [B, V] logits.
+    batch = max(batch_sizes)
+    ids = prompts[:batch]
+    run_plain = lambda: ours_generate(model, ids, args.new_tokens, "greedy", pad)  # noqa: E731
+    run_blocked = lambda: ours_generate(model, ids, args.new_tokens, "greedy", pad, blocker=blocker)  # noqa: E731
+    run_blocked()  # warm-up: moves the index to the device
+    plain, blocked = [], []
+    for _ in range(args.repeats):  # interleaved, and the minimum is used: the machine may be shared
+        plain += timed(run_plain, device, 1)[0]
+        blocked += timed(run_blocked, device, 1)[0]
+    logits = torch.randn(batch, vocab, device=device)
+    grams = torch.from_numpy(rng.integers(3, vocab, size=(batch, 5))).to(device)
+    grams[: batch // 2] = torch.from_numpy(blocker._host["grams"][: batch // 2]).to(device)  # half are hits
+    blocker.block_(logits, grams)
+    iters = 200
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        blocker.block_(logits, grams)
+    sync(device)
+    per_call = (time.perf_counter() - start) / iters
+    blocker_row = {"batch": batch, "training_ngrams": blocker.num_ngrams, "table_size": blocker.table_size,
+                   "max_probe": blocker.max_probe, "max_next": blocker.max_next,
+                   "greedy_seconds": min(plain), "greedy_blocker_seconds": min(blocked),
+                   "overhead_ms_per_step": 1000 * (min(blocked) - min(plain)) / args.new_tokens,
+                   "block_call_ms": 1000 * per_call}
+    print(f"blocker: {blocker.num_ngrams} n-grams; block_ {1000 * per_call:.3f} ms/call; greedy batch {batch} "
+          f"{min(plain):.2f} s -> {min(blocked):.2f} s with the blocker "
+          f"({blocker_row['overhead_ms_per_step']:.3f} ms/step)")
+
+    report = {"model": args.model, "dtype": str(dtype), "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "machine": machine_info(device),
+              "results": results, "blocker": blocker_row}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        slug = "gpu" if device.type == "cuda" else "cpu"
+        (out / f"generate_{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"generate_{slug}.md").write_text(markdown(report))
+        print(f"wrote {out}/generate_{slug}.json and .md")
+    return 0
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# Generation speed: {report['model']} ({report['dtype']}), {m['device']}",
+             "", f"torch {m['torch']}, transformers {m['transformers']}, {m['torch_threads']} threads; "
+             f"prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens, median of "
+             f"{report['repeats']}.", "",
+             "| Strategy | Batch | Implementation | Tokens/s | vs HF generate |", "|---|---|---|---|---|"]
+    speed = {(r["strategy"], r["batch"], r["impl"]): r["tokens_per_s"] for r in report["results"]
+             if "tokens_per_s" in r}
+    for (strategy, batch, impl), tps in speed.items():
+        base = speed.get((strategy, batch, "hf"))
+        lines.append(f"| {strategy} | {batch} | {impl} | {tps:.1f} | {tps / base:.2f}x |" if base else
+                     f"| {strategy} | {batch} | {impl} | {tps:.1f} | - |")
+    checks = [r for r in report["results"] if "equals_hf_greedy" in r]
+    if checks:
+        lines += ["", "Greedy output equal to HF generate: " + ", ".join(
+            f"{r['impl']} batch {r['batch']}: {'yes' if r['equals_hf_greedy'] else 'NO'}" for r in checks)]
+    b = report["blocker"]
+    lines += ["", f"Citation blocker over {b['training_ngrams']} training 5-grams (table {b['table_size']} slots, "
+              f"longest probe {b['max_probe']}): `block_` {b['block_call_ms']:.3f} ms per step for batch "
+              f"{b['batch']}; greedy run (best of {report['repeats']}) {b['greedy_seconds']:.2f} s without, {b['greedy_blocker_seconds']:.2f} s "
+              f"with ({b['overhead_ms_per_step']:.3f} ms per step)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

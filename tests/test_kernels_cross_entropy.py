@@ -1,0 +1,287 @@
+"""hfdist.kernels cross-entropy ops against an fp64 reference, on both backends.
+
+On CPU the Triton backend runs in the interpreter (TRITON_INTERPRET=1, set by conftest) with small
+shapes; on CUDA the same tests run the compiled kernels with larger shapes.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hfdist.kernels import (CrossEntropyLoss, FusedLinearCrossEntropyLoss, cross_entropy,
+                            fused_linear_cross_entropy)
+from hfdist.kernels.utils import interpreter_enabled
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# Odd sizes on CPU (interpreter); on CUDA a size that needs several blocks per row and several chunks.
+N, H, V = (37, 96, 1031) if not CUDA else (515, 256, 9001)
+CHUNK = 16 if not CUDA else 128
+BACKENDS = ["torch", "triton"]
+
+
+def _skip_unless_runnable(backend):
+    if backend == "triton" and not CUDA and not interpreter_enabled():
+        pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+
+
+def reference(hidden, weight, labels, bias=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+              z_loss=0.0, softcap=None):
+    """The documented definition, literally, in fp64 on the given values; returns (loss, entropy)."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    z = softcap * torch.tanh(logits / softcap) if softcap else logits
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0)
+    lse = torch.logsumexp(z, dim=-1)
+    loss = (1 - label_smoothing) * (lse - z.gather(-1, target[:, None]).squeeze(-1))
+    loss = loss + label_smoothing * (lse - z.mean(-1)) + z_loss * lse**2
+    loss = torch.where(valid, loss, 0.0)
+    entropy = torch.where(valid, torch.distributions.Categorical(logits=z.detach()).entropy(), 0.0)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.sum() / valid.sum().clamp_min(1)
+    return loss, entropy
+
+
+def _inputs(dtype, seed=0, n=N, h=H, v=V, ignore_every=5):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / math.sqrt(h) * 2.0
+    bias = torch.randn(v, generator=gen) * 0.5
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[::ignore_every] = -100
+    return [t.to(DEVICE, dtype) for t in (hidden, weight, bias)] + [labels.to(DEVICE)]
+
+
+def _grads(fn, hidden, weight, bias, labels, grad_out_seed=1, **kw):
+    """Run fn on leaf copies; backward with a fixed upstream gradient; return loss, entropy, grads."""
+    h, w, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
+    loss, entropy = fn(h, w, labels, b if kw.pop("use_bias", True) else None, **kw)
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(loss.device)
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    return loss.detach(), entropy.detach(), h.grad, w.grad, b.grad
+
+
+def _ours(backend, chunk):
+    def fn(h, w, labels, b, **kw):
+        return fused_linear_cross_entropy(h, w, labels, bias=b, return_entropy=True, backend=backend,
+                                          chunk_size=chunk, **kw)
+    return fn
+
+
+def _ref(h, w, labels, b, **kw):
+    return reference(h, w, labels, b, **kw)
+
+
+def _rel(a, b):
+    """Relative error in the Frobenius norm (fp64)."""
+    if b is None:
+        return 0.0
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+CASES = [
+    dict(reduction="mean"),
+    dict(reduction="sum", label_smoothing=0.1),
+    dict(reduction="none", z_loss=1e-3, softcap=3.0),
+    dict(reduction="mean", label_smoothing=0.2, z_loss=1e-2, softcap=5.0),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_fused_fp32_matches_reference(backend, case):
+    _skip_unless_runnable(backend)
+    kw = dict(CASES[case])
+    use_bias = case % 2 == 1
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=case)
+    ours = _grads(_ours(backend, CHUNK), hidden, weight, bias, labels, use_bias=use_bias, **kw)
+    ref = _grads(_ref, hidden, weight, bias, labels, use_bias=use_bias, **kw)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(ours[1].double(), ref[1], rtol=1e-4, atol=2e-5)  # entropy
+    for got, want in zip(ours[2:4], ref[2:4]):
+        assert _rel(got, want) < 2e-5
+    if use_bias:
+        assert _rel(ours[4], ref[4]) < 2e-5
+    else:
+        assert ours[4] is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [0, 3])
+def test_fused_bf16_no_worse_than_torch_bf16(backend, case):
+    """bf16 inputs: our error vs the fp64 reference <= torch's own bf16 error + 2e-3 (relative norm)."""
+    _skip_unless_runnable(backend)
+    kw = dict(CASES[case])
+    hidden, weight, bias, labels = _inputs(torch.bfloat16, seed=10 + case)
+
+    def torch_bf16(h, w, labels, b, **kw):  # what a bf16 model does: bf16 logits, F.cross_entropy in bf16
+        logits = F.linear(h, w, b)
+        cap = kw.get("softcap")
+        z = cap * torch.tanh(logits / cap) if cap else logits
+        loss = F.cross_entropy(z, labels, reduction=kw["reduction"], label_smoothing=kw.get("label_smoothing", 0.0))
+        if kw.get("z_loss"):
+            valid = labels != -100
+            zl = kw["z_loss"] * torch.logsumexp(z, -1).square() * valid
+            loss = loss + (zl.sum() / valid.sum() if kw["reduction"] == "mean" else zl.sum())
+        return loss, torch.distributions.Categorical(logits=z.float()).entropy()
+
+    ours = _grads(_ours(backend, CHUNK), hidden, weight, bias, labels, **kw)
+    theirs = _grads(torch_bf16, hidden, weight, bias, labels, **kw)
+    ref = _grads(_ref, hidden, weight, bias, labels, **kw)
+    assert ours[0].dtype == torch.float32  # the loss is never rounded to bf16
+    for i, name in [(0, "loss"), (2, "d_hidden"), (3, "d_weight"), (4, "d_bias")]:
+        assert _rel(ours[i], ref[i]) <= _rel(theirs[i], ref[i]) + 2e-3, name
+    assert ours[2].dtype == torch.bfloat16 and ours[3].dtype == torch.bfloat16
+    # Entropy: bf16 logits carry ~2^-9 relative rounding, so compare with torch's entropy of its bf16 logits.
+    valid = labels != -100
+    ours_err = (ours[1].double() - ref[1]).abs().max().item()
+    theirs_err = (theirs[1].double() - ref[1])[valid].abs().max().item()
+    assert ours_err <= theirs_err + 1e-3, (ours_err, theirs_err)
+
+
+def test_weight_gradient_accumulates_in_fp32():
+    """Many chunks in bf16: d_weight is the fp32 sum rounded once, far closer than a bf16 running sum."""
+    n, h, v, chunk = 512, 32, 64, 8  # 64 chunks
+    hidden, weight, bias, labels = _inputs(torch.bfloat16, seed=3, n=n, h=h, v=v, ignore_every=1000)
+    labels = labels.clamp_min(0)  # no ignored token
+    w = weight.detach().clone().requires_grad_()
+    fused_linear_cross_entropy(hidden, w, labels, reduction="sum", backend="torch", chunk_size=chunk).backward()
+    w_ref = weight.double().requires_grad_()
+    reference(hidden, w_ref, labels, reduction="sum")[0].backward()
+    ref = w_ref.grad
+    # The same chunk products, summed in bf16 as Liger does (one rounding per chunk).
+    logits = (hidden @ weight.T).float()
+    d_logits = (torch.softmax(logits, -1) - F.one_hot(labels, v).float()).to(torch.bfloat16)
+    bf16_sum = torch.zeros(v, h, dtype=torch.bfloat16, device=DEVICE)
+    for s in range(0, n, chunk):
+        bf16_sum += (d_logits[s:s + chunk].float().T @ hidden[s:s + chunk].float()).to(torch.bfloat16)
+    ours_err, bf16_err = _rel(w.grad, ref), _rel(bf16_sum, ref)
+    assert ours_err < 0.5 * bf16_err, (ours_err, bf16_err)
+    assert ours_err < 4e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_on_logits(backend, reduction):
+    _skip_unless_runnable(backend)
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=7)
+    logits = (hidden @ weight.T).detach()
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    x = logits.clone().requires_grad_()
+    loss, entropy = cross_entropy(x, labels, return_entropy=True, backend=backend, **kw)
+    upstream = torch.linspace(-1, 1, loss.numel(), device=DEVICE).view(loss.shape)
+    (loss * upstream).sum().backward()
+    # Reference on logits directly: identity hidden, the logits as the "weight".
+    x_ref = logits.double().clone().requires_grad_()
+    ref_loss, ref_entropy = reference(torch.eye(N, device=DEVICE, dtype=torch.float64), x_ref.T, labels, **kw)
+    (ref_loss * upstream.double()).sum().backward()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=2e-5)
+    assert _rel(x.grad, x_ref.grad) < 2e-5
+    assert torch.equal(logits, x.detach())  # not modified in place
+
+
+def test_reference_is_torch_cross_entropy():
+    """Anchor the definition: label smoothing and ignore_index exactly as F.cross_entropy."""
+    hidden, weight, bias, labels = _inputs(torch.float64, seed=5)
+    for reduction in ["mean", "sum", "none"]:
+        ours, _ = reference(hidden, weight, labels, bias, reduction=reduction, label_smoothing=0.3)
+        theirs = F.cross_entropy(F.linear(hidden, weight, bias), labels, reduction=reduction, label_smoothing=0.3)
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_not_nan(backend, reduction):
+    _skip_unless_runnable(backend)
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=2, n=9)
+    labels = torch.full_like(labels, -100)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    loss, entropy = fused_linear_cross_entropy(h, w, labels, bias=b, reduction=reduction, return_entropy=True,
+                                               backend=backend, label_smoothing=0.1, z_loss=1e-3)
+    loss.sum().backward()
+    for t in (loss, entropy, h.grad, w.grad, b.grad):
+        assert torch.count_nonzero(t) == 0 and not torch.isnan(t).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_label_is_flagged_nan(backend):
+    _skip_unless_runnable(backend)
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=4, n=6)
+    labels = labels.clone()
+    labels[1], labels[2] = V, -5
+    loss = fused_linear_cross_entropy(hidden, weight, labels, reduction="none", backend=backend)
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    assert not torch.isnan(loss[3:]).any() and not torch.isnan(loss[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_modules_and_no_grad(backend):
+    _skip_unless_runnable(backend)
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=6, n=12)
+    h3, y2 = hidden.view(3, 4, H), labels.view(3, 4)
+    loss, entropy = FusedLinearCrossEntropyLoss(reduction="none", return_entropy=True, backend=backend)(h3, weight, y2)
+    assert loss.shape == (3, 4) and entropy.shape == (3, 4)
+    ref, ref_entropy = reference(hidden, weight, labels, reduction="none")
+    torch.testing.assert_close(loss.view(-1).double(), ref, rtol=2e-5, atol=2e-5)
+    logits = hidden @ weight.T
+    torch.testing.assert_close(CrossEntropyLoss(backend=backend)(logits.view(3, 4, V), y2),
+                               F.cross_entropy(logits, labels), rtol=2e-5, atol=2e-5)
+    with torch.no_grad():  # no gradient wanted: the forward computes none
+        fused = fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
+    torch.testing.assert_close(fused, F.cross_entropy(logits, labels), rtol=2e-5, atol=2e-5)
+
+
+def test_backward_twice_raises_and_bad_options():
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=8, n=5)
+    w = weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(hidden, w, labels, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(hidden, weight, labels, reduction="avg")
+    with pytest.raises(ValueError, match="backend"):
+        fused_linear_cross_entropy(hidden, weight, labels, backend="cuda")
+    with pytest.raises(ValueError, match="dtype"):
+        fused_linear_cross_entropy(hidden.double(), weight, labels)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU error message")
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hidden, weight, bias, labels = _inputs(torch.float32, seed=8, n=5)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        fused_linear_cross_entropy(hidden, weight, labels, backend="triton")
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA only: host syncs and device memory")
+def test_cuda_no_host_sync_and_bounded_memory():
+    n, h, v, chunk = 4096, 1024, 32000, 512
+    hidden, weight, bias, labels = _inputs(torch.bfloat16, seed=9, n=n, h=h, v=v)
+    w = weight.clone().requires_grad_()
+    x = hidden.clone().requires_grad_()
+    fused_linear_cross_entropy(x, w, labels, chunk_size=chunk).backward()  # warm-up: compile, one-time probe
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, entropy = fused_linear_cross_entropy(x, w, labels, chunk_size=chunk, reduction="sum",
+                                                   return_entropy=True)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    bound = v * h * 4 + 2 * n * h * 2 + chunk * v * 2 + (16 << 20)  # fp32 d_weight, d_hidden, one chunk
+    assert extra < bound, (extra, bound)
+    assert extra < n * v * 2  # less than the bf16 logits alone

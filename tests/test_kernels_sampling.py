@@ -1,0 +1,195 @@
+"""hfdist.kernels.sample on both backends against the sort-based reference (kernels/sampling.py).
+
+All draws use fixed seeds, so every statistical check below is deterministic: its threshold is chosen
+so that a correct sampler fails with probability < 1e-4 for a fresh choice of seeds.
+"""
+import math
+
+import pytest
+import torch
+
+from hfdist.kernels import Sampler, sample, sampling_seeds
+from hfdist.kernels.sampling import MASS_BITS, kept_mask_torch
+from hfdist.kernels.utils import interpreter_enabled
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+BACKENDS = ["torch", "triton"]
+# The interpreter runs one Python loop per row and pass (~20 ms per draw): few draws there.
+DRAWS = {"torch": 20000, "triton": 20000 if CUDA else 400}
+REPEATS = {"torch": 64, "triton": 64 if CUDA else 8}
+# Chi-square critical values at alpha = 1e-4 by degrees of freedom.
+CHI2_CRIT = {1: 15.14, 2: 18.42, 3: 21.11, 4: 23.51, 5: 25.74, 6: 27.86, 7: 29.88, 8: 31.83, 9: 33.72}
+
+
+def _skip_unless_runnable(backend):
+    if backend == "triton" and not CUDA and not interpreter_enabled():
+        pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
+
+
+def _tie_logits():
+    """Rows whose top-p / top-k boundaries fall inside groups of equal logits."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(4, 40, generator=gen) - 3.0
+    rows[0, [3, 9, 17, 30, 31]] = 2.0      # five equal leaders: p=0.5 needs exactly 3 of them (lowest index)
+    rows[1, [5, 6]] = 4.0                  # a pair at the top, then a tie group of three at the boundary
+    rows[1, [1, 20, 33]] = 3.0
+    rows[2, :] = 0.0                       # uniform: every cut is a tie
+    rows[3, [0, 39]] = float("-inf")       # masked tokens never drawn
+    return rows.to(DEVICE)
+
+
+CONFIGS = [
+    dict(top_p=0.5),
+    dict(top_p=0.9, temperature=0.7),
+    dict(top_k=3),
+    dict(top_k=4, top_p=0.6),
+    dict(min_p=0.3),
+    dict(top_k=10, top_p=0.8, min_p=0.05, temperature=1.3),
+]
+
+
+def test_reference_keeps_lowest_index_ties_only():
+    """The reference's boundary: the shortest prefix (ties by lower index) whose mass reaches p."""
+    logits = _tie_logits().cpu()
+    keep, _ = kept_mask_torch(logits, top_p=0.5)
+    assert keep[0].nonzero().flatten().tolist() == [3, 9, 17]  # 3/5 of the leaders' mass >= 0.5 > 2/5
+    keep, _ = kept_mask_torch(logits, top_p=0.25)
+    assert keep[2].nonzero().flatten().tolist() == list(range(10))  # 0.25 * 40 tokens of a uniform row
+    keep, _ = kept_mask_torch(logits, top_k=3)
+    assert keep[1].nonzero().flatten().tolist() == [1, 5, 6, 20, 33]  # top-k keeps ties at the k-th value
+    keep, _ = kept_mask_torch(logits, top_p=0.0)
+    assert keep.sum(1).tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_is_first_argmax(backend, dtype):
+    _skip_unless_runnable(backend)
+    logits = _tie_logits().to(dtype)
+    first_max = torch.stack([(row == row.max()).nonzero()[0, 0] for row in logits.float()])
+    assert torch.equal(sample(logits, temperature=0.0, backend=backend), first_max)
+    assert torch.equal(sample(logits, top_k=1, temperature=0.8, seed=3, backend=backend), first_max)
+    per_row = torch.tensor([0.0, 1.0, 0.0, 1.0], device=DEVICE)
+    tokens = sample(logits, temperature=per_row, top_k=torch.tensor([0, 1, 0, 1], device=DEVICE), seed=1,
+                    backend=backend)
+    assert torch.equal(tokens, first_max)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+def test_samples_lie_in_reference_kept_set(backend, config):
+    _skip_unless_runnable(backend)
+    kw = CONFIGS[config]
+    logits = _tie_logits()
+    repeats = REPEATS[backend]
+    batch = logits.repeat_interleave(repeats, dim=0)
+    tokens = sample(batch, seed=torch.arange(batch.shape[0], device=DEVICE) + 1000 * config, backend=backend, **kw)
+    keep, _ = kept_mask_torch(batch, **kw)
+    assert keep[torch.arange(batch.shape[0], device=DEVICE), tokens].all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", [0, 3, 5] if CUDA or not interpreter_enabled() else [3])
+def test_frequencies_match_reference(backend, config):
+    """Chi-square of the token counts against the reference's renormalised kept probabilities."""
+    _skip_unless_runnable(backend)
+    kw = CONFIGS[config]
+    gen = torch.Generator().manual_seed(1)
+    row = torch.randn(1, 10, generator=gen)
+    row[0, [2, 5, 7]] = 1.0  # a tie group at the boundary of top_k=4 / top_p=0.6
+    row[0, 0] = 1.6
+    row = row.to(DEVICE)
+    draws = DRAWS[backend]
+    tokens = sample(row.expand(draws, -1), seed=torch.arange(draws, device=DEVICE), backend=backend, **kw)
+    keep, q = kept_mask_torch(row, **kw)
+    expected = (q * keep)[0].double()
+    expected = expected / expected.sum()
+    counts = torch.bincount(tokens, minlength=row.shape[1]).double()
+    assert counts[~keep[0]].sum() == 0
+    kept = keep[0] & (expected > 0)
+    chi2 = (((counts - draws * expected)[kept]) ** 2 / (draws * expected[kept])).sum().item()
+    df = int(kept.sum()) - 1
+    assert df >= 2 and chi2 < CHI2_CRIT[df], (chi2, counts.tolist(), (draws * expected).tolist())
+
+
+def test_triton_and_reference_draw_the_same_tokens_without_top_p():
+    """Same random numbers, same integer masses: identical tokens (top-p, the rejection path, aside)."""
+    _skip_unless_runnable("triton")
+    gen = torch.Generator().manual_seed(2)
+    batch = 48
+    logits = (torch.randn(batch, 300, generator=gen) * 2).to(DEVICE)
+    logits[::7, :50] = float("-inf")
+    options = dict(temperature=(torch.rand(batch, generator=gen) * 1.5).to(DEVICE),
+                   top_k=torch.randint(0, 20, (batch,), generator=gen).to(DEVICE),
+                   min_p=(torch.rand(batch, generator=gen) * 0.2).to(DEVICE))
+    seeds = torch.randint(-2**62, 2**62, (batch,), generator=gen).to(DEVICE)
+    for dtype in [torch.float32, torch.bfloat16]:
+        x = logits.to(dtype)
+        assert torch.equal(sample(x, seed=seeds, backend="triton", **options),
+                           sample(x, seed=seeds, backend="torch", **options))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_invariance(backend):
+    _skip_unless_runnable(backend)
+    gen = torch.Generator().manual_seed(3)
+    rows = (torch.randn(6, 500, generator=gen) * 3).to(DEVICE)
+    kw = dict(top_p=0.9, top_k=50, temperature=0.8)
+    seeds = torch.tensor([11, 22, 33, 44, 55, 66], device=DEVICE)
+    alone = torch.stack([sample(rows[i:i + 1], seed=seeds[i:i + 1], backend=backend, **kw)[0] for i in range(6)])
+    perm = torch.tensor([4, 0, 5, 2, 1, 3], device=DEVICE)
+    together = sample(rows[perm], seed=seeds[perm], backend=backend, **kw)
+    assert torch.equal(together, alone[perm])
+    padded = torch.cat([rows, torch.zeros(3, 500, device=DEVICE)])
+    mixed = sample(padded, seed=torch.cat([seeds, seeds[:3]]), backend=backend, **kw)
+    assert torch.equal(mixed[:6], alone)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_invalid_rows_raise_or_flag(backend):
+    _skip_unless_runnable(backend)
+    logits = torch.randn(5, 64, device=DEVICE)
+    logits[1, 7] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, 2] = float("inf")
+    logits[0, :60] = float("-inf")  # partly masked: still valid
+    with pytest.raises(ValueError, match=r"row\(s\) 1, 3, 4 "):
+        sample(logits, seed=0, backend=backend)
+    with pytest.raises(ValueError, match=r"row\(s\) 1, 3, 4 "):
+        sample(logits, temperature=0.0, backend=backend)
+    tokens = sample(logits, seed=0, backend=backend, on_invalid="flag", top_p=0.9)
+    assert tokens[[1, 3, 4]].tolist() == [-1, -1, -1]
+    assert 60 <= tokens[0] < 64 and 0 <= tokens[2] < 64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeds_generators_and_module(backend):
+    _skip_unless_runnable(backend)
+    logits = torch.randn(4, 128, device=DEVICE)
+    same = [sample(logits, seed=5, backend=backend, top_p=0.95) for _ in range(2)]
+    assert torch.equal(*same)
+    assert torch.equal(sample(logits, seed=5, backend=backend),
+                       sample(logits, seed=torch.full((4,), 5, device=DEVICE), backend=backend))
+    draws = [sample(logits, generator=torch.Generator(device=DEVICE).manual_seed(9), backend=backend)
+             for _ in range(2)]
+    assert torch.equal(*draws)
+    assert torch.equal(Sampler(top_p=0.95, backend=backend)(logits, seed=5), same[0])
+    many = sample(logits[:1].expand(64, -1), seed=sampling_seeds(1, 0, 64, DEVICE), backend=backend)
+    assert many.unique().numel() > 20  # per-row seeds give independent rows
+
+
+def test_option_validation_and_seed_helper():
+    logits = torch.randn(2, 10)
+    for bad in [dict(top_p=1.5), dict(temperature=-1.0), dict(top_k=-1), dict(min_p=2.0), dict(top_k=2.5)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sample(logits, **bad)
+    with pytest.raises(ValueError, match="not both"):
+        sample(logits, seed=1, generator=torch.Generator())
+    with pytest.raises(ValueError, match=r"\[B, V\]"):
+        sample(logits[0])
+    seeds = sampling_seeds(7, 3, 4)
+    assert seeds.dtype == torch.int64 and seeds.unique().numel() == 4
+    assert not torch.equal(seeds, sampling_seeds(7, 4, 4))
+    assert 2**MASS_BITS * 128256 < 2**53  # the integer masses stay exact in fp64
+    assert math.isfinite(float(sample(logits, temperature=1e-6, seed=0)[0]))

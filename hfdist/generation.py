@@ -294,6 +294,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
                           f"{tuple(input_ids.shape)}")
     if max_new_tokens == 0 or batch == 0:
         return input_ids.clone()
+    if check_every < 1:
+        raise HfdistError(f"check_every: must be >= 1, got {check_every}")
     if compile and cache != "static":
         raise HfdistError("compile=True needs cache='static' (fixed shapes for the compiled decode step)")
     forward = _ForwardAdapter(model, compile=compile)

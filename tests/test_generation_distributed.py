@@ -28,9 +28,12 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         # forward passes (sync_ranks), as a sharded model needs.
         ids, mask = left_pad(PROMPTS[rank::world], 0)
         free = generate(model, ids, mask, max_new_tokens=16)
-        eos = int(free[0, ids.shape[1] + 1 + 6 * rank])
+        eos = sorted(set(free[:, ids.shape[1] + 1 + 8 * rank].tolist()))  # rank 0 done at step 1, rank 1 at 9
+        calls = []
+        hook = model.register_forward_hook(lambda *args: calls.append(1))
         out = generate(model, ids, mask, max_new_tokens=16, eos_token_id=eos, sync_ranks=True, check_every=2)
-        queue.put((rank, gathered, continuation_ids(out, ids.shape[1], eos), eos))
+        hook.remove()
+        queue.put((rank, gathered, continuation_ids(out, ids.shape[1], eos), eos, len(calls)))
     finally:
         dist.destroy_process_group()
 
@@ -49,8 +52,16 @@ def test_data_parallel_generation_equals_one_process():
     model = tiny_llama(vocab_size=128, seed=0)
     expected = generate_batched(model, PROMPTS, batch_size=2, pad_token_id=0, max_new_tokens=12)
     assert results[0][0] == expected and results[1][0] == expected
+    alone_calls = []
     for rank in range(2):
         ids, mask = left_pad(PROMPTS[rank::2], 0)
         eos = results[rank][2]
-        alone = generate(model, ids, mask, max_new_tokens=16, eos_token_id=eos)
+        calls = []
+        hook = model.register_forward_hook(lambda *args: calls.append(1))
+        alone = generate(model, ids, mask, max_new_tokens=16, eos_token_id=eos, check_every=2)
+        hook.remove()
+        alone_calls.append(len(calls))
         assert results[rank][1] == continuation_ids(alone, ids.shape[1], eos)
+    # Alone, the ranks would stop after different numbers of forward passes; together both run the longer.
+    assert alone_calls[0] < alone_calls[1]
+    assert results[0][3] == results[1][3] == alone_calls[1]

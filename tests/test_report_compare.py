@@ -105,6 +105,13 @@ def test_generate_then_evaluate(run_dir, tmp_path, capsys):
     metrics = data["generations"][str(out)]
     assert metrics["num_generations"] == 2 and "self_bleu" in metrics and "overlap_share_over_10" in metrics
     assert data["heldout"]["num_tokens"] == 3 * 63
+    text = tmp_path / "heldout.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 3)
+    assert main(["evaluate", "--model", str(run_dir / "model"), "--heldout", str(text), "--seq-len", "16",
+                 "--out", str(report), "--device", "cpu"]) == 0
+    heldout = json.loads(report.read_text())["heldout"]
+    assert heldout["num_tokens"] % 15 == 0 and heldout["num_tokens"] >= 15 and heldout["entropy"] > 0
     capsys.readouterr()
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"continuation_ids": [1, 2]}\n{"prompt": "x"}\n')

@@ -16,7 +16,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                       "--model")
     parser.add_argument("--train-data", help="training token ids .npy [N, L] for the dataset overlap")
     parser.add_argument("--model", help="model folder or hub id for the held-out statistics")
-    parser.add_argument("--heldout", help="held-out token ids .npy [N, L] (default with --run: its validation ids)")
+    parser.add_argument("--heldout", help="held-out token ids .npy [N, L], or a .txt file (tokenized with the "
+                                          "model's tokenizer, cut into --seq-len windows); default with --run: "
+                                          "its validation ids")
+    parser.add_argument("--seq-len", type=int, default=256, help="window length for a .txt --heldout (default: 256)")
     parser.add_argument("--window", type=int, default=96, help="TTR window (default: 96)")
     parser.add_argument("--min-run", type=int, default=10, help="overlap threshold in tokens (default: 10)")
     parser.add_argument("--batch-size", type=int, default=8, help="held-out batch size (default: 8)")
@@ -60,11 +63,33 @@ def run(args) -> int:
         heldout_path = args.heldout or (run_dir / "data" / "validation_token_ids.npy" if run_dir else None)
         if heldout_path is None:
             raise HfdistError("--model: needs --heldout (token ids .npy) or --run")
-        ids = torch.from_numpy(load_token_array(heldout_path, "--heldout"))
-        model = load_model(model_config_for(args.model, None, args.dtype), resolve_device(args.device)).eval()
+        model_config = model_config_for(args.model, None, args.dtype)
+        if str(heldout_path).endswith(".txt"):
+            ids = text_windows(Path(heldout_path), model_config, args.seq_len)
+        else:
+            ids = torch.from_numpy(load_token_array(heldout_path, "--heldout"))
+        model = load_model(model_config, resolve_device(args.device)).eval()
         stats = heldout_stats(model, ids, batch_size=args.batch_size)
         report["heldout"] = {"model": args.model, "data": str(heldout_path), **stats}
         print(f"{args.model} on {heldout_path}: " + json.dumps(stats))
     atomic_write_json(Path(args.out), report)
     print(f"wrote {args.out}")
     return 0
+
+
+def text_windows(path: Path, model_config, seq_len: int):
+    """A text file's tokens cut into consecutive ``seq_len`` windows (the shorter tail dropped): [N, seq_len]."""
+    import torch
+
+    from hfdist.errors import HfdistError
+    from hfdist.models import load_tokenizer
+
+    if not path.is_file():
+        raise HfdistError(f"--heldout {str(path)!r}: no such file")
+    if seq_len < 2:
+        raise HfdistError(f"--seq-len: must be >= 2, got {seq_len}")
+    ids = load_tokenizer(model_config)(path.read_text(), add_special_tokens=False)["input_ids"]
+    count = len(ids) // seq_len
+    if count == 0:
+        raise HfdistError(f"--heldout {str(path)!r}: {len(ids)} tokens, fewer than one --seq-len window of {seq_len}")
+    return torch.tensor(ids[:count * seq_len], dtype=torch.long).view(count, seq_len)

@@ -65,12 +65,14 @@ class FSDPBackend(Backend):
         # Make the HyperfitModel the FSDP root now: evaluation calls the inner Hugging Face model directly,
         # and FSDP2 would otherwise take the first decoder layer it runs as the root.
         model._get_fsdp_state()._lazy_init()
+        model.lm.register_forward_pre_hook(self._gather_root, with_kwargs=True)
         self.model = model
         self.optimizer = optimizer_factory(model)
         self.scheduler = scheduler_factory(self.optimizer)
-        local = sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor))
+        self.params_per_rank = sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor))
         logger.info("fsdp: %d ranks (mesh %s), %.3f B parameters per rank, built in %.1f s", self.world_size,
-                    dict(zip(self.mesh.mesh_dim_names, self.mesh.shape)), local / 1e9, time.perf_counter() - started)
+                    dict(zip(self.mesh.mesh_dim_names, self.mesh.shape)), self.params_per_rank / 1e9,
+                    time.perf_counter() - started)
 
     def _fill_weights(self, model: nn.Module) -> None:
         mcfg = self.config.model
@@ -156,7 +158,7 @@ class FSDPBackend(Backend):
         if self.is_main:
             torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
             (folder / "topology.json").write_text(json.dumps(
-                {"backend": self.name, "world_size": self.world_size,
+                {"backend": self.name, "world_size": self.world_size, "params_per_rank0": self.params_per_rank,
                  "mesh": dict(zip(self.mesh.mesh_dim_names, self.mesh.shape))}) + "\n")
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -175,14 +177,21 @@ class FSDPBackend(Backend):
         state = get_model_state_dict(self.model, options=options)  # gathered on rank 0 only
         if not self.is_main:
             return {}
-        return {k[len(loading.PREFIX):]: v for k, v in state.items() if k.startswith(loading.PREFIX)}
+        lm = self.model.lm
+        # A tied weight is listed under both names; keep the first, as the model's own state_dict saving does.
+        duplicates = set(dict(lm.named_parameters(remove_duplicate=False))) - set(dict(lm.named_parameters()))
+        return {k[len(loading.PREFIX):]: v for k, v in state.items()
+                if k.startswith(loading.PREFIX) and k[len(loading.PREFIX):] not in duplicates}
 
-    def unwrapped_lm(self) -> nn.Module:
-        # Calling the inner model bypasses the root's hooks: gather the root's own parameters (final norm,
-        # LM head) here; the decoder layers gather themselves. The next backward or save reshards them.
+    def _gather_root(self, module: nn.Module, args, kwargs) -> None:
+        # Calling the inner model (evaluation, generation: all ranks together) bypasses the root's hooks:
+        # gather the root's own parameters (final norm, LM head) first; the decoder layers gather
+        # themselves. The next backward or checkpoint reshards them.
         if not self._root_gathered:
             self.model.unshard()
             self._root_gathered = True
+
+    def unwrapped_lm(self) -> nn.Module:
         return self.model.lm
 
     def close(self) -> None:

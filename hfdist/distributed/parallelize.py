@@ -85,4 +85,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool = Fa
 
 def enable_activation_checkpointing(lm: nn.Module) -> None:
     """Recompute each decoder layer in backward (Hugging Face's own switch, as the single backend uses)."""
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5.24 renamed the switch; 5.17 (the GPU machine) only has the old name.
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,245 @@
+"""The DeepSpeed ZeRO-3 backend: ``deepspeed.initialize`` over a model partitioned while it loads.
+
+The DeepSpeed JSON (``distributed.deepspeed_config``, examples in configs/deepspeed/) sets ZeRO-3's
+buckets, bf16 and offload; hfdist fills in what follows from its own config so the two never disagree:
+the batch split (micro-batch, accumulation, global batch), gradient clipping, bf16 when
+``distributed.mixed_precision``, CPU offload of optimizer and parameters when ``distributed.cpu_offload``,
+and ``stage3_gather_16bit_weights_on_model_save`` (without it ZeRO-3 weights export empty).
+
+Loading: a ``HfDeepSpeedConfig`` kept alive on the backend tells transformers that ZeRO-3 is on, so
+``from_pretrained`` builds the model inside ``deepspeed.zero.Init`` (each parameter partitioned as it is
+created) and copies the checkpoint in one gathered parameter at a time; no rank holds the whole model.
+The HyperfitModel hands ``lm_head.weight`` to the fused loss without calling the head's forward, so the
+weight is registered as an external parameter of the root, which gathers it for its own forward.
+
+Gradients: ZeRO averages over the data-parallel ranks and (by default) divides by the accumulation
+steps; ``backward`` turns the latter off and multiplies by the data-parallel size, so the gradient is
+that of the global mean (see base.py). Checkpoints are DeepSpeed's own (``deepspeed/`` in the folder:
+partitioned model, optimizer and scheduler state) and resume at the same world size.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hfdist.distributed.base import Backend
+from hfdist.distributed.env import LaunchEnv, init_process_group
+from hfdist.distributed.parallelize import enable_activation_checkpointing
+from hfdist.errors import HfdistError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "deepspeed"
+DEFAULT_CONFIG = {
+    "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                          "stage3_gather_16bit_weights_on_model_save": True},
+    "steps_per_print": 10**9,
+    "wall_clock_breakdown": False,
+}
+
+
+def read_deepspeed_config(path: str | None) -> dict:
+    if path is None:
+        return copy.deepcopy(DEFAULT_CONFIG)
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise HfdistError(f"config field distributed.deepspeed_config: cannot read {path!r} ({exc})") from None
+
+
+def resolve_deepspeed_config(config, dp_size: int, accumulation: int) -> dict:
+    """The DeepSpeed config dict this run uses: the user's JSON with hfdist's own settings filled in."""
+    ds = read_deepspeed_config(config.distributed.deepspeed_config)
+    source = config.distributed.deepspeed_config or "the built-in default"
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) != 3:
+        raise HfdistError(f"config field distributed.deepspeed_config: {source} sets zero_optimization.stage "
+                          f"{zero.get('stage')!r}; the deepspeed backend runs ZeRO-3 (stage 3)")
+    if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        logger.warning("deepspeed: %s lacks stage3_gather_16bit_weights_on_model_save: setting it to true "
+                       "(without it ZeRO-3 saves empty model weights)", source)
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    for key in ("fp16",):
+        if ds.get(key, {}).get("enabled"):
+            raise HfdistError(f"config field distributed.deepspeed_config: {source} enables fp16; hyperfitting at "
+                              "lr 1e-6 needs bf16 or fp32")
+    if config.distributed.mixed_precision or config.model.dtype == "bfloat16":
+        ds.setdefault("bf16", {})["enabled"] = True
+    if config.distributed.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    train = config.train
+    for key, value in (("train_micro_batch_size_per_gpu", train.micro_batch_size),
+                       ("gradient_accumulation_steps", accumulation),
+                       ("train_batch_size", train.global_batch_size)):
+        if key in ds and ds[key] not in (value, "auto"):
+            logger.warning("deepspeed: %s sets %s=%r; hfdist uses %r (from train.*, world size %d)", source, key,
+                           ds[key], value, dp_size)
+        ds[key] = value
+    ds["gradient_clipping"] = float(config.optim.max_grad_norm)
+    if "optimizer" in ds or "scheduler" in ds:
+        raise HfdistError(f"config field distributed.deepspeed_config: {source} defines an optimizer/scheduler "
+                          "section; hfdist builds them from optim.* (remove the section)")
+    return ds
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    return ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, config, env: LaunchEnv):
+        super().__init__(config)
+        import deepspeed
+
+        self.env = env
+        self.device = init_process_group(env, config.distributed.timeout_s)
+        self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
+        # DeepSpeed adopts the process group started above instead of starting its own.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+        self.ds_config = resolve_deepspeed_config(config, self.dp_size, self.gradient_accumulation_steps())
+        self._hf_ds_config = None
+        self.engine = None
+
+    def build(self, model_factory: Callable[[torch.device], nn.Module], optimizer_factory, scheduler_factory) -> None:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        started = time.perf_counter()
+        # Must stay referenced while models load: transformers looks it up through a weak reference.
+        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        model = model_factory(self.device)
+        if self.config.train.activation_checkpointing:
+            enable_activation_checkpointing(model.lm)
+        head = model.lm.get_output_embeddings()
+        for param in head.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(model, param)
+        if offloads_optimizer(self.ds_config):
+            optimizer = self._cpu_adam(model)
+        else:
+            optimizer = optimizer_factory(model)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler_factory, config=self.ds_config,
+            dist_init_required=False)
+        self.engine = engine
+        self.model = engine
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        local = sum(p.ds_tensor.numel() for p in engine.module.parameters() if hasattr(p, "ds_tensor"))
+        self.params_per_rank = local
+        logger.info("deepspeed: ZeRO-3 over %d ranks, %.3f B parameters per rank, bf16 %s, offload %s, built in "
+                    "%.1f s", self.world_size, local / 1e9, self.ds_config.get("bf16", {}).get("enabled", False),
+                    offloads_optimizer(self.ds_config), time.perf_counter() - started)
+
+    def _cpu_adam(self, model: nn.Module):
+        """ZeRO-Offload steps the optimizer on the host: DeepSpeed's CPU Adam (a JIT-built op) with optim.*."""
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optim = self.config.optim
+        return DeepSpeedCPUAdam([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
+                                betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay,
+                                adamw_mode=optim.name == "adamw")
+
+    # ---- training ----------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, is_last_micro_batch: bool) -> None:
+        self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
+        if not is_last_micro_batch:
+            self.engine.step()  # a micro-step: DeepSpeed only counts it; the optimizer steps at the boundary
+
+    def step(self, max_grad_norm: float) -> torch.Tensor:
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("deepspeed: step() called off the gradient-accumulation boundary")
+        self.engine.step()  # clips at gradient_clipping (= optim.max_grad_norm), steps optimizer and scheduler
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+
+    def current_lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    # ---- collectives -------------------------------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def save_checkpoint(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
+        if self.is_main:
+            (folder / "topology.json").write_text(json.dumps(
+                {"backend": self.name, "world_size": self.world_size, "params_per_rank0": self.params_per_rank})
+                + "\n")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        if not (folder / CHECKPOINT_TAG).is_dir():
+            raise HfdistError(f"--resume {folder}: not a DeepSpeed checkpoint (written by the fsdp or single "
+                              "backend? resume it with that backend)")
+        topology = folder / "topology.json"
+        saved = json.loads(topology.read_text()).get("world_size") if topology.is_file() else None
+        if saved is not None and saved != self.world_size:
+            raise HfdistError(f"--resume {folder}: DeepSpeed ZeRO-3 checkpoint of {saved} ranks cannot resume on "
+                              f"{self.world_size}; use {saved} ranks (the fsdp backend resumes at any world size)")
+        path, _ = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+        if path is None:
+            raise HfdistError(f"--resume {folder}: DeepSpeed could not load the checkpoint")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights on rank 0: the fp32 master copy (bf16 parameters would round away updates
+        of lr 1e-6), gathered one parameter at a time; every rank takes part."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from hfdist.distributed.loading import PREFIX
+
+        state = {}
+        module = self.engine.module
+        for name, param in module.named_parameters():
+            full = safe_get_full_fp32_param(param)
+            if full is None:  # frozen parameter: no master copy; gather the parameter itself
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param]):
+                    full = param.detach().clone()
+            if self.is_main and name.startswith(PREFIX):
+                state[name[len(PREFIX):]] = full.detach().to("cpu", torch.float32).clone()
+        if not self.is_main:
+            return {}
+        lm = module.lm
+        # Tied weights appear once in named_parameters; save_pretrained expects every key of the state dict.
+        for key in lm.state_dict().keys():
+            if key not in state:
+                source = _tied_source(lm, key)
+                if source in state:
+                    state[key] = state[source]
+        return state
+
+    def unwrapped_lm(self) -> nn.Module:
+        return self.engine.module.lm
+
+    def close(self) -> None:
+        self._hf_ds_config = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _tied_source(lm: nn.Module, key: str) -> str | None:
+    """For a tied parameter's second name (e.g. lm_head.weight), the name it appears under first."""
+    target = lm.get_parameter(key) if key in dict(lm.named_parameters(remove_duplicate=False)) else None
+    if target is None:
+        return None
+    for name, param in lm.named_parameters():
+        if param is target:
+            return name
+    return None

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Launch `hfdist hyperfit` with torchrun (c10d rendezvous), one process per GPU, on one or many nodes.
+#
+# Single node, 8 GPUs:
+#   launchers/torchrun.sh configs/paper-llama-3.1-8b.yaml --output-dir runs/8b
+# Two nodes: run the same command on each node, with the same MASTER_ADDR (a host of node 0) and RDZV_ID:
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launchers/torchrun.sh configs/paper-llama-3.1-70b.yaml --output-dir /shared/runs/70b
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launchers/torchrun.sh configs/paper-llama-3.1-70b.yaml --output-dir /shared/runs/70b
+# Environment: NNODES (1), NODE_RANK (0), GPUS_PER_NODE (the GPUs nvidia-smi lists, else 1), MASTER_ADDR
+# (127.0.0.1), MASTER_PORT (29500), RDZV_ID (hfdist), PYTHON (python). Everything after the config goes to
+# `hfdist hyperfit` (--set ..., --output-dir, --resume). The run folder must be on a filesystem all nodes share.
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+  sed -n '2,12p' "$0" >&2
+  exit 2
+fi
+
+PYTHON=${PYTHON:-python}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+  GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [[ "$GPUS_PER_NODE" -gt 0 ]] || GPUS_PER_NODE=1
+fi
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+# DeepSpeed JIT-builds small ops on first use; keep them in one cache across runs.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/hfdist/torch_extensions}
+# One OpenMP thread per process unless told otherwise (torchrun's default, said here so it is not a surprise).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
+  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-hfdist}" \
+  -m hfdist.cli hyperfit "$@"

@@ -11,7 +11,7 @@ implementation, the machine and versions) and a markdown table, ratios against t
 - ``hfdist``: hfdist's own step (``hfdist.trainer.train_step``): fused linear cross-entropy, foreach (CPU)
   or fused (CUDA) Adam, no host syncs inside the step.
 
-MFU (GPU) is the PaLM formula, as torchtitan computes it: model FLOPs per token = 6 N + 12 L H Q T, with
+MFU (GPU) is the PaLM formula of ``hfdist.distributed.perf``: model FLOPs per token = 6 N + 12 L H Q T, with
 N the parameters outside the input embedding, L layers, H heads, Q head dim, T sequence length; MFU =
 tokens/s x FLOPs per token / the device's dense bf16 peak.
 Usage: python benchmarks/bench_train.py --model smollm2-135m --batch 8 --seq-len 128 --out benchmarks/results
@@ -27,9 +27,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
 
 def machine_info() -> dict:
     import platform
@@ -49,20 +46,6 @@ def machine_info() -> dict:
     else:
         info["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return info
-
-
-def peak_tflops(device_name: str) -> float | None:
-    for key, value in PEAK_BF16_TFLOPS.items():
-        if key in device_name:
-            return value
-    return None
-
-
-def flops_per_token(model_config, num_params: int, embedding_params: int, seq_len: int) -> float:
-    layers = model_config.num_hidden_layers
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    return 6 * (num_params - embedding_params) + 12 * layers * heads * head_dim * seq_len
 
 
 def _config(args):
@@ -163,11 +146,11 @@ def run_one(args) -> dict:
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {"impl": args.impl, "step_time_s": step_time, "tokens_per_s": tokens_per_s, "peak_memory_gib": peak_gib,
               "step_times_s": timed}
-    num_params = sum(p.numel() for p in lm.parameters())
-    embedding = lm.get_input_embeddings().weight.numel()
-    peak = peak_tflops(machine_info()["device"]) if device.type == "cuda" else None
-    if peak:
-        result["mfu"] = tokens_per_s * flops_per_token(lm.config, num_params, embedding, args.seq_len) / (peak * 1e12)
+    from hfdist.distributed.perf import mfu, model_flops_per_token, peak_flops
+
+    utilisation = mfu(tokens_per_s, model_flops_per_token(lm, args.seq_len), 1, peak_flops(device))
+    if utilisation is not None:
+        result["mfu"] = utilisation
     return result
 
 

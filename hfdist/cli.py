@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
+    # Under torchrun, srun or mpirun only rank 0 logs at INFO (the launcher's variable names differ).
+    rank = next((int(os.environ[k]) for k in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+                 if os.environ.get(k, "").isdigit()), 0)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed", "fsspec"):

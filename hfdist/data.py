@@ -16,7 +16,6 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -188,11 +187,6 @@ class StepSampler:
         per_rank = self.global_batch_size // self.dp_size
         mine = global_batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         return list(mine.split(self.micro_batch_size))
-
-
-def iterate_batches(ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(ids), batch_size):
-        yield ids[start:start + batch_size]
 
 
 def load_run_data(folder: Path) -> HyperfitData:

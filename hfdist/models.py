@@ -148,6 +148,10 @@ def load_model(config: ModelConfig, device: torch.device = torch.device("cpu")) 
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise HfdistError(f"model.path {config.path!r}: cannot load ({_first_line(exc)})") from None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return model  # ZeRO-3 partitioned (and possibly offloaded) the weights while loading: leave them there
     return model.to(device)
 
 

@@ -25,7 +25,8 @@ import torch
 
 from hfdist import checkpoint
 from hfdist.config import Config, OptimConfig, save_config
-from hfdist.data import StepSampler, build_data, iterate_batches
+from hfdist.data import StepSampler, build_data
+from hfdist.distributed.perf import model_flops_per_token, rank_metrics
 from hfdist.errors import HfdistError
 from hfdist.io import atomic_directory, atomic_write_json
 from hfdist.models import HyperfitModel, load_model, load_tokenizer
@@ -172,6 +173,7 @@ class Trainer:
         self.total_steps = min(steps, config.train.max_steps) if config.train.max_steps else steps
 
         build_model(self.backend, config, self.total_steps)
+        self.flops_per_token = model_flops_per_token(self.backend.unwrapped_lm(), config.data.seq_len)
         self.progress = progress and self.backend.is_main
         self.state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_entropy_sum": 0.0,
                       "epoch_steps": 0, "evaluated_step": -1}
@@ -214,11 +216,13 @@ class Trainer:
                 loss_value, entropy_value = loss.item(), entropy.item()  # the only host syncs of a step
                 elapsed = time.perf_counter() - started
                 tokens_per_s = config.train.global_batch_size * seq_len / elapsed
+                # All ranks take part: per-rank peak memory is gathered, then MFU (CUDA) from the global rate.
+                per_rank = rank_metrics(peak_memory_gib(backend.device), tokens_per_s, self.flops_per_token,
+                                        backend.device)
                 self.metrics.log("step", state["step"], {
                     "train/loss": loss_value, "train/entropy": entropy_value,
                     "train/grad_norm": self._last_grad_norm.item(), "train/lr": backend.current_lr(),
-                    "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": elapsed,
-                    "memory/peak_gib": peak_memory_gib(backend.device)},
+                    "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": elapsed, **per_rank},
                     epoch=state["epoch"] + state["step_in_epoch"] / self.sampler.steps_per_epoch)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}")

@@ -1,7 +1,6 @@
 """Checkpoint folders: atomic, verified by their manifest, pruned without losing the only good one,
 and a failed save (disk full) leaves the previous checkpoint loadable."""
 import errno
-import shutil
 
 import pytest
 import torch

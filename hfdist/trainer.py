@@ -316,7 +316,7 @@ def train(config: Config, run_dir: Path, resume: Optional[str] = None, progress:
 
 def format_summary(summary: dict) -> str:
     """The base-vs-hyperfitted table the demo prints."""
-    rows = [("train loss (nats/token)", summary.get("train_loss_first_step"), summary.get("train_loss_last_epoch"))]
+    rows = [("train loss (first step, last epoch)", summary.get("train_loss_first_step"), summary.get("train_loss_last_epoch"))]
     base, hyper = summary.get("base", {}), summary.get("hyperfitted", {})
     for key, label in (("eval/loss", "validation loss (nats/token)"), ("eval/perplexity", "validation perplexity"),
                        ("eval/entropy", "validation entropy (nats)"), ("eval/top1_mass", "top-1 probability mass"),

@@ -106,8 +106,11 @@ def hf_generate(model, ids, new_tokens: int, strategy: str, pad: int, static: bo
 
 def ours_generate(model, ids, new_tokens: int, strategy: str, pad: int, **kwargs):
     extra = dict(TOP_P, seed=0) if strategy != "greedy" else {}
+    # model.generate fills an unset eos_token_id from the model's generation config and stops rows there: do the
+    # same, so both produce the same tokens (greedy) and the same amount of work.
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return generate(model, ids, max_new_tokens=new_tokens, strategy="sample" if strategy != "greedy" else "greedy",
-                    pad_token_id=pad, **extra, **kwargs)
+                    pad_token_id=pad, eos_token_id=eos, **extra, **kwargs)
 
 
 def main() -> int:

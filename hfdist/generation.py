@@ -198,7 +198,7 @@ class _ForwardAdapter:
         if compile:
             # As transformers' own generate does for compileable caches: one graph for the decode step (fixed
             # shapes with the static cache), CUDA graphs on GPU ("reduce-overhead").
-            mode = "reduce-overhead" if _model_device(model).type == "cuda" else "default"
+            mode = "reduce-overhead" if model_device(model).type == "cuda" else "default"
             self.compiled = torch.compile(model.forward, mode=mode, dynamic=False, fullgraph=False)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache, past_length: int,
@@ -239,7 +239,8 @@ def _eos_ids(eos_token_id) -> list[int]:
     return [int(e) for e in eos_token_id]
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -284,7 +285,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise HfdistError(f"input_ids: expected integer ids [batch, length], got {tuple(input_ids.shape)} "
                           f"{input_ids.dtype}")
-    device = _model_device(model)
+    device = model_device(model)
     input_ids = input_ids.to(device=device, dtype=torch.long)
     batch, prompt_len = input_ids.shape
     mask = (torch.ones_like(input_ids) if attention_mask is None

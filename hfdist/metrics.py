@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hfdist.errors import HfdistError
+from hfdist.generation import model_device
 
 
 # ------------------------------------------------------------------------------------------------ diversity
@@ -272,12 +273,6 @@ def mean_ttr_over_position(generations: Sequence[Sequence[int]], window: int = 9
 
 
 # ------------------------------------------------------------------------------------ the model's predictions
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def next_token_stats(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                      batch_size: int = 8) -> dict:
@@ -286,7 +281,7 @@ def next_token_stats(model, input_ids: torch.Tensor, attention_mask: Optional[to
     mass of the k most probable tokens); each a float64 numpy array, positions of all rows concatenated."""
     if input_ids.ndim != 2:
         raise HfdistError(f"input_ids: expected [batch, length], got shape {tuple(input_ids.shape)}")
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     parts: dict = {k: [] for k in ("nll", "entropy", "top1", "top3", "top5")}

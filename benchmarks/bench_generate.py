@@ -8,7 +8,10 @@ configuration runs ``--repeats`` times after one short warm-up; tokens/s = rows 
 
 Also measured: the citation blocker's cost per decoding step (greedy with and without a blocker built over
 ``--blocker-rows`` x 256 training ids, and ``CitationBlocker.block_`` alone), and on a GPU with
-``--compile`` hfdist with the static cache + torch.compile (CUDA graphs) and HF with its static cache.
+``--compile`` hfdist with the static cache + torch.compile (CUDA graphs on a GPU) and HF with its static cache.
+Greedy at batch 1 also runs prompt-lookup speculative decoding on both sides: HF's assisted generation
+(``prompt_lookup_num_tokens=8``) and hfdist's ``draft="ngram"`` (same tokens as greedy, fewer passes where the
+text repeats, so its gain depends on the prompts: here, the original model's greedy continuations of Austen).
 
 Usage:
   python benchmarks/bench_generate.py --model smollm2-135m --out benchmarks/results          # the real numbers
@@ -45,19 +48,19 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def load(model_name: str, device: torch.device, dtype: torch.dtype):
-    """The model and, if it has one, its tokenizer. ``tiny`` is a random 2-layer Llama (no tokenizer)."""
+def load(model_name: str, device: torch.device, dtype: torch.dtype, init: str = "pretrained"):
+    """The model and, if it has one, its tokenizer. ``tiny`` is a random 2-layer Llama (no tokenizer);
+    ``init="random"`` builds a shipped architecture (e.g. llama-3.2-1b) with random weights and no tokenizer."""
     if model_name == "tiny":
         from hfdist.testing import tiny_llama
 
         return tiny_llama(vocab_size=4096, hidden_size=128, num_layers=2).to(device, dtype), None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from hfdist.config import ModelConfig
+    from hfdist.models import load_model, load_tokenizer
 
-    from hfdist.models import resolve_model_path
-
-    path = resolve_model_path(model_name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    config = ModelConfig(path=model_name, init=init, dtype=str(dtype).removeprefix("torch."))
+    model = load_model(config, device).eval()
+    return model, (load_tokenizer(config) if init == "pretrained" else None)
 
 
 def make_prompts(tokenizer, vocab: int, rows: int, length: int) -> torch.Tensor:
@@ -94,13 +97,15 @@ def timed(fn, device, repeats: int) -> tuple[list[float], torch.Tensor]:
     return times, out
 
 
-def hf_generate(model, ids, new_tokens: int, strategy: str, pad: int, static: bool = False):
+def hf_generate(model, ids, new_tokens: int, strategy: str, pad: int, static: bool = False, prompt_lookup: int = 0):
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=0, do_sample=strategy != "greedy",
                               eos_token_id=None, pad_token_id=pad, **(TOP_P if strategy != "greedy" else {}))
     if static:
         config.cache_implementation = "static"
+    if prompt_lookup:
+        config.prompt_lookup_num_tokens = prompt_lookup
     return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
 
 
@@ -116,6 +121,8 @@ def ours_generate(model, ids, new_tokens: int, strategy: str, pad: int, **kwargs
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model folder/hub id/alias, or 'tiny'")
+    parser.add_argument("--init", default="pretrained", choices=["pretrained", "random"],
+                        help="random: a shipped architecture (llama-3.2-1b, ...) with random weights, random prompts")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: float32 on CPU, bfloat16 on GPU")
@@ -126,6 +133,8 @@ def main() -> int:
     parser.add_argument("--strategies", default="greedy,top-p")
     parser.add_argument("--blocker-rows", type=int, default=2000, help="training rows (x 256) for the blocker")
     parser.add_argument("--compile", action="store_true", help="also hfdist static+compile and HF static cache")
+    parser.add_argument("--no-drafting", dest="drafting", action="store_false",
+                        help="skip the prompt-lookup drafting rows (greedy, batch 1)")
     parser.add_argument("--quick", action="store_true", help="tiny model, short runs: checks the script works")
     parser.add_argument("--out", default=None, help="folder for generate_<device>.json/.md (default: print only)")
     args = parser.parse_args()
@@ -133,7 +142,7 @@ def main() -> int:
         args.model, args.batch_sizes, args.new_tokens, args.repeats, args.blocker_rows = "tiny", "1,4", 24, 1, 200
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model, tokenizer = load(args.model, device, dtype)
+    model, tokenizer = load(args.model, device, dtype, args.init)
     vocab = model.config.vocab_size
     pad = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None
            else model.config.pad_token_id if model.config.pad_token_id is not None else 0)
@@ -144,6 +153,9 @@ def main() -> int:
 
     impls = {"hf": lambda ids, s: hf_generate(model, ids, args.new_tokens, s, pad),
              "hfdist": lambda ids, s: ours_generate(model, ids, args.new_tokens, s, pad)}
+    # Greedy at batch 1 only: prompt-lookup drafting, HF's (assisted generation) and hfdist's (draft="ngram").
+    drafting = {"hf_prompt_lookup": lambda ids, s: hf_generate(model, ids, args.new_tokens, s, pad, prompt_lookup=8),
+                "hfdist_ngram": lambda ids, s: ours_generate(model, ids, args.new_tokens, s, pad, draft="ngram")}
     if args.compile:
         impls["hf_static"] = lambda ids, s: hf_generate(model, ids, args.new_tokens, s, pad, static=True)
         impls["hfdist_static_compile"] = lambda ids, s: ours_generate(model, ids, args.new_tokens, s, pad,
@@ -153,7 +165,8 @@ def main() -> int:
         for batch in batch_sizes:
             ids = prompts[:batch]
             outputs = {}
-            for name, fn in impls.items():
+            chosen = dict(impls, **(drafting if strategy == "greedy" and batch == 1 and args.drafting else {}))
+            for name, fn in chosen.items():
                 fn(ids[:, :8], strategy)  # warm-up (and compilation, for the compiled variants)
                 times, out = timed(lambda: fn(ids, strategy), device, args.repeats)
                 outputs[name] = out

@@ -9,7 +9,11 @@ implementation, the machine and versions) and a markdown table, ratios against t
   ``torch.optim.AdamW`` with its defaults for the device, weight decay 0.
 - ``trainer``: ``transformers.Trainer`` (``adamw_torch``), batch and dtype as above, no logging/saving.
 - ``hfdist``: hfdist's own step (``hfdist.trainer.train_step``): fused linear cross-entropy, foreach (CPU)
-  or fused (CUDA) Adam, no host syncs inside the step.
+  or fused (CUDA) Adam, no host syncs inside the step. Each switch is measured as its own implementation:
+  ``hfdist-compile`` (``train.compile``: each decoder layer through ``torch.compile``; the warm-up steps
+  pay the compilation), ``hfdist-unfused`` (``train.fused_loss=false``: HF logits and torch's loss),
+  ``hfdist-ckpt`` (``train.activation_checkpointing``), ``hfdist-noprefetch`` (``train.prefetch=false``: the
+  batch is copied to the GPU inside the step; on a CPU the switch changes nothing).
 
 MFU (GPU) is the PaLM formula of ``hfdist.distributed.perf``: model FLOPs per token = 6 N + 12 L H Q T, with
 N the parameters outside the input embedding, L layers, H heads, Q head dim, T sequence length; MFU =
@@ -48,14 +52,17 @@ def machine_info() -> dict:
     return info
 
 
+# hfdist's switches, each benchmarked as an implementation of its own.
+HFDIST_VARIANTS = {"hfdist": [], "hfdist-compile": ["train.compile=true"], "hfdist-unfused": ["train.fused_loss=false"],
+                   "hfdist-ckpt": ["train.activation_checkpointing=true"], "hfdist-noprefetch": ["train.prefetch=false"]}
+
+
 def _config(args):
     from hfdist.config import load_config
 
     overrides = [f"model.path={args.model}", f"model.dtype={args.dtype}", f"model.init={args.init}",
                  f"data.seq_len={args.seq_len}", f"train.global_batch_size={args.batch}",
-                 f"train.micro_batch_size={args.batch}", "optim.lr=1e-5", f"train.compile={str(args.compile).lower()}",
-                 f"train.activation_checkpointing={str(args.activation_checkpointing).lower()}",
-                 f"train.fused_loss={str(not args.no_fused_loss).lower()}"]
+                 f"train.micro_batch_size={args.batch}", "optim.lr=1e-5", *HFDIST_VARIANTS.get(args.impl, [])]
     return load_config(None, overrides)
 
 
@@ -78,7 +85,8 @@ def run_one(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    if args.impl == "hfdist":
+    if args.impl in HFDIST_VARIANTS:
+        from hfdist.data import BatchPrefetcher
         from hfdist.distributed.single import SingleBackend
         from hfdist.trainer import build_model, train_step
 
@@ -87,10 +95,11 @@ def run_one(args) -> dict:
         lm = backend.model.lm
         vocab = lm.config.vocab_size
         batches = [torch.randint(0, vocab, (args.batch, args.seq_len), generator=generator) for _ in range(total)]
-        for i, batch in enumerate(batches):
+        prefetcher = BatchPrefetcher(lambda i: [batches[i]], device, config.train.prefetch)
+        for i in range(total):
             sync()
             start = time.perf_counter()
-            train_step(backend, [batch], 0.0)
+            train_step(backend, prefetcher.get(i, i + 1 if i + 1 < total else None), 0.0)
             sync()
             step_times.append(time.perf_counter() - start)
     elif args.impl == "plain":
@@ -135,7 +144,7 @@ def run_one(args) -> dict:
             disable_tqdm=True, seed=0)
         Trainer(model=lm, args=training_args, train_dataset=rows, callbacks=[Timer()]).train()
     else:
-        raise SystemExit(f"--impl {args.impl!r}: expected hfdist, plain or trainer")
+        raise SystemExit(f"--impl {args.impl!r}: expected plain, trainer or one of {', '.join(HFDIST_VARIANTS)}")
 
     timed = step_times[args.warmup:]
     step_time = statistics.median(timed)
@@ -189,10 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--impls", default="plain,trainer,hfdist")
-    parser.add_argument("--compile", action="store_true", help="hfdist: torch.compile the decoder blocks")
-    parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--no-fused-loss", action="store_true")
+    parser.add_argument("--impls", default="plain,trainer,hfdist,hfdist-compile",
+                        help=f"comma-separated: plain, trainer, {', '.join(HFDIST_VARIANTS)}")
     parser.add_argument("--out", default="benchmarks/results", help="folder for JSON and markdown")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--impl", help=argparse.SUPPRESS)  # internal: run one implementation in this process
@@ -214,8 +221,7 @@ def main(argv=None) -> int:
             print(f"{impl} run {repeat + 1}: {result['tokens_per_s']:.1f} tokens/s, "
                   f"peak {result['peak_memory_gib']:.2f} GiB", file=sys.stderr)
     results = {"benchmark": "train", "machine": machine_info(), "settings": {
-        k: getattr(args, k) for k in ("model", "init", "dtype", "batch", "seq_len", "steps", "warmup", "repeats",
-                                      "compile", "activation_checkpointing", "no_fused_loss")},
+        k: getattr(args, k) for k in ("model", "init", "dtype", "batch", "seq_len", "steps", "warmup", "repeats")},
         "implementations": {name: summarize(r) for name, r in runs.items()}, "runs": runs}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -134,10 +134,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def nonfinite_parameters(backend) -> int:
+    """How many parameter tensors hold a NaN or inf, summed over all ranks (each checks its own shards; every
+    rank calls; one all-reduce and one host sync)."""
+    from torch.distributed.tensor import DTensor
+
+    bad = torch.zeros((), device=backend.device)
+    for param in backend.model.parameters():
+        local = getattr(param, "ds_tensor", None)  # a DeepSpeed ZeRO-3 partition
+        if local is None:
+            local = param.to_local() if isinstance(param, DTensor) else param
+        if local.numel():
+            bad += (~torch.isfinite(local.detach()).all()).to(bad.device, torch.float32)
+    return int(backend.all_reduce_sum(bad).item())
+
+
 def save(root: Path, step: int, backend, trainer_state: dict, keep_last: int) -> Path:
-    """Write a checkpoint for ``step`` atomically (all ranks call); prune to the last ``keep_last``."""
+    """Write a checkpoint for ``step`` atomically (all ranks call); prune to the last ``keep_last``.
+
+    Weights holding NaN/inf are never saved: the save is refused with an error and earlier checkpoints stay."""
     final = root / step_folder_name(step)
     tmp = root / f".{final.name}.tmp"
+    backend.monitored_barrier()  # on gloo, a rank that never reaches the checkpoint is named
+    bad = nonfinite_parameters(backend)
+    if bad:
+        raise HfdistError(f"checkpoint {final}: refusing to save non-finite weights ({bad} parameter tensors hold "
+                          "NaN or inf); the previous checkpoints are intact")
     if backend.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():

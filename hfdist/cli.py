@@ -13,8 +13,16 @@ from hfdist.errors import HfdistError
 COMMANDS = ["hyperfit", "generate", "evaluate", "compare", "plan", "bench"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with hfdist's error format: one line naming the argument, exit status 2 (no usage block)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("hfdist").strip()
+        self.exit(2, f"hfdist: error: {command + ': ' if command else ''}{message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hfdist",
         description="Hyperfit causal language models (fine-tune to near-zero loss on a tiny set, then decode "
                     "greedily) and measure the paper's effects: hyperfit, generate, evaluate, compare, plan, bench.")

@@ -76,8 +76,13 @@ class TrainConfig:
     fused_loss: bool = True  # loss and entropy through hfdist.kernels.fused_linear_cross_entropy
     loss_backend: str = "auto"
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile each decoder layer (single and fsdp backends); see benchmarks/ for its gain
+    # CUDA: the next step's batches are copied from pinned memory on a side stream during the current step.
+    prefetch: bool = True
     log_every_steps: int = 1
+    # A step whose loss or gradient norm is NaN/inf is skipped (no optimizer or LR-scheduler step, its batch is
+    # consumed); up to this many in a row are skipped, the next one stops the run with an error. 0: stop at the first.
+    max_bad_steps_in_row: int = 3
 
 
 @dataclass
@@ -91,6 +96,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: no intermediate checkpoints
+    dir: str = "checkpoints"  # inside the run folder (a relative path without '..')
     keep_last: int = 2
     save_final_model: bool = True
 
@@ -103,6 +109,8 @@ class DistributedConfig:
     cpu_offload: bool = False
     replicate_degree: int = 1  # HSDP: >1 shards within groups of world/replicate ranks, replicates across them
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; configs/deepspeed/ has examples
+    # Rendezvous and every collective (gloo and NCCL, subgroups included): a rank that waits longer for its peers
+    # fails with an error naming the step and the ranks that fell behind.
     timeout_s: int = 1800
     # FSDP pretrained weights: "per_rank" reads each rank's rows from the safetensors files (no rank holds the
     # whole model); "rank0_broadcast" loads the whole model on rank 0 and broadcasts the shards.
@@ -139,7 +147,9 @@ POSITIVE = ("data.seq_len", "data.num_samples", "data.context_len", "train.epoch
             "optim.lr")
 NON_NEGATIVE = ("data.num_validation", "data.num_contexts", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "optim.eps", "train.max_steps", "train.target_loss", "eval.every_epochs",
-                "checkpoint.every_steps")
+                "checkpoint.every_steps", "train.max_bad_steps_in_row")
+# Config fields naming a place hfdist writes to inside the run folder: each must stay inside it.
+RUN_RELATIVE_PATHS = ("checkpoint.dir",)
 
 
 def _convert(value: Any, annotation: Any, name: str) -> Any:
@@ -283,8 +293,32 @@ def validate(config: Config) -> None:
         if not Path(config.distributed.deepspeed_config).is_file():
             raise HfdistError(f"config field distributed.deepspeed_config: file "
                               f"{config.distributed.deepspeed_config!r} does not exist")
+    for name in RUN_RELATIVE_PATHS:
+        check_run_relative(name, get_field(config, name))
+    if config.train.compile and config.distributed.backend == "deepspeed":
+        # ZeRO-3 gathers and releases parameters with hooks inside each layer's forward, which a compiled
+        # layer graph would bake in; DeepSpeed has its own (engine.compile) path, not wired here.
+        raise HfdistError("config field train.compile: not supported with distributed.backend=deepspeed "
+                          "(use fsdp or single)")
     if config.model.gguf_file and config.model.init == "random":
         raise HfdistError("config field model.gguf_file: a gguf file holds weights; it needs model.init=pretrained")
+
+
+def check_run_relative(name: str, value: str) -> None:
+    """A path that hfdist writes to must stay inside the run folder: relative, no '..' (checked before any write)."""
+    path = Path(value)
+    if not value.strip() or path.is_absolute() or ".." in path.parts:
+        raise HfdistError(f"config field {name}: {value!r} must be a relative path inside the run folder "
+                          "(no '..', not absolute)")
+
+
+def run_path(run_dir: Path, name: str, value: str) -> Path:
+    """``run_dir / value`` for a RUN_RELATIVE_PATHS field, refused if it resolves outside (e.g. through a symlink)."""
+    check_run_relative(name, value)
+    path = Path(run_dir) / value
+    if not path.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise HfdistError(f"config field {name}: {value!r} leads outside the run folder {str(run_dir)!r}")
+    return path
 
 
 def to_dict(config: Config) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def load_texts(config: DataConfig) -> list[str]:
                 # A plain-text file is one document per paragraph for the exact rule, whole for chunking.
                 kwargs["sample_by"] = "paragraph" if config.mode == "exact" else "document"
                 text_field = "text"
-            dataset = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+            with _quiet("datasets"):  # a file it cannot parse is reported below, in one line
+                dataset = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
         elif source.startswith((".", "/", "~")):
             raise HfdistError(f"data.source {source!r}: no such file or folder")
         else:
@@ -90,7 +92,11 @@ def load_texts(config: DataConfig) -> list[str]:
     except HfdistError:
         raise
     except (UnicodeDecodeError, ValueError, FileNotFoundError, OSError, datasets.exceptions.DatasetGenerationError) as exc:
-        raise HfdistError(f"data.source {source!r}: cannot be read ({_first_line(exc)})") from None
+        cause = exc.__cause__ if isinstance(exc, datasets.exceptions.DatasetGenerationError) and exc.__cause__ else exc
+        if isinstance(cause, UnicodeDecodeError):
+            raise HfdistError(f"data.source {source!r}: cannot be read (not UTF-8 text: "
+                              f"{_first_line(cause)})") from None
+        raise HfdistError(f"data.source {source!r}: cannot be read ({_first_line(cause)})") from None
     if text_field not in dataset.column_names:
         raise HfdistError(f"data.text_field {text_field!r}: not a column of {source!r} "
                           f"(columns: {', '.join(dataset.column_names)})")
@@ -98,6 +104,18 @@ def load_texts(config: DataConfig) -> list[str]:
     if not all(isinstance(t, str) for t in texts):
         raise HfdistError(f"data.text_field {text_field!r}: column of {source!r} holds non-text values")
     return texts
+
+
+@contextmanager
+def _quiet(name: str):
+    """Silence a library's logger (e.g. datasets logs a parse error with its traceback before raising it)."""
+    library = logging.getLogger(name)
+    level = library.level
+    library.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -180,13 +198,51 @@ class StepSampler:
                            "epoch's order are dropped", num_samples, global_batch_size,
                            num_samples % global_batch_size)
 
-    def micro_batches(self, epoch: int, step_in_epoch: int) -> list[torch.Tensor]:
+    def global_batch(self, epoch: int, step_in_epoch: int) -> torch.Tensor:
+        """The training-sequence indices (rows of ``data/train_token_ids.npy``) of the whole global batch."""
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
         start = step_in_epoch * self.global_batch_size
-        global_batch = order[start:start + self.global_batch_size]
+        return order[start:start + self.global_batch_size]
+
+    def micro_batches(self, epoch: int, step_in_epoch: int) -> list[torch.Tensor]:
+        global_batch = self.global_batch(epoch, step_in_epoch)
         per_rank = self.global_batch_size // self.dp_size
         mine = global_batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         return list(mine.split(self.micro_batch_size))
+
+
+class BatchPrefetcher:
+    """Hands out a step's micro-batches on the device, with the next step's already on its way.
+
+    ``load(position)`` gives the host tensors of a position (e.g. ``(epoch, step_in_epoch)``). On CUDA, after
+    handing out a step, the next position's batches are copied from pinned host memory on a side stream, so the
+    copy overlaps the current step's compute and the step itself never waits on a pageable host-to-device
+    copy. On a CPU device there is nothing to overlap: batches are returned as loaded (``overlapped`` is False).
+    """
+
+    def __init__(self, load, device: torch.device, enabled: bool = True):
+        self.load = load
+        self.device = device
+        self.overlapped = enabled and device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.overlapped else None
+        self._pending: tuple = (None, None)  # (position, device tensors being copied on self.stream)
+
+    def _copy(self, position) -> list[torch.Tensor]:
+        with torch.cuda.stream(self.stream):
+            return [b.pin_memory().to(self.device, non_blocking=True) for b in self.load(position)]
+
+    def get(self, position, next_position=None) -> list[torch.Tensor]:
+        if not self.overlapped:
+            return [b.to(self.device) for b in self.load(position)]
+        pending_position, batches = self._pending
+        if pending_position != position:  # first step, or a jump (resume): copy now
+            batches = self._copy(position)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for b in batches:  # the caching allocator must not hand this memory to the side stream too early
+            b.record_stream(current)
+        self._pending = (next_position, self._copy(next_position)) if next_position is not None else (None, None)
+        return batches
 
 
 def load_run_data(folder: Path) -> HyperfitData:
@@ -194,7 +250,7 @@ def load_run_data(folder: Path) -> HyperfitData:
         path = folder / f"{name}.npy"
         if not path.is_file():
             raise HfdistError(f"{path}: missing (not a hyperfit run folder?)")
-        return torch.from_numpy(np.load(path).astype(np.int64))
+        return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
 
     selection = json.loads((folder / "selection.json").read_text()) if (folder / "selection.json").is_file() else {}
     return HyperfitData(read("train_token_ids"), read("validation_token_ids"), read("contexts"), selection)

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 STRATEGIES = ("greedy", "sample")
 CACHES = ("dynamic", "static")
+DRAFTS = ("none", "ngram")
+STATIC_CACHE_MULTIPLE = 128
 
 
 # --------------------------------------------------------------------------------------------- citation blocker
@@ -202,18 +204,20 @@ class _ForwardAdapter:
             self.compiled = torch.compile(model.forward, mode=mode, dynamic=False, fullgraph=False)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache, past_length: int,
-                 decode: bool = False) -> torch.Tensor:
+                 decode: bool = False, keep: int = 1) -> torch.Tensor:
+        """Logits [B, V] of the last position; with ``keep > 1``, [B, keep, V] of the last ``keep`` positions."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
                   self.cache_kw: cache, "use_cache": True}
         if self.keep_kw:
-            kwargs[self.keep_kw] = 1
+            kwargs[self.keep_kw] = keep
         if self.cache_position:  # older transformers index the cache with it (the static cache needs it)
             kwargs["cache_position"] = torch.arange(past_length, past_length + input_ids.shape[1],
                                                     device=input_ids.device)
         if decode and self.compiled is not None:
             # The graph's output buffer is reused by the next replay: copy the logits out.
             return self.compiled(**kwargs).logits[:, -1, :].clone()
-        return self.model(**kwargs).logits[:, -1, :]
+        logits = self.model(**kwargs).logits
+        return logits[:, -1, :] if keep == 1 else logits[:, -keep:, :]
 
 
 def make_cache(model, kind: str = "dynamic", max_cache_len: Optional[int] = None):
@@ -268,7 +272,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
              top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None,
              blocker: Optional[CitationBlocker] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
              cache: str = "dynamic", compile: bool = False, check_every: int = 8,
-             sampler_backend: str = "auto", sync_ranks: bool = False) -> torch.Tensor:
+             sampler_backend: str = "auto", sync_ranks: bool = False, draft: str = "none", draft_tokens: int = 8,
+             draft_ngram: int = 3) -> torch.Tensor:
     """Continue each (left-padded) prompt by ``max_new_tokens`` tokens; returns ids [B, prompt + new].
 
     ``eos_token_id`` (an id or a list): a row stops after it emits one; later positions get ``pad_token_id``.
@@ -280,6 +285,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     long generations, not on a CPU. ``sync_ranks``: with a sharded model
     (FSDP), every rank must run the same number of forward passes, so the "all rows finished" test is
     reduced over ranks.
+
+    ``draft="ngram"`` (greedy, dynamic cache): prompt-lookup speculative decoding. Each forward pass feeds the
+    newest token plus up to ``draft_tokens`` guessed ones: the tokens that followed the latest earlier
+    occurrence of the row's last ``draft_ngram`` (or fewer) tokens in its own prompt and output (see
+    :func:`ngram_draft`). The guesses are checked against the model's own arg-max at every position (the
+    blocker included), the agreeing prefix is kept plus the model's next token, and the cache is cut back:
+    the output is greedy's, produced in fewer passes when the text repeats (the original model's greedy loops,
+    a hyperfitted model quoting its prompt). Tokens can differ from one-at-a-time greedy only where two logits
+    tie to the last bits, since a pass over several positions rounds its matrix products differently. In a
+    batch every row advances by the shortest agreeing prefix, so it pays off at batch 1, not at 32.
     """
     _check_options(strategy, max_new_tokens, temperature, top_p, top_k, min_p)
     if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -299,6 +314,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         raise HfdistError(f"check_every: must be >= 1, got {check_every}")
     if compile and cache != "static":
         raise HfdistError("compile=True needs cache='static' (fixed shapes for the compiled decode step)")
+    if draft not in DRAFTS:
+        raise HfdistError(f"draft {draft!r}: unknown (choose from {', '.join(DRAFTS)})")
+    if draft != "none":
+        if strategy != "greedy" or cache != "dynamic" or sync_ranks:
+            raise HfdistError("draft='ngram': needs strategy='greedy', cache='dynamic' and an unsharded model")
+        if draft_tokens < 1 or draft_ngram < 1:
+            raise HfdistError(f"draft_tokens and draft_ngram: must be >= 1, got {draft_tokens} and {draft_ngram}")
     forward = _ForwardAdapter(model, compile=compile)
     eos = _eos_ids(eos_token_id)
     if pad_token_id is None:
@@ -321,32 +343,55 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
         from hfdist.kernels import sample, sampling_seeds
     invalid = torch.zeros(batch, dtype=torch.bool, device=device)
     blocker_start = 0 if blocker is None or blocker.include_prompt else blocker.n
-    kv = make_cache(model, cache, max_cache_len=total)
+    kv = static_mask = None
+    if cache == "static":
+        # The static cache's length is rounded up so that one compiled decode graph serves nearby lengths; its
+        # mask covers every slot (slots beyond the current position are excluded by causality).
+        cache_len = -(-total // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
+        kv = make_cache(model, cache, max_cache_len=cache_len)
+        static_mask = torch.ones((batch, cache_len), dtype=torch.long, device=device)
+        static_mask[:, :prompt_len] = mask
+    else:
+        kv = make_cache(model, cache)
 
-    logits = forward(input_ids, mask, positions, kv, 0)
-    steps_run = max_new_tokens
-    for step in range(max_new_tokens):
+    def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The token of generated position ``step`` (absolute ``prompt_len + step``) from its logits [B, V]."""
+        nonlocal invalid
         logits = logits.float()
         cur = prompt_len + step
         if blocker is not None and step >= blocker_start and cur >= blocker.n:
             blocker.block_(logits, out[:, cur - blocker.n:cur])
         if strategy == "greedy":
-            token = logits.argmax(-1)
-        else:
-            # Counter-based seeds, one per (seed, step, row): reproducible without a generator's state, and
-            # on_invalid="flag" keeps the sampler from synchronising; a flagged row (all logits -inf or NaN)
-            # is reported once at the end.
-            seeds = None if seed is None else sampling_seeds(seed, step, batch, device=device)
-            token = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seeds,
-                           backend=sampler_backend, on_invalid="flag")
-            invalid |= token < 0
-            token = token.clamp_(min=0)
+            return logits.argmax(-1)
+        # Counter-based seeds, one per (seed, step, row): reproducible without a generator's state, and
+        # on_invalid="flag" keeps the sampler from synchronising; a flagged row (all logits -inf or NaN)
+        # is reported once at the end.
+        seeds = None if seed is None else sampling_seeds(seed, step, batch, device=device)
+        token = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seeds,
+                       backend=sampler_backend, on_invalid="flag")
+        invalid |= token < 0
+        return token.clamp_(min=0)
+
+    def record(token: torch.Tensor, step: int) -> torch.Tensor:
+        """Write generated position ``step``: rows that already emitted EOS get the pad token."""
+        nonlocal finished, last_step
         if eos:
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             newly = torch.isin(token, eos_t) & ~finished
             last_step = torch.where(newly, torch.full_like(last_step, step), last_step)
             finished |= newly
-        out[:, cur] = token
+        out[:, prompt_len + step] = token
+        return token
+
+    logits = forward(input_ids, mask, positions, kv, 0)
+    steps_run = max_new_tokens
+    if draft != "none":
+        steps_run = _decode_with_drafts(forward, kv, out, full_mask, next_position, prompt_len, max_new_tokens,
+                                        choose, record, finished if eos else None, logits, draft_tokens,
+                                        draft_ngram)
+    for step in range(max_new_tokens if draft == "none" else 0):
+        cur = prompt_len + step
+        token = record(choose(logits, step), step)
         if step == max_new_tokens - 1:
             break
         if eos and (step + 1) % check_every == 0 and _all_finished(finished, sync_ranks):
@@ -354,7 +399,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             break
         # A static cache attends over all max_cache_len slots: give it the whole mask (same shape every step;
         # slots not yet written are excluded by causality). A dynamic cache needs the mask of what it holds.
-        step_mask = full_mask if cache == "static" else full_mask[:, :cur + 1]
+        step_mask = static_mask if cache == "static" else full_mask[:, :cur + 1]
         logits = forward(token[:, None], step_mask, next_position + step, kv, cur, decode=True)
     if strategy == "sample" and bool(invalid.any()):
         rows = invalid.nonzero().flatten().tolist()
@@ -376,6 +421,62 @@ def _all_finished(finished: torch.Tensor, sync_ranks: bool) -> bool:
         done = done.to(torch.int32)
         torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
     return bool(done)
+
+
+def ngram_draft(sequence: torch.Tensor, max_ngram: int, num_tokens: int) -> torch.Tensor:
+    """Prompt-lookup drafting: up to ``num_tokens`` tokens that followed an earlier occurrence of the last ``n``
+    tokens of ``sequence`` [L], for the largest ``n <= max_ngram`` that occurs; empty if none does.
+
+    Of the occurrences, the latest one followed by ``num_tokens`` tokens is used (the freshest context, a full
+    draft), else the earliest (the longest draft).
+    """
+    length = sequence.numel()
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        windows = sequence[:-1].unfold(0, n, 1)  # every earlier n-gram, each followed by at least one token
+        hits = (windows == sequence[-n:]).all(1).nonzero().flatten()
+        if len(hits):
+            follows = hits + n
+            full = follows[follows + num_tokens <= length]
+            begin = int(full[-1] if len(full) else follows[0])
+            return sequence[begin:begin + num_tokens]
+    return sequence[:0]
+
+
+def _decode_with_drafts(forward, kv, out, full_mask, next_position, prompt_len, max_new_tokens, choose, record,
+                        finished, logits, draft_tokens, draft_ngram) -> int:
+    """Greedy decoding with ``ngram_draft`` guesses checked in one pass (``generate(draft="ngram")``).
+
+    The cache always holds every written position but the newest (``pending``), as in the plain loop.
+    Returns the number of generated positions written.
+    """
+    step = 0
+    pending = record(choose(logits, 0), 0)
+    while step < max_new_tokens - 1 and not (finished is not None and bool(finished.all())):
+        cur = prompt_len + step  # position of ``pending``
+        room = max_new_tokens - 1 - step  # positions still to write after it: guesses + the model's next token
+        drafts = [ngram_draft(row[:cur + 1], draft_ngram, min(draft_tokens, room - 1)) for row in out]
+        k = min(len(d) for d in drafts)
+        block = torch.stack([torch.cat([pending[i:i + 1], d[:k]]) for i, d in enumerate(drafts)])
+        out[:, cur + 1:cur + 1 + k] = block[:, 1:]  # tentatively: the blocker reads them while checking
+        logits = forward(block, full_mask[:, :cur + 1 + k], next_position + step + torch.arange(k + 1), kv, cur,
+                         decode=k == 0, keep=k + 1)
+        if k == 0:
+            logits = logits[:, None] if logits.dim() == 2 else logits
+        accepted = 0
+        while True:  # check the guesses in order: position cur + 1 + j is decided by logits[:, j]
+            token = choose(logits[:, accepted], step + 1 + accepted)
+            agrees = token == block[:, accepted + 1] if accepted < k else None
+            if finished is not None and agrees is not None:
+                agrees |= finished  # a finished row writes pads whatever its guess was
+            if accepted == k or not bool(agrees.all()):
+                break
+            record(token, step + 1 + accepted)
+            accepted += 1
+        pending = record(token, step + 1 + accepted)
+        if k > accepted:  # drop the rejected guesses' keys and values
+            kv.crop(-(k - accepted))
+        step += 1 + accepted
+    return step + 1
 
 
 def continuation_ids(output: torch.Tensor, prompt_len: int, eos_token_id=None) -> list[list[int]]:

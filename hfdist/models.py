@@ -88,6 +88,26 @@ def resolve_model_path(path: str) -> str:
     return path  # a hub id; transformers reports if it cannot be fetched
 
 
+def check_seq_len(config: ModelConfig, seq_len: int) -> None:
+    """Refuse ``data.seq_len`` above the model's ``max_position_embeddings``, read from its config alone (no
+    weights are loaded). A config that cannot be read here is left for the model loading to report."""
+    from transformers import AutoConfig
+
+    try:
+        if config.path in architecture_names():
+            hf_config = architecture_config(config.path)
+        else:
+            kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+            hf_config = AutoConfig.from_pretrained(resolve_model_path(config.path), revision=config.revision,
+                                                   trust_remote_code=config.trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError):
+        return
+    max_positions = getattr(hf_config, "max_position_embeddings", None)
+    if max_positions and seq_len > max_positions:
+        raise HfdistError(f"config field data.seq_len: {seq_len} exceeds the model's max_position_embeddings "
+                          f"{max_positions} ({config.path})")
+
+
 def choose_attn_implementation(requested: str, device: torch.device) -> str:
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:

@@ -10,8 +10,10 @@ sequences (loss, perplexity, entropy, top-k mass) and by greedy generation from 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import resource
 import sys
@@ -24,12 +26,14 @@ import numpy as np
 import torch
 
 from hfdist import checkpoint
-from hfdist.config import Config, OptimConfig, save_config
-from hfdist.data import StepSampler, build_data
+from hfdist.config import Config, OptimConfig, run_path, save_config
+from hfdist.data import BatchPrefetcher, StepSampler, build_data
 from hfdist.distributed.perf import model_flops_per_token, rank_metrics
+from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
+from hfdist.faults import Faults, fault_env_set, restart_count
 from hfdist.io import atomic_directory, atomic_write_json
-from hfdist.models import HyperfitModel, load_model, load_tokenizer
+from hfdist.models import HyperfitModel, check_seq_len, load_model, load_tokenizer
 from hfdist.monitor import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -100,23 +104,23 @@ def evaluate(lm: torch.nn.Module, validation: torch.Tensor, contexts: torch.Tens
 def build_model(backend, config: Config, total_steps: int) -> None:
     """Have the backend build the HyperfitModel, its optimizer and its LR schedule."""
 
+    check_seq_len(config.model, config.data.seq_len)  # from config.json, before any weights load
+
     def model_factory(device: torch.device) -> HyperfitModel:
         lm = load_model(config.model, device)
-        max_positions = getattr(lm.config, "max_position_embeddings", None)
-        if max_positions and config.data.seq_len > max_positions:
-            raise HfdistError(f"config field data.seq_len: {config.data.seq_len} exceeds the model's "
-                              f"max_position_embeddings {max_positions}")
         return HyperfitModel(lm, fused_loss=config.train.fused_loss, loss_backend=config.train.loss_backend)
 
     backend.build(model_factory, lambda m: build_optimizer(config.optim, m, backend.device),
                   lambda o: build_scheduler(config.optim, o, total_steps))
 
 
-def train_step(backend, micro_batches: list[torch.Tensor], max_grad_norm: float):
+def train_step(backend, micro_batches: list[torch.Tensor], max_grad_norm: float) -> tuple[float, float, float, bool]:
     """One optimizer step over this rank's micro-batches of the global batch.
 
-    Returns (loss, entropy, grad_norm) as tensors, with no host sync: the global mean next-token loss
-    and entropy (summed across ranks), and the gradient norm before clipping.
+    Returns (loss, entropy, grad_norm, applied): the global mean next-token loss and entropy (summed across
+    ranks), the gradient norm before clipping, and whether the update was applied (False when the loss or the
+    norm is NaN/inf: the backend then skips the optimizer and LR-scheduler step, on every rank alike). The three
+    numbers reach the host in one transfer, the step's only host sync.
     """
     device = backend.device
     local_tokens = torch.tensor(float(sum(b.shape[0] * (b.shape[1] - 1) for b in micro_batches)), device=device)
@@ -129,10 +133,12 @@ def train_step(backend, micro_batches: list[torch.Tensor], max_grad_norm: float)
         backend.backward(share, is_last_micro_batch=i == len(micro_batches) - 1)
         loss_total += share.detach()
         entropy_total += entropy_sum.detach() / global_tokens
-    grad_norm = backend.step(max_grad_norm)
-    # Each rank holds its share of the global mean; the sum over ranks is the step's loss.
+    # Each rank holds its share of the global mean; the sum over ranks is the step's loss (a NaN on one rank
+    # makes it NaN on all of them, so the skip decision is the same everywhere).
     totals = backend.all_reduce_sum(torch.stack([loss_total, entropy_total]))
-    return totals[0], totals[1], grad_norm
+    result = backend.step(max_grad_norm, totals)
+    loss, entropy = result.values
+    return loss, entropy, result.grad_norm, result.applied
 
 
 def default_output_dir(config_path: Optional[str]) -> Path:
@@ -140,12 +146,59 @@ def default_output_dir(config_path: Optional[str]) -> Path:
     return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(run_dir: Path, resume: Optional[str]) -> None:
+def prepare_run_dir(run_dir: Path, resume: Optional[str], checkpoint_dir: str = "checkpoints") -> None:
     """Refuse to train over a finished run unless resuming: nothing of an earlier result is overwritten."""
     if resume is None and run_dir.exists() and any((run_dir / name).exists()
-                                                   for name in ("model", "metrics.jsonl", "checkpoints")):
+                                                   for name in ("model", "metrics.jsonl", checkpoint_dir)):
         raise HfdistError(f"--output-dir {str(run_dir)!r}: already holds a run; pass --resume to continue it "
                           "or choose another folder")
+
+
+# Written by the first attempt of a torchrun job with --max-restarts > 0: which launcher agents started the run.
+JOB_MARKER = ".hfdist-job.json"
+FRESH = "fresh"  # start point of a restarted job that had no complete checkpoint yet
+
+
+def agent_identity() -> str:
+    """This process's torchrun agent (run id, host, agent pid): the same for every attempt of a job on a node."""
+    import socket
+
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}@{socket.gethostname()}:{os.getppid()}"
+
+
+def choose_start(backend, run_dir: Path, resume: Optional[str],
+                 checkpoint_root: Path) -> tuple[Optional[str], Optional[dict]]:
+    """Where this attempt starts: None (a new run), FRESH (a restarted job with no checkpoint yet), or a
+    checkpoint folder; and, on rank 0 of a first attempt under ``torchrun --max-restarts N``, the JOB_MARKER
+    content to write once the inputs are checked. Rank 0 decides and tells the other ranks; an error is raised
+    on every rank alike.
+
+    On a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of the job whose first attempt began this run folder
+    (its agents are recorded in JOB_MARKER), the run continues from the latest complete checkpoint, without
+    --resume and without the "already holds a run" refusal. Any other folder is checked as on a first attempt.
+    """
+    error = start = marker_content = None
+    agents = backend.all_gather_object(agent_identity())
+    if backend.is_main:
+        try:
+            marker = run_dir / JOB_MARKER
+            recorded = json.loads(marker.read_text()).get("agents", []) if marker.is_file() else []
+            if restart_count() > 0 and agent_identity() in recorded:
+                latest = checkpoint.latest_valid(checkpoint_root)
+                start = str(latest) if latest is not None else (resume or FRESH)
+                logger.warning("torchrun restart %d of this job: continuing from %s", restart_count(),
+                               latest if latest is not None else resume or "the start (no complete checkpoint yet)")
+            else:
+                prepare_run_dir(run_dir, resume, str(checkpoint_root.relative_to(run_dir)))
+                start = None if resume is None else str(checkpoint.resolve_resume(resume, checkpoint_root))
+                if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+                    marker_content = {"agents": sorted(set(agents))}
+        except HfdistError as exc:
+            error = str(exc)
+    error, start = backend.broadcast_object((error, start))
+    if error is not None:
+        raise HfdistError(error)
+    return start, marker_content
 
 
 class Trainer:
@@ -154,39 +207,46 @@ class Trainer:
 
         self.config = config
         self.run_dir = run_dir
+        self.checkpoint_root = run_path(run_dir, "checkpoint.dir", config.checkpoint.dir)
         self.backend = build_backend(config)
-        if self.backend.is_main:
-            prepare_run_dir(run_dir, resume)
+        self.faults = Faults(self.backend.rank)
+        start, job_marker = choose_start(self.backend, run_dir, resume, self.checkpoint_root)
         self.accumulation = self.backend.gradient_accumulation_steps()
         seed_everything(config.train.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+        # Every input is checked before anything is written into the run folder.
+        check_seq_len(config.model, config.data.seq_len)
         self.tokenizer = load_tokenizer(config.model)
         self.data = build_data(config.data, self.tokenizer)
         if self.backend.is_main:
+            if job_marker is not None:
+                atomic_write_json(run_dir / JOB_MARKER, job_marker)
             save_config(config, run_dir / "config.yaml")
             self.data.save(run_dir / "data")
         self.sampler = StepSampler(len(self.data.train), config.train.global_batch_size,
                                    config.train.micro_batch_size, self.backend.dp_rank, self.backend.dp_size,
                                    config.train.seed)
+        self.prefetcher = BatchPrefetcher(self._host_batches, self.backend.device, config.train.prefetch)
         steps = self.sampler.steps_per_epoch * config.train.epochs
         self.total_steps = min(steps, config.train.max_steps) if config.train.max_steps else steps
 
         build_model(self.backend, config, self.total_steps)
         self.flops_per_token = model_flops_per_token(self.backend.unwrapped_lm(), config.data.seq_len)
         self.progress = progress and self.backend.is_main
+        self.faults.install(self.backend.unwrapped_lm())
         self.state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_entropy_sum": 0.0,
-                      "epoch_steps": 0, "evaluated_step": -1}
-        if resume is not None:
-            folder = checkpoint.resolve_resume(resume, run_dir / "checkpoints")
-            self.state = checkpoint.load(folder, self.backend)
+                      "epoch_steps": 0, "evaluated_step": -1, "skipped_steps": 0, "bad_steps_in_row": 0}
+        if start not in (None, FRESH):
+            folder = Path(start)
+            self.state.update(checkpoint.load(folder, self.backend))
             logger.info("resumed from %s at step %d", folder, self.state["step"])
-        # On resume, records logged after the checkpoint (by the run that stopped) are dropped first.
-        self.metrics = MetricsLogger(run_dir, enabled=self.backend.is_main,
-                                     resume_step=self.state["step"] if resume is not None else None)
-        # The running sums of the epoch's step losses and entropies (restored from the state on resume).
-        self._epoch_sums = torch.tensor([self.state["epoch_loss_sum"], self.state["epoch_entropy_sum"]],
-                                        device=self.backend.device)
+        # On resume, records logged after the checkpoint (by the run that stopped) are dropped first; a restarted
+        # job with no checkpoint drops all of the failed attempt's records.
+        resume_step = -1 if start == FRESH else None if start is None else self.state["step"]
+        self.metrics = MetricsLogger(run_dir, enabled=self.backend.is_main, resume_step=resume_step)
+        if fault_env_set() and self.backend.is_main:
+            logger.warning("fault injection (testing hooks) is on: %s", fault_env_set())
 
     # -------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -209,11 +269,18 @@ class Trainer:
                 stopped_by = "max_steps"
                 break
             started = time.perf_counter()
-            loss, entropy = self._train_step(state["epoch"], state["step_in_epoch"])
+            watchdog.mark(f"training step {state['step'] + 1}")
+            batch_position = (state["epoch"], state["step_in_epoch"])
+            loss_value, entropy_value, grad_norm, applied = self._train_step(*batch_position)
             state["step"] += 1
             state["step_in_epoch"] += 1
-            if state["step"] % config.train.log_every_steps == 0 or state["step"] == self.total_steps:
-                loss_value, entropy_value = loss.item(), entropy.item()  # the only host syncs of a step
+            self.faults.after_step(state["step"])
+            watchdog.mark(f"bookkeeping after training step {state['step']}")
+            if applied:
+                state["bad_steps_in_row"] = 0
+            else:
+                self._skipped_step(*batch_position, loss_value, grad_norm)
+            if state["step"] % config.train.log_every_steps == 0 or state["step"] == self.total_steps or not applied:
                 elapsed = time.perf_counter() - started
                 tokens_per_s = config.train.global_batch_size * seq_len / elapsed
                 # All ranks take part: per-rank peak memory is gathered, then MFU (CUDA) from the global rate.
@@ -221,22 +288,30 @@ class Trainer:
                                         backend.device)
                 self.metrics.log("step", state["step"], {
                     "train/loss": loss_value, "train/entropy": entropy_value,
-                    "train/grad_norm": self._last_grad_norm.item(), "train/lr": backend.current_lr(),
+                    "train/grad_norm": grad_norm, "train/lr": backend.current_lr(),
+                    "train/skipped_steps": state["skipped_steps"],
                     "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": elapsed, **per_rank},
                     epoch=state["epoch"] + state["step_in_epoch"] / self.sampler.steps_per_epoch)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}")
-            self._epoch_sums += torch.stack([loss, entropy])  # stays on the device: no sync per step
-            state["epoch_steps"] += 1
+            if state["bad_steps_in_row"] > config.train.max_bad_steps_in_row:
+                raise HfdistError(
+                    f"step {state['step']} (epoch {batch_position[0] + 1}): {state['bad_steps_in_row']} consecutive "
+                    f"steps with a non-finite loss or gradient norm, more than train.max_bad_steps_in_row="
+                    f"{config.train.max_bad_steps_in_row}; stopping (those steps did not change the weights; the "
+                    "checkpoints are intact)")
+            if applied:  # the epoch's mean loss is over the steps that trained
+                state["epoch_loss_sum"] += loss_value
+                state["epoch_entropy_sum"] += entropy_value
+                state["epoch_steps"] += 1
             if bar is not None:
                 bar.update(1)
             if state["step_in_epoch"] == self.sampler.steps_per_epoch and self._end_epoch():
                 stopped_by = "target_loss"
             # Saved last, after the epoch's bookkeeping, so that a resumed run logs nothing twice.
             if config.checkpoint.every_steps and state["step"] % config.checkpoint.every_steps == 0:
-                state["epoch_loss_sum"], state["epoch_entropy_sum"] = self._epoch_sums.tolist()
-                checkpoint.save(self.run_dir / "checkpoints", state["step"], backend, dict(state),
-                                config.checkpoint.keep_last)
+                watchdog.mark(f"checkpoint at step {state['step']}")
+                checkpoint.save(self.checkpoint_root, state["step"], backend, dict(state), config.checkpoint.keep_last)
         if bar is not None:
             bar.close()
         if state["evaluated_step"] != state["step"]:
@@ -250,24 +325,46 @@ class Trainer:
     def _end_epoch(self) -> bool:
         """Log the epoch's mean train loss and entropy, evaluate when due; True if the target loss is reached."""
         state, config = self.state, self.config
-        loss_sum, entropy_sum = self._epoch_sums.tolist()
-        epoch_loss = loss_sum / max(1, state["epoch_steps"])
+        # An epoch whose every step was skipped has no mean loss (NaN: never meets the target).
+        steps = state["epoch_steps"] or float("nan")
+        epoch_loss = state["epoch_loss_sum"] / steps
         state["epoch"] += 1
+        watchdog.mark(f"end of epoch {state['epoch']}")
+        self.backend.monitored_barrier()  # cheap once an epoch; on gloo it names a rank that fell behind
         self.metrics.log("epoch", state["step"], {
-            "train/loss": epoch_loss, "train/entropy": entropy_sum / max(1, state["epoch_steps"])},
-            epoch=state["epoch"])
+            "train/loss": epoch_loss, "train/entropy": state["epoch_entropy_sum"] / steps}, epoch=state["epoch"])
         state.update(step_in_epoch=0, epoch_loss_sum=0.0, epoch_entropy_sum=0.0, epoch_steps=0)
-        self._epoch_sums.zero_()
         if config.eval.every_epochs and state["epoch"] % config.eval.every_epochs == 0:
             self._evaluate()
         return bool(config.train.target_loss) and epoch_loss <= config.train.target_loss
 
-    def _train_step(self, epoch: int, step_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        micro_batches = [self.data.train[indices] for indices in self.sampler.micro_batches(epoch, step_in_epoch)]
-        loss, entropy, self._last_grad_norm = train_step(self.backend, micro_batches, self.config.optim.max_grad_norm)
-        return loss, entropy
+    def _host_batches(self, position: tuple[int, int]) -> list[torch.Tensor]:
+        return [self.data.train[indices] for indices in self.sampler.micro_batches(*position)]
+
+    def _train_step(self, epoch: int, step_in_epoch: int) -> tuple[float, float, float, bool]:
+        following = (epoch, step_in_epoch + 1)
+        if following[1] == self.sampler.steps_per_epoch:
+            following = (epoch + 1, 0)
+        last = self.state["step"] + 1 >= self.total_steps or following[0] >= self.config.train.epochs
+        micro_batches = self.prefetcher.get((epoch, step_in_epoch), None if last else following)
+        with self.faults.step(self.state["step"] + 1):
+            return train_step(self.backend, micro_batches, self.config.optim.max_grad_norm)
+
+    def _skipped_step(self, epoch: int, step_in_epoch: int, loss: float, grad_norm: float) -> None:
+        """Count a step whose update was skipped (NaN/inf loss or gradient norm) and say which batch it was."""
+        state = self.state
+        state["skipped_steps"] += 1
+        state["bad_steps_in_row"] += 1
+        if self.backend.is_main:
+            indices = self.sampler.global_batch(epoch, step_in_epoch).tolist()
+            logger.warning("step %d (epoch %d, batch %d of %d): non-finite loss (%s) or gradient norm (%s): the "
+                           "optimizer step is skipped, the batch consumed (%d in a row, %d in total); its training "
+                           "sequences (rows of data/train_token_ids.npy): %s", state["step"], epoch + 1,
+                           step_in_epoch + 1, self.sampler.steps_per_epoch, loss, grad_norm,
+                           state["bad_steps_in_row"], state["skipped_steps"], indices)
 
     def _evaluate(self) -> None:
+        watchdog.mark(f"evaluation at step {self.state['step']}")
         lm = self.backend.unwrapped_lm()
         values = evaluate(lm, self.data.validation, self.data.contexts, self.config, self.backend.device)
         state = self.state
@@ -279,7 +376,12 @@ class Trainer:
                         ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
 
     def export(self, folder: Path) -> None:
-        """Save the final model and tokenizer with save_pretrained (safetensors), atomically."""
+        """Save the final model and tokenizer with save_pretrained (safetensors), atomically; never NaN/inf weights."""
+        watchdog.mark("export of the final model")
+        bad = checkpoint.nonfinite_parameters(self.backend)
+        if bad:
+            raise HfdistError(f"{folder}: refusing to export non-finite weights ({bad} parameter tensors hold NaN or "
+                              "inf)")
         state_dict = self.backend.full_state_dict()
         if self.backend.is_main:
             lm = self.backend.unwrapped_lm()
@@ -291,7 +393,8 @@ class Trainer:
     def _summary(self, stopped_by: str) -> dict:
         from hfdist.monitor import read_metrics
 
-        summary = {"stopped_by": stopped_by, "steps": self.state["step"], "epochs": self.state["epoch"]}
+        summary = {"stopped_by": stopped_by, "steps": self.state["step"], "epochs": self.state["epoch"],
+                   "skipped_steps": self.state["skipped_steps"]}
         if self.backend.is_main:
             records = read_metrics(self.run_dir / "metrics.jsonl")
             evals = [r for r in records if r["kind"] == "eval"]
@@ -307,11 +410,21 @@ class Trainer:
 
 
 def train(config: Config, run_dir: Path, resume: Optional[str] = None, progress: bool = True) -> dict:
-    trainer = Trainer(config, run_dir, resume=resume, progress=progress)
+    """Train (see Trainer). A collective that times out or loses a peer becomes one HfdistError line naming this
+    rank, where it waited, and the ranks that fell behind (hfdist.distributed.watchdog)."""
+    trainer = None
     try:
+        trainer = Trainer(config, run_dir, resume=resume, progress=progress)
         return trainer.run()
+    except RuntimeError as exc:
+        failure = watchdog.failure(exc)
+        if failure is None:
+            raise
+        trainer = None  # the process group is unusable now (gloo closes a timed-out operation's pairs): no close
+        raise failure from exc
     finally:
-        trainer.backend.close()
+        if trainer is not None:
+            trainer.backend.close()
 
 
 def format_summary(summary: dict) -> str:

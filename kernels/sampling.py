@@ -139,9 +139,9 @@ def inverse_temperature(temperature) -> float | torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 def invalid_rows_torch(logits: torch.Tensor) -> torch.Tensor:
-    """Bool [B]: the row holds NaN or +inf, or nothing but -inf."""
-    x = logits.float()
-    return torch.isnan(x).any(1) | (x == math.inf).any(1) | (x == -math.inf).all(1)
+    """Bool [B]: the row holds NaN or +inf, or nothing but -inf (one pass: amax propagates NaN)."""
+    top = logits.amax(1).float()
+    return torch.isnan(top) | (top == math.inf) | (top == -math.inf)
 
 
 def scaled_logits(x: torch.Tensor, inv_temp: torch.Tensor) -> torch.Tensor:
@@ -183,23 +183,99 @@ def kept_mask_torch(logits, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0):
     return keep, q
 
 
-def sample_torch(logits, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, *, random53: torch.Tensor):
-    """Tokens [B] (int64) by the reference definition; ``random53`` [B] int64 in [0, 2**53). No validity check."""
-    batch, vocab = logits.shape
-    device = logits.device
-    x = logits.float()
-    greedy = x.argmax(1)  # first index of the maximum
-    inv_temp = _option("temperature", inverse_temperature(temperature), batch, device, torch.float32)
-    k = _option("top_k", top_k, batch, device, torch.int64)
-    is_greedy = (inv_temp <= 0) | (k == 1)
-    if bool(is_greedy.all()):
-        return greedy
+CANDIDATES = 256  # top-p-only rows: the candidate set tried before falling back to a full sort
+
+
+def _sample_from_candidates(z, index, k, p, min_p, random53, vocab_mass):
+    """Steps 4-7 on the ``W`` largest logits of each row (``z`` [B, W] scaled, ``index`` their token ids).
+
+    ``vocab_mass`` [B]: the mass of the whole vocabulary (top-p's total when top-k is off), or None when
+    every row has top-k on. Returns (tokens [B], exact [B]): ``exact`` is False for a row whose kept set
+    might reach beyond the candidates, which the caller then samples by the full sort. A row is decided
+    exactly when its kept set lies among the candidates whose ``z`` is strictly above the smallest
+    candidate's: every token with such a value is a candidate (scaling by 1/temperature keeps the order),
+    so their order (value, then index) and masses are those of the full definition, and every other token
+    ranks after all of them.
+    """
+    width = z.shape[1]
+    # Order the candidates as the definition does: by index, then stably by value descending.
+    index, by_index = index.sort(1)
+    z = z.gather(1, by_index)
+    z, rank_order = torch.sort(z, dim=1, descending=True, stable=True)
+    edge = z[:, -1:]  # tokens equal to it may lie outside the candidates
+    strict = z > edge
+    w = torch.exp(z - z[:, :1])
+    q = (w * float(2**MASS_BITS)).to(torch.int64)
+    active_k = k > 0  # the caller passes 0 for rows with top-k off
+    kth = z.gather(1, (k.clamp(1, width) - 1)[:, None])
+    keep_k = (z >= kth) | ~active_k[:, None]
+    exact_k = ~active_k | ((k <= width) & (kth[:, 0] > edge[:, 0]))
+    q_k = q * keep_k
+    # Top-k on: the survivors are all candidates. Off: top-p's total is the whole vocabulary's mass.
+    mass_k = q_k.sum(1) if vocab_mass is None else torch.where(active_k, q_k.sum(1), vocab_mass)
+    target = torch.ceil(p.double() * mass_k.double()).to(torch.int64).clamp_min(1)
+    before = torch.cumsum(q_k, 1) - q_k
+    active_p = p < 1
+    keep = keep_k & ((before < target[:, None]) | ~active_p[:, None])
+    # Top-p is decided inside the strict candidates iff their mass reaches the target.
+    exact_p = ~active_p | ((q_k * strict).sum(1) >= target)
+    keep &= (w >= min_p.clamp(max=1.0)[:, None]) | (min_p <= 0)[:, None]
+    # Step 7 runs in vocabulary order: back to index order (undo rank_order).
+    keep_by_index = torch.empty_like(keep).scatter_(1, rank_order, keep)
+    q_index = torch.empty_like(q).scatter_(1, rank_order, q) * keep_by_index
+    cumulative = torch.cumsum(q_index, 1)
+    u = torch.floor(random53.double() * 2.0**-53 * cumulative[:, -1].double()).to(torch.int64)
+    position = torch.searchsorted(cumulative, u[:, None], right=True).clamp_max(width - 1)
+    return index.gather(1, position).squeeze(1), exact_k & exact_p
+
+
+def _sample_by_sort(logits, temperature, top_p, top_k, min_p, random53):
     keep, q = kept_mask_torch(logits, temperature, top_p, top_k, min_p)
     q = q * keep
     cumulative = torch.cumsum(q, 1)
     total = cumulative[:, -1]
     u = torch.floor(random53.double() * 2.0**-53 * total.double()).to(torch.int64)
-    token = torch.searchsorted(cumulative, u[:, None], right=True).squeeze(1).clamp_max(vocab - 1)
+    return torch.searchsorted(cumulative, u[:, None], right=True).squeeze(1).clamp_max(logits.shape[1] - 1)
+
+
+def sample_torch(logits, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, *, random53: torch.Tensor,
+                 candidates: int = CANDIDATES):
+    """Tokens [B] (int64) by the reference definition; ``random53`` [B] int64 in [0, 2**53). No validity check.
+
+    With top-k or top-p on, each row is first decided on its few largest logits (top-k rows: ``k`` plus a
+    margin; top-p-only rows: ``candidates``), which gives the same token as the full sort (see
+    ``_sample_from_candidates``); only rows that cannot be decided there are sorted in full.
+    """
+    batch, vocab = logits.shape
+    device = logits.device
+    x = logits.float()
+    inv_temp = _option("temperature", inverse_temperature(temperature), batch, device, torch.float32)
+    k = _option("top_k", top_k, batch, device, torch.int64)
+    greedy = x.argmax(1)  # first index of the maximum
+    p = _option("top_p", top_p, batch, device, torch.float32)
+    min_p_t = _option("min_p", min_p, batch, device, torch.float32)
+    is_greedy = (inv_temp <= 0) | (k == 1)
+    if bool(is_greedy.all()):
+        return greedy
+    active_k = (k > 0) & (k < vocab)
+    filtered = (active_k | (p < 1)) & ~is_greedy
+    if not bool(filtered.any()):  # neither top-k nor top-p: no order needed at all
+        return torch.where(is_greedy, greedy, _sample_by_sort(logits, temperature, top_p, top_k, min_p, random53))
+    width = min(vocab, max(candidates, int(torch.where(active_k, k, 0).max()) + 16))
+    values, index = torch.topk(x, width, dim=1)
+    z = scaled_logits(values, inv_temp)
+    vocab_mass = None
+    if bool((~active_k & filtered).any()):  # top-p without top-k: its total is the whole row's mass
+        w_all = torch.exp(scaled_logits(x, inv_temp) - z[:, :1])
+        vocab_mass = (w_all * float(2**MASS_BITS)).to(torch.int64).sum(1)
+    token, exact = _sample_from_candidates(z, index, torch.where(active_k, k, 0), p, min_p_t, random53, vocab_mass)
+    exact &= filtered
+    redo = ~exact & ~is_greedy
+    if bool(redo.any()):
+        rows = redo.nonzero().flatten()
+        pick = lambda v: v[rows] if isinstance(v, torch.Tensor) and v.dim() == 1 else v  # noqa: E731
+        token[rows] = _sample_by_sort(logits[rows], pick(temperature), pick(top_p), pick(top_k), pick(min_p),
+                                      random53[rows])
     return torch.where(is_greedy, greedy, token)
 
 

@@ -7,12 +7,14 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launchers/torchrun.sh configs/paper-llama-3.1-70b.yaml --output-dir /shared/runs/70b
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launchers/torchrun.sh configs/paper-llama-3.1-70b.yaml --output-dir /shared/runs/70b
 # Environment: NNODES (1), NODE_RANK (0), GPUS_PER_NODE (the GPUs nvidia-smi lists, else 1), MASTER_ADDR
-# (127.0.0.1), MASTER_PORT (29500), RDZV_ID (hfdist), PYTHON (python). Everything after the config goes to
-# `hfdist hyperfit` (--set ..., --output-dir, --resume). The run folder must be on a filesystem all nodes share.
+# (127.0.0.1), MASTER_PORT (29500), RDZV_ID (hfdist), PYTHON (python), MAX_RESTARTS (0: with N > 0 torchrun
+# restarts the job after a failure and it continues from its latest complete checkpoint). Everything after the
+# config goes to `hfdist hyperfit` (--set ..., --output-dir, --resume). The run folder must be on a filesystem
+# all nodes share.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-  sed -n '2,12p' "$0" >&2
+  sed -n '2,14p' "$0" >&2
   exit 2
 fi
 
@@ -29,8 +31,11 @@ MASTER_PORT=${MASTER_PORT:-29500}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/hfdist/torch_extensions}
 # One OpenMP thread per process unless told otherwise (torchrun's default, said here so it is not a surprise).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# A fresh rendezvous store for every restart attempt: the shared one keeps the failed attempt's keys
+# (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 exec "$PYTHON" -m torch.distributed.run \
-  --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
+  --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" --max-restarts "${MAX_RESTARTS:-0}" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-hfdist}" \
   -m hfdist.cli hyperfit "$@"

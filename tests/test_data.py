@@ -107,3 +107,21 @@ def test_step_sampler_same_global_batch_for_any_world_size():
     # every sample exactly once per epoch
     epoch = torch.cat([single.micro_batches(0, s)[0] for s in range(single.steps_per_epoch)])
     assert sorted(epoch.tolist()) == list(range(32))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the overlapped copy needs CUDA"))])
+def test_prefetcher_hands_out_each_position_exactly(device):
+    """Whatever the order of requests (in sequence, a jump as on resume, no next), each step gets its own batches."""
+    from hfdist.data import BatchPrefetcher
+
+    source = {i: [torch.full((2, 4), i), torch.full((1, 4), 100 + i)] for i in range(6)}
+    loads = []
+    prefetcher = BatchPrefetcher(lambda i: (loads.append(i), source[i])[1], torch.device(device))
+    assert prefetcher.overlapped == (device == "cuda")
+    for position, following in [(0, 1), (1, 2), (4, 5), (5, None), (2, 3)]:
+        batches = prefetcher.get(position, following)
+        assert [b.device.type for b in batches] == [device, device]
+        assert [b.cpu().tolist() for b in batches] == [b.tolist() for b in source[position]]
+    # CUDA: position 2 was loaded once ahead (after 1) and again after the jump; CPU: once per request.
+    assert loads == ([0, 1, 2, 4, 5, 2, 3] if device == "cuda" else [0, 1, 4, 5, 2])

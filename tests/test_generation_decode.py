@@ -102,3 +102,49 @@ def test_sampling_at_tiny_temperature_is_greedy(model):
     ids, mask = left_pad(_prompts([5, 9]), 0)
     cold = generate(model, ids, mask, max_new_tokens=15, strategy="sample", temperature=1e-4, seed=0)
     assert torch.equal(cold, generate(model, ids, mask, max_new_tokens=15))
+
+
+@pytest.mark.parametrize("lengths,eos_step", [([9], None), ([7, 12, 3, 12, 1], None), ([7, 12, 3, 12], 5),
+                                              ([5, 8], 2)])
+def test_ngram_drafting_equals_plain_greedy(model, lengths, eos_step):
+    """draft='ngram' keeps exactly greedy's tokens (batched, left-padded, with EOS), in fewer forward passes."""
+    ids, mask = left_pad(_prompts(lengths), 0)
+    # A prompt that repeats gives the drafts something to find; the random model then tends to loop too.
+    ids, mask = torch.cat([ids, ids], 1), torch.cat([mask, mask], 1)
+    plain = generate(model, ids, mask, max_new_tokens=60)
+    eos = None if eos_step is None else int(plain[0, ids.shape[1] + eos_step])
+    plain = generate(model, ids, mask, max_new_tokens=60, eos_token_id=eos, pad_token_id=0)
+    passes = []
+    handle = model.register_forward_hook(lambda *a: passes.append(1))
+    drafted = generate(model, ids, mask, max_new_tokens=60, eos_token_id=eos, pad_token_id=0, draft="ngram",
+                       draft_tokens=6)
+    handle.remove()
+    assert torch.equal(drafted, plain)
+    if len(lengths) == 1:
+        assert len(passes) < 60 // 2  # most guesses were right: far fewer passes than tokens
+
+
+def test_ngram_drafting_with_blocker_equals_plain(model):
+    from hfdist.generation import CitationBlocker
+
+    ids, _ = left_pad(_prompts([10]), 0)
+    ids = torch.cat([ids, ids, ids], 1)
+    plain = generate(model, ids, max_new_tokens=50)
+    blocker = CitationBlocker([plain[0, ids.shape[1]:].tolist()], n=2)  # blocks the model's own loop
+    blocked = generate(model, ids, max_new_tokens=50, blocker=blocker)
+    assert not torch.equal(blocked, plain)
+    assert torch.equal(generate(model, ids, max_new_tokens=50, blocker=blocker, draft="ngram"), blocked)
+
+
+def test_ngram_draft_lookup():
+    from hfdist.generation import ngram_draft
+
+    seq = torch.tensor([5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 5, 6, 7])
+    # "5 6 7" occurs at 0 and 5: the latest with 2 tokens after it is at 5 -> "1 2".
+    assert ngram_draft(seq, 3, 2).tolist() == [1, 2]
+    # Asking for 4: no occurrence is followed by 4 tokens after position 5... index 0 is: "8 9 5 6".
+    assert ngram_draft(seq, 3, 4).tolist() == [1, 2, 5, 6]
+    assert ngram_draft(torch.tensor([1, 2, 3]), 2, 3).tolist() == []
+    with pytest.raises(HfdistError, match="draft"):
+        generate(tiny_llama(vocab_size=64), torch.tensor([[1, 2]]), max_new_tokens=3, strategy="sample",
+                 draft="ngram")

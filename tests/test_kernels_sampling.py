@@ -193,3 +193,33 @@ def test_option_validation_and_seed_helper():
     assert not torch.equal(seeds, sampling_seeds(7, 4, 4))
     assert 2**MASS_BITS * 128256 < 2**53  # the integer masses stay exact in fp64
     assert math.isfinite(float(sample(logits, temperature=1e-6, seed=0)[0]))
+
+
+@pytest.mark.parametrize("vocab,width", [(40, 8), (300, 16), (5000, 256)])
+def test_candidate_path_draws_the_full_sort_token(vocab, width):
+    """sample_torch decides rows on their top-``width`` logits; it must give the full sort's token, ties included.
+
+    Small integer-valued logits make tie groups cross every boundary (the k-th value, the top-p prefix and
+    the candidate edge), so both the exact candidate rows and the fall-back rows are exercised.
+    """
+    from hfdist.kernels.sampling import _sample_by_sort, sample_torch
+    gen = torch.Generator().manual_seed(vocab)
+    batch = 64
+    for trial in range(6):
+        if trial % 2:
+            logits = torch.randint(-6, 3, (batch, vocab), generator=gen).float()  # many ties
+        else:
+            logits = torch.randn(batch, vocab, generator=gen) * (1 + trial)  # sharp to flat
+        logits[:4, : vocab // 3] = float("-inf")
+        top_k = torch.randint(0, min(vocab, 2 * width), (batch,), generator=gen)
+        top_k[::5] = 0
+        top_p = torch.rand(batch, generator=gen) * 1.2
+        top_p = torch.where(top_p > 1, 1.0, top_p)
+        min_p = torch.where(torch.rand(batch, generator=gen) < 0.3, 0.05, 0.0)
+        temperature = torch.rand(batch, generator=gen) + 0.3
+        random53 = torch.randint(0, 2**53, (batch,), generator=gen)
+        options = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        fast = sample_torch(logits, **options, random53=random53, candidates=width)
+        full = _sample_by_sort(logits, **options, random53=random53)
+        greedy = top_k == 1
+        assert torch.equal(fast[~greedy], full[~greedy]), (trial, (fast != full).nonzero().flatten().tolist())

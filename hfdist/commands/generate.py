@@ -49,6 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache kind")
+    parser.add_argument("--draft", choices=["none", "ngram"], default="none",
+                        help="greedy only: ngram = prompt-lookup speculative decoding, greedy's tokens in fewer "
+                             "passes when the text repeats (best at batch size 1; default: none)")
     parser.add_argument("--out", default="generations.jsonl", help="output JSONL (default: generations.jsonl)")
     parser.set_defaults(func=run)
     return parser
@@ -60,16 +63,18 @@ def load_prompts(args, tokenizer) -> list[list[int]]:
     from hfdist.report import load_token_array
 
     source = Path(args.prompts).expanduser()
+    if not source.exists() and source.suffix in (".txt", ".jsonl", ".json", ".npy", ".csv", ".parquet"):
+        raise HfdistError(f"--prompts {args.prompts!r}: no such file")
     if source.is_dir() and (source / "data" / "contexts.npy").is_file():
         source = source / "data" / "contexts.npy"
     if source.suffix == ".npy":
         prompts = load_token_array(source, "--prompts").tolist()
     elif source.is_file() and source.suffix == ".txt":
-        texts = [line for line in source.read_text().splitlines() if line.strip()]
+        texts = [line for line in _read_text(source).splitlines() if line.strip()]
         prompts = None
     elif source.is_file() and source.suffix in (".jsonl", ".json"):
         texts = []
-        for number, line in enumerate(source.read_text().splitlines(), 1):
+        for number, line in enumerate(_read_text(source).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -103,6 +108,15 @@ def load_prompts(args, tokenizer) -> list[list[int]]:
     return prompts
 
 
+def _read_text(path: Path) -> str:
+    from hfdist.errors import HfdistError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise HfdistError(f"--prompts {str(path)!r}: not UTF-8 text (byte {exc.start})") from None
+
+
 def run(args) -> int:
     from hfdist.errors import HfdistError
     from hfdist.generation import CitationBlocker, continuation_ids, generate, left_pad
@@ -114,6 +128,11 @@ def run(args) -> int:
         raise HfdistError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     if args.batch_size < 1:
         raise HfdistError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    for name in ("num_prompts", "prompt_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise HfdistError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.draft != "none" and (args.strategy != "greedy" or args.cache != "dynamic"):
+        raise HfdistError(f"--draft {args.draft}: needs --strategy greedy and --cache dynamic")
     options = dict(STRATEGY_DEFAULTS[args.strategy])
     for key in options:
         if getattr(args, key) is not None:
@@ -133,7 +152,7 @@ def run(args) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     strategy = "greedy" if args.strategy == "greedy" else "sample"
     settings = {"model": args.model, "strategy": args.strategy, "max_new_tokens": args.max_new_tokens,
-                "stop_at_eos": not args.ignore_eos, "seed": args.seed, "cache": args.cache,
+                "stop_at_eos": not args.ignore_eos, "seed": args.seed, "cache": args.cache, "draft": args.draft,
                 "blocker": args.blocker, "blocker_n": args.blocker_n if args.blocker else None}
     if strategy == "sample":
         settings.update(options)
@@ -144,7 +163,7 @@ def run(args) -> int:
         # One seed per batch, derived from --seed, so a batch's samples do not depend on the batch before it.
         out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens, strategy=strategy,
                        seed=args.seed + b, blocker=blocker, eos_token_id=eos, pad_token_id=pad, cache=args.cache,
-                       **(options if strategy == "sample" else {})).cpu()
+                       draft=args.draft, **(options if strategy == "sample" else {})).cpu()
         conts = continuation_ids(out, ids.shape[1], eos)
         continuations.extend(conts)
         stopped.extend(eos is not None and len(c) < args.max_new_tokens for c in conts)

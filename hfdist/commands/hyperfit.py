@@ -16,7 +16,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="override a config field; repeatable (e.g. --set optim.lr=1e-5)")
     parser.add_argument("--output-dir", help="run folder (default: runs/<config name>-<time>)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="continue from the latest complete checkpoint of --output-dir, or from the given one")
+                        help="continue from the latest complete checkpoint of --output-dir, or from the given one "
+                             "(a job restarted by torchrun --max-restarts does this by itself)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compare", action="store_true",
                         help="after training, run `hfdist compare` on the run (base vs hyperfitted report)")

@@ -6,7 +6,7 @@ env.py), starts the process group for the sharded backends, and returns the back
 from __future__ import annotations
 
 from hfdist.config import Config
-from hfdist.distributed.base import Backend
+from hfdist.distributed.base import Backend, accumulation_steps
 from hfdist.distributed.env import LaunchEnv, discover
 from hfdist.errors import HfdistError
 
@@ -16,6 +16,8 @@ __all__ = ["Backend", "LaunchEnv", "build_backend", "discover"]
 def build_backend(config: Config) -> Backend:
     env = discover()
     name = config.distributed.backend
+    if name != "single":
+        accumulation_steps(config, env.world_size)  # refused before the process group waits for peers
     if name == "single":
         if env.world_size > 1:
             raise HfdistError(f"config field distributed.backend: 'single' runs one process, but the launcher "

@@ -12,15 +12,33 @@ data-parallel size) so that the gradient is exactly that of the global mean.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from hfdist.config import Config
 from hfdist.errors import HfdistError
+
+
+def accumulation_steps(config: Config, dp_size: int) -> int:
+    """Micro-batches per rank and step; refuses a global batch that does not split over the ranks."""
+    train = config.train
+    per_step = train.micro_batch_size * dp_size
+    if train.global_batch_size % per_step:
+        raise HfdistError(
+            f"config field train.global_batch_size: {train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size ({dp_size})")
+    return train.global_batch_size // per_step
+
+
+class StepResult(NamedTuple):
+    grad_norm: float  # the global L2 norm of the gradient before clipping (inf/NaN when not finite)
+    values: list[float]  # the step's ``readout`` values (loss, entropy), on the host
+    applied: bool  # False: a non-finite loss or gradient norm; neither the optimizer nor the LR scheduler stepped
 
 
 class Backend(ABC):
@@ -51,13 +69,7 @@ class Backend(ABC):
 
     def gradient_accumulation_steps(self) -> int:
         """global batch = micro batch x accumulation x data-parallel size; refuse what does not divide."""
-        train = self.config.train
-        per_step = train.micro_batch_size * self.dp_size
-        if train.global_batch_size % per_step:
-            raise HfdistError(
-                f"config field train.global_batch_size: {train.global_batch_size} is not divisible by "
-                f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size ({self.dp_size})")
-        return train.global_batch_size // per_step
+        return accumulation_steps(self.config, self.dp_size)
 
     # ---- model ------------------------------------------------------------------------------------
     @abstractmethod
@@ -72,11 +84,27 @@ class Backend(ABC):
         """Backpropagate this rank's share of the global loss (see the module docstring)."""
 
     @abstractmethod
-    def step(self, max_grad_norm: float) -> torch.Tensor:
-        """Clip (when max_grad_norm > 0), step the optimizer and scheduler, zero the gradients.
+    def step(self, max_grad_norm: float, readout: Optional[torch.Tensor] = None) -> StepResult:
+        """Clip (when max_grad_norm > 0), step the optimizer and scheduler, zero the gradients, unless the
+        gradient norm or a ``readout`` value (the step's all-reduced loss and entropy) is NaN/inf: then the
+        gradients are zeroed and nothing else happens. The decision rests on global values only, so every rank
+        takes the same one. The norm and ``readout`` come to the host together: the step's one host sync."""
 
-        Returns the total gradient norm before clipping, as a tensor (no host sync); a non-finite norm
-        is returned as is and the caller decides what to do."""
+    def _finish_step(self, params: list, grad_norm: torch.Tensor, max_grad_norm: float,
+                     readout: Optional[torch.Tensor]) -> StepResult:
+        """The single/FSDP step after the global norm is known: check, clip, step (or skip), zero the grads."""
+        values = grad_norm.detach().reshape(1).float()
+        if readout is not None:
+            values = torch.cat([values, readout.detach().reshape(-1).float().to(values.device)])
+        host = values.tolist()  # the one host sync of a step: skipping a bad step needs its values on the host
+        applied = all(math.isfinite(v) for v in host)
+        if applied:
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm, foreach=True)
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(host[0], host[1:], applied)
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -87,6 +115,31 @@ class Backend(ABC):
 
     def barrier(self) -> None:
         pass
+
+    def monitored_barrier(self) -> None:
+        """A barrier that, on gloo, names the ranks that did not arrive within ``distributed.timeout_s``."""
+        from hfdist.distributed.watchdog import monitored_barrier
+
+        monitored_barrier(self.config.distributed.timeout_s)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (picklable; the process group's own serialisation)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return [obj]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     # ---- state ---------------------------------------------------------------------------------------
     @abstractmethod

@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hfdist.distributed.base import Backend
+from hfdist.distributed.base import Backend, StepResult
 from hfdist.distributed.env import LaunchEnv, init_process_group
 from hfdist.distributed.parallelize import enable_activation_checkpointing
 from hfdist.errors import HfdistError
@@ -156,12 +157,23 @@ class DeepSpeedBackend(Backend):
         if not is_last_micro_batch:
             self.engine.step()  # a micro-step: DeepSpeed only counts it; the optimizer steps at the boundary
 
-    def step(self, max_grad_norm: float) -> torch.Tensor:
+    def step(self, max_grad_norm: float, readout: Optional[torch.Tensor] = None) -> StepResult:
+        """ZeRO-3 checks the global gradient norm itself: a NaN/inf norm makes DeepSpeed skip the optimizer and
+        LR-scheduler step and zero the gradients (``was_step_applied()`` is then False), the same skip as the other
+        backends. A non-finite loss whose gradient norm is finite cannot be skipped after the fact: DeepSpeed has
+        already applied the update, so that stops the run with an error."""
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("deepspeed: step() called off the gradient-accumulation boundary")
         self.engine.step()  # clips at gradient_clipping (= optim.max_grad_norm), steps optimizer and scheduler
+        applied = bool(self.engine.was_step_applied())
         norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        norm = float("nan") if norm is None else float(norm)
+        values = readout.detach().float().reshape(-1).tolist() if readout is not None else []  # the host sync
+        if applied and not all(math.isfinite(v) for v in values):
+            raise HfdistError(f"deepspeed: step {self.engine.global_steps}: non-finite loss {values[0]} with a finite "
+                              f"gradient norm {norm:g}; DeepSpeed has applied the update, so the run stops here "
+                              "(the last checkpoint is unaffected)")
+        return StepResult(norm, values, applied)
 
     def current_lr(self) -> float:
         return self.engine.get_lr()[0]

@@ -137,9 +137,42 @@ def discover() -> LaunchEnv:
     return LaunchEnv()
 
 
-def init_process_group(env: LaunchEnv, timeout_s: int) -> torch.device:
-    """Start the default process group (NCCL on CUDA, gloo on CPU); returns this rank's device."""
+def restart_store(env: LaunchEnv, timeout_s: int):
+    """On a torchrun restart whose workers share the agent's store: that store, under a prefix of this attempt.
+
+    torchrun's c10d rendezvous lets workers use the agent's TCPStore, which outlives a restart: the keys of
+    the failed attempt (gloo addresses, NCCL ids) are still there, and the restarted ranks read them and
+    connect to dead peers (pytorch/pytorch#135712). On one node every worker of an attempt has the same restart
+    count, so a per-attempt prefix separates the attempts. Across nodes the agents' counts can differ: there
+    the fix is ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in the launcher's environment (launchers/torchrun.sh
+    sets it), which gives each attempt a store of its own; this function then returns None.
+    """
+    from hfdist.faults import restart_count
+
+    attempt = restart_count()
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    nodes = _int_env("GROUP_WORLD_SIZE", 1)
+    if nodes != 1:
+        raise HfdistError(f"torchrun restart {attempt} on {nodes} nodes with the rendezvous store shared across "
+                          "attempts (stale keys of the failed attempt, pytorch/pytorch#135712): launch with "
+                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set for torchrun (launchers/torchrun.sh does)")
     import torch.distributed as dist
+
+    client = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
+                           timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"hfdist/restart_{attempt}", client)
+
+
+def init_process_group(env: LaunchEnv, timeout_s: int) -> torch.device:
+    """Start the default process group (NCCL on CUDA, gloo on CPU); returns this rank's device.
+
+    ``timeout_s`` bounds the rendezvous (every rank must join within it) and every collective of the group: gloo
+    raises in the waiting rank, NCCL's watchdog aborts the collective (see the README's reliability section for
+    the TORCH_NCCL_* variables). The watchdog then records each rank's progress for naming a hung rank."""
+    import torch.distributed as dist
+
+    from hfdist.distributed.watchdog import watchdog
 
     if torch.cuda.is_available():
         if env.local_rank >= torch.cuda.device_count():
@@ -152,6 +185,7 @@ def init_process_group(env: LaunchEnv, timeout_s: int) -> torch.device:
         device = torch.device("cpu")
         backend = "gloo"
     if dist.is_initialized():
+        watchdog.attach(timeout_s)
         return device
     if env.launcher == "none" and "MASTER_PORT" not in os.environ:
         env.master_port = free_port()  # a one-process group (e.g. FSDP on one rank) needs some port
@@ -159,10 +193,17 @@ def init_process_group(env: LaunchEnv, timeout_s: int) -> torch.device:
     logger.info("process group: %s, rank %d of %d (local %d of %d), rendezvous %s:%d via %s", backend, env.rank,
                 env.world_size, env.local_rank, env.local_world_size, env.master_addr, env.master_port, env.launcher)
     kwargs = {"device_id": device} if device.type == "cuda" else {}
+    store = restart_store(env, timeout_s)
+    if store is not None:
+        kwargs["store"] = store
+    else:
+        kwargs["init_method"] = "env://"
     try:
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s), **kwargs)
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
+                                **kwargs)
     except (RuntimeError, ValueError) as exc:
         raise HfdistError(f"process group: cannot rendezvous at {env.master_addr}:{env.master_port} as rank "
-                          f"{env.rank} of {env.world_size} ({str(exc).splitlines()[0]})") from None
+                          f"{env.rank} of {env.world_size} within distributed.timeout_s={timeout_s} "
+                          f"({str(exc).splitlines()[0]})") from None
+    watchdog.attach(timeout_s)
     return device

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,9 +26,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import DTensor
 
 from hfdist.distributed import loading
-from hfdist.distributed.base import Backend
+from hfdist.distributed.base import Backend, StepResult
 from hfdist.distributed.env import LaunchEnv, init_process_group
-from hfdist.distributed.parallelize import apply_fsdp, build_mesh, enable_activation_checkpointing
+from hfdist.distributed.parallelize import apply_compile, apply_fsdp, build_mesh, enable_activation_checkpointing
+from hfdist.distributed.watchdog import set_group_timeouts
 from hfdist.errors import HfdistError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class FSDPBackend(Backend):
         self.device = init_process_group(env, config.distributed.timeout_s)
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
         self.mesh = build_mesh(self.device.type, self.world_size, config.distributed.replicate_degree)
+        # HSDP's subgroups would otherwise wait torch's default 10/30 minutes instead of distributed.timeout_s.
+        set_group_timeouts([self.mesh.get_group(name) for name in self.mesh.mesh_dim_names],
+                           config.distributed.timeout_s)
         self._root_gathered = False
 
     # ---- model -------------------------------------------------------------------------------------
@@ -52,6 +56,8 @@ class FSDPBackend(Backend):
         model = model_factory(torch.device("meta"))
         if self.config.train.activation_checkpointing:
             enable_activation_checkpointing(model.lm)
+        if self.config.train.compile:
+            apply_compile(model.lm)
         apply_fsdp(model, self.mesh, mixed_precision=dcfg.mixed_precision, cpu_offload=dcfg.cpu_offload)
         # Sharded parameters live on the host under CPU offload; buffers are used by the compute device.
         model.to_empty(device="cpu" if dcfg.cpu_offload else self.device)
@@ -119,18 +125,13 @@ class FSDPBackend(Backend):
         self._root_gathered = False  # the root's forward has gathered it; backward reshards it
         (loss * self.dp_size).backward()
 
-    def step(self, max_grad_norm: float) -> torch.Tensor:
+    def step(self, max_grad_norm: float, readout: Optional[torch.Tensor] = None) -> StepResult:
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
         total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
         if isinstance(total_norm, DTensor):
-            total_norm = total_norm.full_tensor()  # the partial norms of all shards, reduced
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total_norm, foreach=True)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total_norm
+            total_norm = total_norm.full_tensor()  # the partial norms of all shards, reduced: the same on every rank
+        return self._finish_step(params, total_norm, max_grad_norm, readout)
 
     # ---- collectives -------------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

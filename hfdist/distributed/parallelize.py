@@ -90,3 +90,15 @@ def enable_activation_checkpointing(lm: nn.Module) -> None:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_compile(lm: nn.Module) -> None:
+    """``torch.compile`` each decoder layer in place (torchtitan's per-block rule), before any FSDP wrapping.
+
+    Compiling the repeated block rather than the whole model keeps the graph small (one compilation serves
+    every layer: transformers' modules are inlined, so the layers differ only in their weights) and leaves the
+    fused loss, the embedding and FSDP's hooks outside the graph. The first step pays the compilation.
+    """
+    for layer in decoder_layers(lm):
+        layer.compile(dynamic=False)
+

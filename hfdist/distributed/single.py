@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -11,7 +11,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from hfdist.distributed.base import Backend
+from hfdist.distributed.base import Backend, StepResult
+from hfdist.distributed.parallelize import apply_compile, enable_activation_checkpointing
 
 
 class SingleBackend(Backend):
@@ -26,22 +27,19 @@ class SingleBackend(Backend):
     def build(self, model_factory: Callable[[torch.device], nn.Module], optimizer_factory, scheduler_factory) -> None:
         self.model = model_factory(self.device)
         if self.config.train.activation_checkpointing:
-            self.model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model.lm)
+        if self.config.train.compile:
+            apply_compile(self.model.lm)
         self.optimizer = optimizer_factory(self.model)
         self.scheduler = scheduler_factory(self.optimizer)
 
     def backward(self, loss: torch.Tensor, is_last_micro_batch: bool) -> None:
         loss.backward()
 
-    def step(self, max_grad_norm: float) -> torch.Tensor:
+    def step(self, max_grad_norm: float, readout: Optional[torch.Tensor] = None) -> StepResult:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        # clip_grad_norm_ with an infinite max computes the norm without scaling anything.
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"),
-                                                   foreach=True)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+        return self._finish_step(params, grad_norm, max_grad_norm, readout)
 
     def _state(self) -> dict:
         options = StateDictOptions(full_state_dict=False)

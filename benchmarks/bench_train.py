@@ -173,18 +173,19 @@ def summarize(runs: list[dict]) -> dict:
 
 def markdown(results: dict) -> str:
     impls = results["implementations"]
-    base = impls.get("plain")
+    base, trainer = impls.get("plain"), impls.get("trainer")
     lines = [f"Training: {results['settings']['model']}, batch {results['settings']['batch']} x seq "
              f"{results['settings']['seq_len']}, {results['settings']['dtype']}, on {results['machine']['device']} "
              f"(median of {results['settings']['repeats']} runs x {results['settings']['steps']} steps)", "",
-             "| implementation | tokens/s | step time (s) | peak memory (GiB) | MFU | tokens/s vs plain | memory vs plain |",
-             "|---|---|---|---|---|---|---|"]
+             "| implementation | tokens/s | step time (s) | peak memory (GiB) | MFU | tokens/s vs plain | memory vs plain "
+             "| tokens/s vs Trainer |", "|---|---|---|---|---|---|---|---|"]
     for name, summary in impls.items():
         tps, step, mem = summary["tokens_per_s"]["median"], summary["step_time_s"]["median"], summary["peak_memory_gib"]["median"]
         mfu = f"{summary['mfu']['median']:.1%}" if "mfu" in summary else "-"
         ratio = f"{tps / base['tokens_per_s']['median']:.2f}x" if base else "-"
         mem_ratio = f"{mem / base['peak_memory_gib']['median']:.2f}x" if base else "-"
-        lines.append(f"| {name} | {tps:,.0f} | {step:.3f} | {mem:.2f} | {mfu} | {ratio} | {mem_ratio} |")
+        vs_trainer = f"{tps / trainer['tokens_per_s']['median']:.2f}x" if trainer else "-"
+        lines.append(f"| {name} | {tps:,.0f} | {step:.3f} | {mem:.2f} | {mfu} | {ratio} | {mem_ratio} | {vs_trainer} |")
     return "\n".join(lines) + "\n"
 
 

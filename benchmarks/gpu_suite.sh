@@ -15,7 +15,7 @@ bash benchmarks/gpu_suite_kernels.sh "$out" || status=1
 for shape in "8 256" "4 2048"; do
   set -- $shape
   timeout "${TRAIN_BENCH_TIMEOUT:-150}" "$python" benchmarks/bench_train.py --model llama-3.2-1b --init random \
-      --dtype bfloat16 --batch "$1" --seq-len "$2" --steps 5 --warmup 2 --impls plain,hfdist,hfdist-compile \
+      --dtype bfloat16 --batch "$1" --seq-len "$2" --steps 5 --warmup 2 --impls plain,hfdist,hfdist-compile,hfdist-noprefetch \
       --out "$out" --tag "llama-3.2-1b_${1}x${2}" >>"$out/train.log" 2>&1 || status=1
 done
 timeout "${GENERATE_BENCH_TIMEOUT:-180}" "$python" benchmarks/bench_generate.py --model llama-3.2-1b --init random \

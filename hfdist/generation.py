@@ -458,10 +458,10 @@ def _decode_with_drafts(forward, kv, out, full_mask, next_position, prompt_len, 
         k = min(len(d) for d in drafts)
         block = torch.stack([torch.cat([pending[i:i + 1], d[:k]]) for i, d in enumerate(drafts)])
         out[:, cur + 1:cur + 1 + k] = block[:, 1:]  # tentatively: the blocker reads them while checking
-        logits = forward(block, full_mask[:, :cur + 1 + k], next_position + step + torch.arange(k + 1), kv, cur,
-                         decode=k == 0, keep=k + 1)
-        if k == 0:
-            logits = logits[:, None] if logits.dim() == 2 else logits
+        positions = next_position + step + torch.arange(k + 1, device=out.device)
+        logits = forward(block, full_mask[:, :cur + 1 + k], positions, kv, cur, decode=k == 0, keep=k + 1)
+        if k == 0:  # keep=1 gives [B, V]
+            logits = logits[:, None]
         accepted = 0
         while True:  # check the guesses in order: position cur + 1 + j is decided by logits[:, j]
             token = choose(logits[:, accepted], step + 1 + accepted)

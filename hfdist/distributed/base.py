@@ -54,6 +54,14 @@ class Backend(ABC):
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
 
+    def join_process_group(self, env) -> None:
+        """Start (or join) the launcher's process group and take this rank's place in it (FSDP, DeepSpeed)."""
+        from hfdist.distributed.env import init_process_group
+
+        self.env = env
+        self.device = init_process_group(env, self.config.distributed.timeout_s)
+        self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
+
     # ---- topology -------------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hfdist.distributed.base import Backend, StepResult
-from hfdist.distributed.env import LaunchEnv, init_process_group
+from hfdist.distributed.env import LaunchEnv
 from hfdist.distributed.parallelize import enable_activation_checkpointing
 from hfdist.errors import HfdistError
 
@@ -103,9 +103,7 @@ class DeepSpeedBackend(Backend):
         super().__init__(config)
         import deepspeed
 
-        self.env = env
-        self.device = init_process_group(env, config.distributed.timeout_s)
-        self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
+        self.join_process_group(env)
         # DeepSpeed adopts the process group started above instead of starting its own.
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
         self.ds_config = resolve_deepspeed_config(config, self.dp_size, self.gradient_accumulation_steps())

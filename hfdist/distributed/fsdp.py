@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from hfdist.distributed import loading
 from hfdist.distributed.base import Backend, StepResult
-from hfdist.distributed.env import LaunchEnv, init_process_group
+from hfdist.distributed.env import LaunchEnv
 from hfdist.distributed.parallelize import apply_compile, apply_fsdp, build_mesh, enable_activation_checkpointing
 from hfdist.distributed.watchdog import set_group_timeouts
 from hfdist.errors import HfdistError
@@ -40,9 +40,7 @@ class FSDPBackend(Backend):
 
     def __init__(self, config, env: LaunchEnv):
         super().__init__(config)
-        self.env = env
-        self.device = init_process_group(env, config.distributed.timeout_s)
-        self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
+        self.join_process_group(env)
         self.mesh = build_mesh(self.device.type, self.world_size, config.distributed.replicate_degree)
         # HSDP's subgroups would otherwise wait torch's default 10/30 minutes instead of distributed.timeout_s.
         set_group_timeouts([self.mesh.get_group(name) for name in self.mesh.mesh_dim_names],

@@ -8,12 +8,29 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class KernelVariant:
+    """One compiled form of a Triton kernel that the launch code can ask for.
+
+    Each ``kernels/_triton_*.py`` module lists its variants in ``compile_variants()``, built from the same
+    tables its launch code reads, so that the ahead-of-time compile check (tests/test_kernels_compile.py)
+    covers every variant a wrapper can launch.
+    """
+    name: str  # e.g. "_ce_kernel[bf16, softcap, grad]"
+    kernel: Any  # the @triton.jit function
+    signature: dict  # argument name -> Triton type ("*fp32", "i64", "fp32", "constexpr", ...)
+    constexprs: dict = field(default_factory=dict)  # constexpr argument name -> value
+    num_warps: int = 4
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,6 +13,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "hfdi
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    # Tests that start several processes (launchers, gloo groups): `pytest -m "not distributed"` skips them.
+    config.addinivalue_line("markers", "distributed: starts several processes (real process groups); slow")
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     from hfdist.testing import tiny_model_folder

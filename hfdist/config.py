@@ -108,6 +108,9 @@ class DistributedConfig:
     mixed_precision: bool = False
     cpu_offload: bool = False
     replicate_degree: int = 1  # HSDP: >1 shards within groups of world/replicate ranks, replicates across them
+    # Tensor parallelism (fsdp backend): each layer's weights split over this many ranks of one node (attention heads,
+    # MLP width, vocabulary), composed with FSDP2 over the remaining world / tensor_parallel data-parallel ranks.
+    tensor_parallel: int = 1
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; configs/deepspeed/ has examples
     # Rendezvous and every collective (gloo and NCCL, subgroups included): a rank that waits longer for its peers
     # fails with an error naming the step and the ranks that fell behind.
@@ -143,7 +146,8 @@ CHOICES = {
 }
 POSITIVE = ("data.seq_len", "data.num_samples", "data.context_len", "train.epochs", "train.global_batch_size",
             "train.micro_batch_size", "train.log_every_steps", "eval.total_len", "eval.ttr_window",
-            "eval.batch_size", "checkpoint.keep_last", "distributed.replicate_degree", "distributed.timeout_s",
+            "eval.batch_size", "checkpoint.keep_last", "distributed.replicate_degree", "distributed.tensor_parallel",
+            "distributed.timeout_s",
             "optim.lr")
 NON_NEGATIVE = ("data.num_validation", "data.num_contexts", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "optim.eps", "train.max_steps", "train.target_loss", "eval.every_epochs",

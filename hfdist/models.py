@@ -88,19 +88,52 @@ def resolve_model_path(path: str) -> str:
     return path  # a hub id; transformers reports if it cannot be fetched
 
 
+def shipped_architecture_for(path: str) -> Optional[str]:
+    """The shipped architecture name whose hub id (``_name_or_path``) is ``path``, e.g. ``meta-llama/Llama-3.1-70B``
+    -> ``llama-3.1-70b``; None when no shipped architecture has that id."""
+    for name in architecture_names():
+        if json.loads((ARCHITECTURES_DIR / f"{name}.json").read_text()).get("_name_or_path") == path:
+            return name
+    return None
+
+
+class ModelConfigUnreadable(HfdistError):
+    """The model's config.json could not be read (no such hub id, no network, a broken file)."""
+
+
+def read_hf_config(config: ModelConfig, prefer_shipped: bool = False):
+    """The model's transformers config, without weights: a shipped architecture by name, a local folder, the hub,
+    or (when the hub cannot be reached) the shipped copy of a known hub id's config, said in the log.
+    ``prefer_shipped`` takes the shipped copy of a known hub id without asking the hub (plans need no network).
+    Raises ModelConfigUnreadable naming model.path when none of these gives a config."""
+    from transformers import AutoConfig
+
+    if config.path in architecture_names():
+        return architecture_config(config.path)
+    shipped = shipped_architecture_for(config.path)
+    if prefer_shipped and shipped is not None:
+        logger.info("model.path %s: using the shipped copy of its config, %s", config.path,
+                    ARCHITECTURES_DIR / f"{shipped}.json")
+        return architecture_config(shipped)
+    kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(config.path), revision=config.revision,
+                                          trust_remote_code=config.trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        if shipped is None:
+            raise ModelConfigUnreadable(f"model.path {config.path!r}: cannot read its config.json "
+                                        f"({_first_line(exc)})") from None
+        logger.info("model.path %s: config.json not reachable (%s); using the shipped copy %s", config.path,
+                    _first_line(exc), ARCHITECTURES_DIR / f"{shipped}.json")
+        return architecture_config(shipped)
+
+
 def check_seq_len(config: ModelConfig, seq_len: int) -> None:
     """Refuse ``data.seq_len`` above the model's ``max_position_embeddings``, read from its config alone (no
     weights are loaded). A config that cannot be read here is left for the model loading to report."""
-    from transformers import AutoConfig
-
     try:
-        if config.path in architecture_names():
-            hf_config = architecture_config(config.path)
-        else:
-            kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
-            hf_config = AutoConfig.from_pretrained(resolve_model_path(config.path), revision=config.revision,
-                                                   trust_remote_code=config.trust_remote_code, **kwargs)
-    except (OSError, ValueError, KeyError):
+        hf_config = read_hf_config(config)
+    except ModelConfigUnreadable:
         return
     max_positions = getattr(hf_config, "max_position_embeddings", None)
     if max_positions and seq_len > max_positions:
@@ -180,6 +213,33 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def lm_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *, softcap=None, backend="auto"):
+    """Summed next-token loss and per-token entropy of ``hidden`` [N, H] under the LM head, never the logits.
+
+    The op follows the head weight's layout: a weight sharded along the vocabulary over a tensor-parallel mesh
+    (a DTensor with ``Shard(0)``, as ``hfdist.distributed.parallelize.apply_tp`` lays it out) runs the
+    vocabulary-parallel op on this rank's rows, combining the softmax statistics across the mesh's ranks; any
+    other head the plain fused op. ``hidden`` is the same on every rank of that mesh (replicated activations).
+    """
+    from torch.distributed.tensor import DTensor
+
+    from hfdist.kernels import fused_linear_cross_entropy, vocab_parallel_fused_linear_cross_entropy
+
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if isinstance(weight, DTensor) and weight.device_mesh.ndim == 1 and weight.placements[0].is_shard(0):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+        return vocab_parallel_fused_linear_cross_entropy(
+            hidden, weight.to_local(), targets, vocab_start=offset[0], vocab_size=weight.shape[0],
+            group=weight.device_mesh.get_group(), bias_shard=None if bias is None else bias.to_local(),
+            reduction="sum", softcap=softcap, return_entropy=True, backend=backend)
+    if isinstance(weight, DTensor):  # replicated over its mesh: every rank holds the whole head
+        weight, bias = weight.to_local(), None if bias is None else bias.to_local()
+    return fused_linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="sum", softcap=softcap,
+                                      return_entropy=True, backend=backend)
+
+
 class HyperfitModel(nn.Module):
     """A causal LM whose forward returns the summed next-token loss and entropy, never the [N, V] logits.
 
@@ -200,7 +260,7 @@ class HyperfitModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None):
-        from hfdist.kernels import cross_entropy, fused_linear_cross_entropy
+        from hfdist.kernels import cross_entropy
 
         if labels is None:
             labels = input_ids
@@ -210,9 +270,7 @@ class HyperfitModel(nn.Module):
             body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-            loss, entropy = fused_linear_cross_entropy(
-                hidden, head.weight, targets, bias=getattr(head, "bias", None), reduction="sum",
-                softcap=self.softcap, return_entropy=True, backend=self.loss_backend)
+            loss, entropy = lm_head_loss(hidden, head, targets, softcap=self.softcap, backend=self.loss_backend)
         else:
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             logits = logits[:, :-1].reshape(-1, logits.shape[-1])

@@ -3,13 +3,14 @@ import torch
 
 
 def tiny_llama(vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-               seed: int = 0, tie_word_embeddings: bool = False, max_position_embeddings: int = 512):
+               seed: int = 0, tie_word_embeddings: bool = False, max_position_embeddings: int = 512,
+               num_kv_heads: int | None = None):
     """A randomly initialised ``LlamaForCausalLM`` small enough to train in a test on a CPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
         max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa",
     )

@@ -7,6 +7,7 @@ imports nothing from the rest of hfdist, and triton only when the Triton backend
 from .cross_entropy import (CrossEntropyLoss, FusedLinearCrossEntropyLoss, cross_entropy,
                             fused_linear_cross_entropy)
 from .sampling import Sampler, sample, sampling_seeds
+from .vocab_parallel_tmp import vocab_parallel_fused_linear_cross_entropy
 
 __all__ = ["fused_linear_cross_entropy", "cross_entropy", "sample", "sampling_seeds",
            "FusedLinearCrossEntropyLoss", "CrossEntropyLoss", "Sampler"]

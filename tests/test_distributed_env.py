@@ -56,6 +56,7 @@ def test_torchrun_takes_precedence_over_slurm(clean_env):
     assert discover().launcher == "torchrun"
 
 
+@pytest.mark.distributed
 def test_mpirun_discovery(tmp_path):
     """Two real MPI ranks: rank, size, local rank from COMM_WORLD; rank 0's host and port broadcast to all."""
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")

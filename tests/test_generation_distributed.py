@@ -1,6 +1,7 @@
 """Data-parallel generation over two gloo ranks equals generation in one process."""
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -8,6 +9,7 @@ import torch.multiprocessing as mp
 from hfdist.generation import continuation_ids, generate, generate_batched, left_pad
 from hfdist.testing import tiny_llama
 
+pytestmark = pytest.mark.distributed
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [20], [30, 31], [40, 41, 42, 43], [50, 51]]
 
 

@@ -16,8 +16,10 @@ import sys
 import pytest
 import torch
 
-from test_distributed_training import CONFIG, LAUNCHERS, exported_weights, launch_env
+from launch_helpers import LAUNCHERS, exported_weights, launch_env
+from test_distributed_training import CONFIG
 
+pytestmark = pytest.mark.distributed
 STEPS = 8
 EVERY = 2
 KILLS = sorted(random.Random(20251128).sample(range(EVERY + 1, STEPS + 1), 3))  # after the first checkpoint

@@ -175,6 +175,7 @@ def test_deepspeed_step_follows_the_engines_own_skip(applied, norm, loss, outcom
     assert result.grad_norm == norm or math.isnan(result.grad_norm) == math.isnan(norm)
 
 
+@pytest.mark.distributed
 def test_fsdp_nan_on_one_rank_is_skipped_on_every_rank(tmp_path, monkeypatch):
     """Rank 1 alone produces NaN at step 3: the all-reduced loss and the global gradient norm are NaN on both
     ranks, both skip, and the run continues to the same numbers as a single process with the same fault."""

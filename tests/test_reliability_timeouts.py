@@ -16,6 +16,7 @@ import pytest
 
 from test_reliability_elastic import setup, torchrun  # noqa: F401  (the module fixture and the launcher)
 
+pytestmark = pytest.mark.distributed
 TIMEOUT_S = 5
 BOUND_S = 90  # start-up (~10 s on 2 cores), 3 steps, the 5 s timeout, torchrun's teardown
 

@@ -6,8 +6,9 @@ env.py), starts the process group for the sharded backends, and returns the back
 from __future__ import annotations
 
 from hfdist.config import Config
-from hfdist.distributed.base import Backend, accumulation_steps
+from hfdist.distributed.base import Backend
 from hfdist.distributed.env import LaunchEnv, discover
+from hfdist.distributed.layout import launch_layout
 from hfdist.errors import HfdistError
 
 __all__ = ["Backend", "LaunchEnv", "build_backend", "discover"]
@@ -16,19 +17,16 @@ __all__ = ["Backend", "LaunchEnv", "build_backend", "discover"]
 def build_backend(config: Config) -> Backend:
     env = discover()
     name = config.distributed.backend
-    if name != "single":
-        accumulation_steps(config, env.world_size)  # refused before the process group waits for peers
+    # Refused before the process group waits for peers, by the same check `hfdist plan` runs.
+    layout = launch_layout(config, env.world_size, env.local_world_size)
     if name == "single":
-        if env.world_size > 1:
-            raise HfdistError(f"config field distributed.backend: 'single' runs one process, but the launcher "
-                              f"({env.launcher}) started {env.world_size}; set distributed.backend=fsdp or deepspeed")
         from hfdist.distributed.single import SingleBackend
 
         return SingleBackend(config)
     if name == "fsdp":
         from hfdist.distributed.fsdp import FSDPBackend
 
-        return FSDPBackend(config, env)
+        return FSDPBackend(config, env, layout)
     if name == "deepspeed":
         from hfdist.distributed.deepspeed import DeepSpeedBackend
 

@@ -21,18 +21,8 @@ import torch
 from torch import nn
 
 from hfdist.config import Config
+from hfdist.distributed.layout import accumulation_steps
 from hfdist.errors import HfdistError
-
-
-def accumulation_steps(config: Config, dp_size: int) -> int:
-    """Micro-batches per rank and step; refuses a global batch that does not split over the ranks."""
-    train = config.train
-    per_step = train.micro_batch_size * dp_size
-    if train.global_batch_size % per_step:
-        raise HfdistError(
-            f"config field train.global_batch_size: {train.global_batch_size} is not divisible by "
-            f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size ({dp_size})")
-    return train.global_batch_size // per_step
 
 
 class StepResult(NamedTuple):

@@ -28,35 +28,81 @@ from torch.distributed.tensor import DTensor
 from hfdist.distributed import loading
 from hfdist.distributed.base import Backend, StepResult
 from hfdist.distributed.env import LaunchEnv
-from hfdist.distributed.parallelize import apply_compile, apply_fsdp, build_mesh, enable_activation_checkpointing
+from hfdist.distributed.layout import Layout
+from hfdist.distributed.parallelize import (apply_compile, apply_fsdp, apply_tp, build_mesh, data_parallel_group,
+                                            data_parallel_mesh, enable_activation_checkpointing,
+                                            tensor_parallel_mesh)
 from hfdist.distributed.watchdog import set_group_timeouts
 from hfdist.errors import HfdistError
 
 logger = logging.getLogger(__name__)
 
 
+def global_grad_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The L2 norm of all gradients (DTensors on any meshes), bitwise the same on every rank.
+
+    Each rank adds the squares of its local shards, each weighted by 1 / (how many ranks hold the same shard: the
+    replicas under HSDP, the tensor-parallel ranks for weights TP does not split, such as the norms), and one
+    all-reduce over the whole job sums them. One collective, whatever the meshes, so every rank gets the same bits
+    (DTensor's own reduction runs one all-reduce per mesh dimension, whose order can differ between groups). The
+    sum is taken on the compute device: under CPU offload the gradients are on the host, the collective is not.
+    """
+    world = dist.get_world_size()
+    copies_of: dict[int, list[torch.Tensor]] = {}
+    for grad in grads:
+        local, copies = grad, world
+        if isinstance(grad, DTensor):
+            local = grad.to_local()
+            for size, placement in zip(grad.device_mesh.shape, grad.placements):
+                # Shard and _StridedShard (FSDP over TP; not a Shard subclass in torch 2.13) split a dimension.
+                if hasattr(placement, "dim"):
+                    copies //= size
+        if local.numel():
+            copies_of.setdefault(copies, []).append(local)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for copies, locals_ in copies_of.items():
+        norms = torch.stack(torch._foreach_norm(locals_, 2.0)).to(device, torch.float32)
+        total += norms.square().sum() / copies
+    dist.all_reduce(total)
+    return total.sqrt()
+
+
 class FSDPBackend(Backend):
     name = "fsdp"
 
-    def __init__(self, config, env: LaunchEnv):
+    def __init__(self, config, env: LaunchEnv, layout: Layout):
         super().__init__(config)
         self.join_process_group(env)
-        self.mesh = build_mesh(self.device.type, self.world_size, config.distributed.replicate_degree)
-        # HSDP's subgroups would otherwise wait torch's default 10/30 minutes instead of distributed.timeout_s.
-        set_group_timeouts([self.mesh.get_group(name) for name in self.mesh.mesh_dim_names],
+        self.layout = layout
+        self.mesh = build_mesh(self.device.type, layout)
+        self.dp_group = data_parallel_group(self.mesh)
+        # The mesh's subgroups would otherwise wait torch's default 10/30 minutes instead of distributed.timeout_s.
+        set_group_timeouts([self.mesh.get_group(name) for name in self.mesh.mesh_dim_names] + [self.dp_group],
                            config.distributed.timeout_s)
         self._root_gathered = False
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.dp_rank(self.rank)
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp_size
 
     # ---- model -------------------------------------------------------------------------------------
     def build(self, model_factory: Callable[[torch.device], nn.Module], optimizer_factory, scheduler_factory) -> None:
         dcfg = self.config.distributed
         started = time.perf_counter()
         model = model_factory(torch.device("meta"))
+        tp_mesh = tensor_parallel_mesh(self.mesh)
+        if tp_mesh is not None:
+            apply_tp(model.lm, tp_mesh)
         if self.config.train.activation_checkpointing:
             enable_activation_checkpointing(model.lm)
         if self.config.train.compile:
             apply_compile(model.lm)
-        apply_fsdp(model, self.mesh, mixed_precision=dcfg.mixed_precision, cpu_offload=dcfg.cpu_offload)
+        apply_fsdp(model, data_parallel_mesh(self.mesh), mixed_precision=dcfg.mixed_precision,
+                   cpu_offload=dcfg.cpu_offload)
         # Sharded parameters live on the host under CPU offload; buffers are used by the compute device.
         model.to_empty(device="cpu" if dcfg.cpu_offload else self.device)
         self._fill_weights(model)
@@ -121,20 +167,22 @@ class FSDPBackend(Backend):
     # ---- training ----------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, is_last_micro_batch: bool) -> None:
         self._root_gathered = False  # the root's forward has gathered it; backward reshards it
+        if self.layout.replicate_degree > 1:
+            # HSDP: every micro-batch reduce-scatters inside its replica (the gradients stay sharded), but only the
+            # last one all-reduces the accumulated shards across replicas: one slow inter-node exchange per step.
+            self.model.set_requires_all_reduce(is_last_micro_batch)
         (loss * self.dp_size).backward()
 
     def step(self, max_grad_norm: float, readout: Optional[torch.Tensor] = None) -> StepResult:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grads = [p.grad for p in params]
-        total_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-        if isinstance(total_norm, DTensor):
-            total_norm = total_norm.full_tensor()  # the partial norms of all shards, reduced: the same on every rank
-        return self._finish_step(params, total_norm, max_grad_norm, readout)
+        return self._finish_step(params, global_grad_norm([p.grad for p in params], self.device), max_grad_norm,
+                                 readout)
 
     # ---- collectives -------------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks (tensor-parallel ranks hold the same values: counted once)."""
         tensor = tensor.clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group)
         return tensor
 
     def barrier(self) -> None:

@@ -20,18 +20,30 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from hfdist.distributed.layout import Layout
 from hfdist.errors import HfdistError
 
 
-def build_mesh(device_type: str, world_size: int, replicate_degree: int = 1) -> DeviceMesh:
-    """A 1-D ``dp_shard`` mesh, or a 2-D ``(dp_replicate, dp_shard)`` mesh for HSDP."""
-    if replicate_degree < 1 or world_size % replicate_degree:
-        raise HfdistError(f"config field distributed.replicate_degree: {replicate_degree} does not divide the world "
-                          f"size {world_size}")
-    if replicate_degree == 1:
-        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
-    return init_device_mesh(device_type, (replicate_degree, world_size // replicate_degree),
-                            mesh_dim_names=("dp_replicate", "dp_shard"))
+def build_mesh(device_type: str, layout: Layout) -> DeviceMesh:
+    """The device mesh of ``layout``: ``(dp_replicate?, dp_shard, tp?)``, tensor parallel innermost (see layout.py)."""
+    dims = layout.mesh_dims()
+    return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The sub-mesh FSDP shards over: ``dp_shard``, or ``(dp_replicate, dp_shard)`` for HSDP."""
+    names = tuple(n for n in mesh.mesh_dim_names if n.startswith("dp_"))
+    return mesh[names] if len(names) > 1 else mesh[names[0]]
+
+
+def tensor_parallel_mesh(mesh: DeviceMesh) -> Optional[DeviceMesh]:
+    return mesh["tp"] if "tp" in mesh.mesh_dim_names else None
+
+
+def data_parallel_group(mesh: DeviceMesh):
+    """The process group of all data-parallel ranks (the ranks that read different sequences)."""
+    dp = data_parallel_mesh(mesh)
+    return dp._flatten("dp").get_group() if dp.ndim > 1 else dp.get_group()
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
@@ -59,6 +71,61 @@ def fsdp_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
         units.insert(0, (names[embedding], embedding))
     units.append(("root", model))
     return units
+
+
+# The tensor-parallel plan of the Llama family (Llama, Mistral, Qwen2, SmolLM2, TinyLlama): inside each decoder layer,
+# Megatron's pairs. The column-parallel projections split the heads / MLP width, so every rank computes whole
+# heads on its own; the row-parallel projection after them all-reduces the partial outputs.
+LLAMA_LAYER_PLAN = {
+    "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+    "self_attn.o_proj": "rowwise",
+    "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
+}
+
+
+def apply_tp(lm: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard a Llama-family Hugging Face model over ``tp_mesh`` in place (before FSDP, as torchtitan does).
+
+    - Decoder layers: LLAMA_LAYER_PLAN; the attention and MLP inputs are made replicated DTensors once per module,
+      so the three (two) column-parallel projections share one all-reduce of their input gradient.
+    - Input embedding: rows (vocabulary) sharded, lookups outside a rank's rows masked, the result all-reduced.
+    - LM head: rows (vocabulary) sharded. Training never calls it (``hfdist.models.lm_head_loss`` hands the local
+      rows to the vocabulary-parallel loss, so the logits are never gathered); evaluation and generation call it and
+      receive the whole logits (gathered). A head tied to the embedding stays tied: both are vocabulary-sharded.
+    Activations between layers stay whole on every rank (no sequence parallelism: see the README's
+    tensor-parallel notes for why). Works on the meta device.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   parallelize_module)
+
+    layers = decoder_layers(lm)
+    for layer in layers:
+        missing = [name for name in LLAMA_LAYER_PLAN if _find(layer, name) is None]
+        if missing:
+            raise HfdistError(f"config field distributed.tensor_parallel: {type(lm).__name__} has no Llama-family "
+                              f"decoder layer ({', '.join(missing)} missing); tensor parallelism has a plan for the "
+                              "Llama family only")
+    tied = embeddings_tied(lm)
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    for layer in layers:
+        plan = {name: styles[style]() for name, style in LLAMA_LAYER_PLAN.items()}
+        plan["self_attn"] = PrepareModuleInput(input_kwarg_layouts={"hidden_states": Replicate()},
+                                               desired_input_kwarg_layouts={"hidden_states": Replicate()})
+        plan["mlp"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
+        parallelize_module(layer, tp_mesh, plan)
+    embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
+    if tied:  # parallelize_module gave the head a parameter of its own: share the embedding's again
+        head.weight = embedding.weight
+
+
+def _find(module: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def mixed_precision_policy(enabled: bool) -> MixedPrecisionPolicy:

@@ -1,85 +1,89 @@
-"""``hfdist plan``: GPU memory per rank for a sharded hyperfit run, before renting the GPUs.
+"""``hfdist plan``: the launch gate. Whether a config runs on a cluster, and the memory it needs there.
 
-Model state (parameters, gradients, optimizer) comes from real shards: the architecture is built on the
-meta device and sharded by the same ``apply_fsdp`` the trainer uses, inside a fake process group of the
-planned world size, and the bytes are read from the DTensors' local shapes on rank 0 (FSDP2 pads every
-rank to the largest shard, so rank 0's size is what each rank allocates). For DeepSpeed ZeRO-3 each
-parameter of the meta model is partitioned by ZeRO's rule, ``ceil(numel / world)`` elements per rank.
-The model-state numbers are checked against the plain count ``parameters / shard size``.
+The plan reads the real config and checks it at the planned world size with the launch's own check
+(``layout.check_layout``): what the launch would refuse, the plan refuses, with the same one-line message. For
+an accepted layout it gives the memory per GPU, the host memory per node and the bytes on disk.
+
+Model state (parameters, gradients, optimizer) comes from real shards: the architecture is built on the meta
+device, split by the same ``apply_tp`` and ``apply_fsdp`` the trainer uses, inside a fake process group of the
+planned world size, and the bytes are read from the DTensors' local shapes on rank 0 (FSDP2 pads every rank to
+the largest shard, and rank 0 holds the largest tensor-parallel piece of an uneven vocabulary). For DeepSpeed
+ZeRO-3 each parameter of the meta model is partitioned by ZeRO's rule, ``ceil(numel / world)`` elements per
+rank. The model-state numbers are checked against the plain count ``parameters / (shards x tensor_parallel)``.
 
 Bytes per parameter (``P`` = parameter dtype, 4 for the default fp32 master weights):
-- FSDP2: parameters P, gradients P (kept in the parameter dtype), Adam ``exp_avg`` + ``exp_avg_sq`` 2P.
-  ``--offload`` (CPUOffloadPolicy) moves all three to host memory.
-- ZeRO-3 (bf16): parameters 2, gradient partitions 4 (fp32 accumulation), fp32 master + Adam 12.
-  ``--offload`` moves optimizer, gradients and parameters to host memory.
-Activations (estimate, bytes per token of a micro-batch, compute dtype of ``a`` bytes; the HF Llama layer
-as measured with saved-tensor hooks): per decoder layer, two RMSNorms ``2 (4h + 4 + 2 a h)``, attention
-``a (2 q + 2 kv) + 4 heads + 2 a head_dim`` (q, k, v, output, log-sum-exp, cos/sin), MLP ``4 a i``;
-plus fp32 logits and their gradient ``8 V`` for the loss. With activation checkpointing only each layer's
-input ``a h`` is kept, plus one layer recomputed in backward.
-Transient (estimate): FSDP2 keeps the root unit (final norm, LM head) gathered with its gradient through
-forward and backward, and has up to two units gathered at once (the running one and the prefetched
-next), plus the running unit's unsharded gradient and its reduce-scatter copy in the reduce dtype.
+- FSDP2: parameters P, gradients P (kept in the parameter dtype), Adam ``exp_avg`` + ``exp_avg_sq`` 2P;
+  ``distributed.cpu_offload`` (CPUOffloadPolicy) moves all three to host memory.
+- ZeRO-3 (bf16): parameters 2, gradient partitions 4 (fp32 accumulation), fp32 master + Adam 12;
+  offload moves optimizer, gradients and parameters to host memory.
+Activations (estimate, bytes per token of a micro-batch, compute dtype of ``a`` bytes; the HF Llama layer as
+measured with saved-tensor hooks): per decoder layer, two RMSNorms ``2 (4h + 4 + 2 a h)``, attention
+``a (2 q + 2 kv) + 4 heads + 2 a head_dim`` (q, k, v, output, log-sum-exp, cos/sin), MLP ``4 a i``. Tensor
+parallelism divides the attention heads and the MLP width (``q``, ``kv``, ``heads``, ``i``) by ``tp``; the norms
+and the residual stream stay whole on every tensor-parallel rank (no sequence parallelism). With activation
+checkpointing only each layer's input ``a h`` is kept, plus one layer recomputed in backward. The fused loss
+keeps the gradient of the final hidden states ``a h`` per token; its per-chunk logits are a fixed budget.
+Transient (estimate): FSDP2 keeps the root unit (final norm, LM head) gathered with its gradient through forward
+and backward, and has up to two units gathered at once (the running one and the prefetched next), plus the
+running unit's unsharded gradient and its reduce-scatter copy in the reduce dtype; all of these are the
+tensor-parallel piece (``/ tp``). The fused loss adds its chunk budget and its fp32 weight-gradient accumulator
+(``V / tp x h x 4``); tensor parallelism adds the all-reduce buffers of the activations (``2 a h`` per token).
 ZeRO-3 holds the LM head (gathered for the root forward), up to ``stage3_max_live_parameters`` gathered
-parameters, the prefetch bucket and the gradient reduce bucket.
-A reserve (default 4 GiB: CUDA context, NCCL buffers, allocator fragmentation) is kept out of the GPU memory.
+parameters, the prefetch bucket and the gradient reduce bucket. A reserve (default 4 GiB: CUDA context, NCCL
+buffers, allocator fragmentation) is kept out of the GPU memory.
+
+Host memory per node: the offloaded model state of its GPUs; the weight-loading peak (``per_rank``: each rank
+holds one tensor's slice at a time; ``rank0_broadcast``: the whole model in ``model.dtype`` on the first node);
+the export peak (every rank writes its own part: its shard in the export dtype, plus one output file).
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from hfdist.config import Config
+from hfdist.distributed.layout import Layout, check_layout
 from hfdist.errors import HfdistError
 
 GIB = 2**30
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # DeepSpeed's defaults for the ZeRO-3 knobs the transient estimate reads (deepspeed/runtime/zero/config.py).
 DEEPSPEED_DEFAULTS = {"stage3_max_live_parameters": 1e9, "stage3_prefetch_bucket_size": 5e7,
                       "reduce_bucket_size": 5e8}
+EXPORT_FILE_BYTES = 5 * 10**9  # one safetensors file of the export (Hugging Face's default max_shard_size "5GB")
+FUSED_LOSS_CHUNK_BYTES = 512 << 20  # the fused loss's per-chunk budget on CUDA (hfdist.kernels.cross_entropy)
 
 
 @dataclass
-class PlanSpec:
-    model: str = "llama-3.1-70b"  # a shipped architecture (hfdist/model_configs) or a folder with config.json
+class Cluster:
+    """The machines a plan is for."""
     nodes: int = 1
     gpus_per_node: int = 8
-    backend: str = "fsdp"  # fsdp or deepspeed
-    offload: bool = False
-    gpu_memory_gib: float = 80.0
-    reserve_gib: float = 4.0
-    seq_len: int = 256
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    param_dtype: str = "float32"  # FSDP: the dtype parameters, gradients and Adam states are stored in
-    mixed_precision: bool = True  # bf16 compute (FSDP MixedPrecisionPolicy / DeepSpeed bf16)
-    activation_checkpointing: bool = False
-    replicate_degree: int = 1  # FSDP HSDP: shard within world / replicate ranks
-    deepspeed_config: Optional[str] = None  # read the ZeRO-3 bucket sizes from this JSON
-    verify_shards: bool = True  # build the meta model and shard it with a fake process group
+    gpu_memory_gib: float = 80.0  # H100-80GB
+    reserve_gib: float = 4.0  # CUDA context, NCCL buffers, fragmentation
+    host_memory_gib: Optional[float] = 2048.0  # per node (a DGX H100/H200); None: not checked
+    verify_shards: bool = True  # build the meta model and shard it in a fake process group
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
     def validate(self) -> None:
-        for name in ("nodes", "gpus_per_node", "seq_len", "micro_batch_size", "global_batch_size",
-                     "replicate_degree"):
+        for name in ("nodes", "gpus_per_node"):
             if getattr(self, name) < 1:
                 raise HfdistError(f"plan --{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        if self.backend not in ("fsdp", "deepspeed"):
-            raise HfdistError(f"plan --backend: {self.backend!r} is not one of fsdp, deepspeed")
-        if self.param_dtype not in DTYPE_BYTES:
-            raise HfdistError(f"plan --dtype: {self.param_dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-        if self.world_size % self.replicate_degree:
-            raise HfdistError(f"plan --replicate-degree: {self.replicate_degree} does not divide the world size "
-                              f"{self.world_size}")
-        if self.backend == "deepspeed" and self.replicate_degree != 1:
-            raise HfdistError("plan --replicate-degree: HSDP is an FSDP option (ZeRO-3 shards over all ranks)")
+        for name in ("gpu_memory_gib", "host_memory_gib"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise HfdistError(f"plan --{name.replace('_', '-')}: must be > 0, got {value}")
+        if self.reserve_gib < 0:
+            raise HfdistError(f"plan --reserve-gib: must be >= 0, got {self.reserve_gib}")
 
 
 @dataclass
@@ -99,20 +103,8 @@ class ModelShape:
     largest_unit_numel: int  # the largest other FSDP unit (a decoder layer or the embedding)
     lm_head_numel: int
     largest_module_numel: int  # ZeRO-3 gathers module by module: the largest single module's parameters
-
-
-def load_hf_config(model: str):
-    from hfdist.models import architecture_config, architecture_names
-
-    if model in architecture_names():
-        return architecture_config(model)
-    path = Path(model).expanduser()
-    if (path / "config.json").is_file():
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(path)
-    raise HfdistError(f"plan --model {model!r}: not a shipped architecture ({', '.join(architecture_names())}) "
-                      "nor a folder with config.json")
+    largest_tensor_numel: int
+    dtype: str  # the model's own dtype (config.json's torch_dtype), for the export
 
 
 def meta_model(hf_config, dtype: torch.dtype):
@@ -121,12 +113,19 @@ def meta_model(hf_config, dtype: torch.dtype):
 
     from hfdist.models import HyperfitModel
 
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    with torch.device("meta"):  # a copy: from_config records the dtype in the config it is given
+        lm = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype)
     return HyperfitModel(lm)
 
 
-def model_shape(name: str, model) -> ModelShape:
+def model_dtype_name(hf_config) -> str:
+    """The dtype config.json declares (``dtype``, formerly ``torch_dtype``); float32 when it declares none."""
+    dtype = getattr(hf_config, "dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in DTYPE_BYTES else "float32"
+
+
+def model_shape(name: str, model, dtype: str = "float32") -> ModelShape:
     from hfdist.distributed.parallelize import fsdp_units
 
     cfg = model.lm.config
@@ -148,29 +147,34 @@ def model_shape(name: str, model) -> ModelShape:
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, vocab=cfg.vocab_size,
         tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)), root_unit_numel=root,
         largest_unit_numel=max(unit_numels), lm_head_numel=head.weight.numel(),
-        largest_module_numel=largest_module)
+        largest_module_numel=largest_module, largest_tensor_numel=max(p.numel() for p in model.parameters()),
+        dtype=dtype)
 
 
-def fsdp_shard_numels(model, world_size: int, replicate_degree: int = 1) -> dict:
-    """Shard the meta ``model`` with ``apply_fsdp`` in a fake process group of ``world_size`` ranks.
+def fsdp_shard_numels(model, layout: Layout) -> dict:
+    """Shard a fresh meta copy of ``model`` with ``apply_tp`` (when tensor-parallel) and ``apply_fsdp`` in a fake
+    process group of ``layout.world_size`` ranks.
 
-    Returns the parameter elements held by rank 0 and by the last rank (FSDP2 pads every rank's storage
-    to the largest shard, which is rank 0's), read from the DTensors' local shapes."""
+    Returns the parameter elements held by rank 0 and by the last rank, read from the DTensors' local shapes."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from hfdist.distributed.parallelize import apply_fsdp, build_mesh
+    from hfdist.distributed.parallelize import (apply_fsdp, apply_tp, build_mesh, data_parallel_mesh,
+                                                tensor_parallel_mesh)
 
     if dist.is_initialized():
         raise HfdistError("plan: a process group is already running in this process; run `hfdist plan` on its own")
     counts = {}
-    for rank in (0, world_size - 1):
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    for rank in (0, layout.world_size - 1):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
         try:
-            mesh = build_mesh("cpu", world_size, replicate_degree)
-            sharded = apply_fsdp(model_copy(model), mesh, mixed_precision=False, cpu_offload=False,
-                                 pin_memory=False)
+            mesh = build_mesh("cpu", layout)
+            sharded = model_copy(model)
+            tp_mesh = tensor_parallel_mesh(mesh)
+            if tp_mesh is not None:
+                apply_tp(sharded.lm, tp_mesh)
+            apply_fsdp(sharded, data_parallel_mesh(mesh), mixed_precision=False, cpu_offload=False, pin_memory=False)
             total = 0
             for p in sharded.parameters():
                 if not isinstance(p, DTensor):
@@ -179,7 +183,7 @@ def fsdp_shard_numels(model, world_size: int, replicate_degree: int = 1) -> dict
             counts[rank] = total
         finally:
             dist.destroy_process_group()
-    return {"rank0": counts[0], "last_rank": counts[world_size - 1]}
+    return {"rank0": counts[0], "last_rank": counts[layout.world_size - 1]}
 
 
 def model_copy(model):
@@ -195,44 +199,48 @@ def deepspeed_partition_numel(model, world_size: int) -> int:
     return sum(math.ceil(p.numel() / world_size) for p in model.parameters())
 
 
-def activation_bytes_per_token(shape: ModelShape, compute_bytes: int, checkpointing: bool) -> dict:
-    """Saved activations per token of a micro-batch (see the module docstring), split by where they live."""
-    a, h = compute_bytes, shape.hidden
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+def activation_bytes_per_token(shape: ModelShape, compute_bytes: int, checkpointing: bool,
+                               tensor_parallel: int = 1) -> dict:
+    """Saved activations per token of a micro-batch on one rank (see the module docstring)."""
+    a, h, tp = compute_bytes, shape.hidden, tensor_parallel
+    q, kv = shape.heads * shape.head_dim // tp, shape.kv_heads * shape.head_dim // tp
     norms = 2 * (4 * h + 4 + 2 * a * h)
-    attention = a * (2 * q + 2 * kv) + 4 * shape.heads + 2 * a * shape.head_dim
-    mlp = 4 * a * shape.intermediate
+    attention = a * (2 * q + 2 * kv) + 4 * shape.heads // tp + 2 * a * shape.head_dim
+    mlp = 4 * a * shape.intermediate // tp
     layer = norms + attention + mlp
-    loss = 8 * shape.vocab + (4 * h + 4 + 2 * a * h)  # final norm, fp32 logits and their gradient
-    if checkpointing:
-        layers = shape.layers * a * h + layer
-    else:
-        layers = shape.layers * layer
-    return {"per_layer": layer, "layers": layers, "loss": loss, "total": layers + loss}
+    loss = (4 * h + 4 + 2 * a * h) + a * h  # the final norm, and the hidden states' gradient the fused loss keeps
+    layers = shape.layers * a * h + layer if checkpointing else shape.layers * layer
+    return {"per_layer": layer, "norms_per_layer": norms, "layers": layers, "loss": loss, "total": layers + loss}
 
 
 @dataclass
 class Plan:
+    config: str
     model: str
     backend: str
     world_size: int
     nodes: int
     gpus_per_node: int
-    shard_size: int
-    replicate_degree: int
+    layout: dict
     per_gpu: dict
     gpu_memory_gib: float
     reserve_gib: float
     fits: bool
-    host_per_gpu_gib: float
+    per_node_host: dict
+    host_memory_gib: Optional[float]
+    disk: dict
     num_parameters: int
     global_batch_size: int
     micro_batch_size: int
-    accumulation_steps: Optional[int]
+    accumulation_steps: int
     seq_len: int
     settings: dict
     model_state_check: dict
     notes: list = field(default_factory=list)
+
+    @property
+    def host_per_gpu_gib(self) -> float:
+        return self.per_node_host["offloaded_state_gib"] / self.gpus_per_node
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -242,9 +250,9 @@ def _deepspeed_knobs(path: Optional[str]) -> dict:
     knobs = dict(DEEPSPEED_DEFAULTS)
     if path:
         try:
-            zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+            zero = json.loads(open(path).read()).get("zero_optimization", {})
         except (OSError, ValueError) as exc:
-            raise HfdistError(f"plan --deepspeed-config {path!r}: cannot read ({exc})") from None
+            raise HfdistError(f"config field distributed.deepspeed_config: cannot read {path!r} ({exc})") from None
         for key in knobs:
             value = zero.get(key)
             if isinstance(value, (int, float)):
@@ -252,118 +260,264 @@ def _deepspeed_knobs(path: Optional[str]) -> dict:
     return knobs
 
 
-def make_plan(spec: PlanSpec) -> Plan:
-    spec.validate()
-    world = spec.world_size
-    hf_config = load_hf_config(spec.model)
-    param_bytes = DTYPE_BYTES[spec.param_dtype]
-    model = meta_model(hf_config, torch.float32 if spec.param_dtype == "float32" else torch.bfloat16)
-    shape = model_shape(spec.model, model)
-    compute_bytes = 2 if spec.mixed_precision else param_bytes
+class _ShardCache:
+    """Meta model and shard counts per layout, so that ``--suggest`` builds each only once."""
+
+    def __init__(self):
+        self.models: dict = {}
+        self.shards: dict = {}
+
+    def model(self, hf_config, dtype: torch.dtype):
+        key = (id(hf_config), dtype)
+        if key not in self.models:
+            self.models[key] = meta_model(hf_config, dtype)
+        return self.models[key]
+
+    def fsdp(self, model, layout: Layout) -> dict:
+        key = (id(model), layout)
+        if key not in self.shards:
+            self.shards[key] = fsdp_shard_numels(model, layout)
+        return self.shards[key]
+
+
+def make_plan(config: Config, cluster: Cluster, config_name: str = "", hf_config=None,
+              cache: Optional[_ShardCache] = None) -> Plan:
+    """The plan of ``config`` on ``cluster``; raises the launch's own HfdistError for a layout it would refuse."""
+    from hfdist.models import read_hf_config
+
+    cluster.validate()
+    if hf_config is None:
+        hf_config = read_hf_config(config.model, prefer_shipped=True)
+    layout = check_layout(config, cluster.world_size, cluster.gpus_per_node, hf_config)
+    cache = cache or _ShardCache()
+    dcfg, tcfg = config.distributed, config.train
+    backend = dcfg.backend
+    tp = layout.tensor_parallel
+    param_dtype = config.model.dtype
+    param_bytes = DTYPE_BYTES[param_dtype]
+    model = cache.model(hf_config, torch.float32 if param_dtype == "float32" else torch.bfloat16)
+    shape = model_shape(config.model.path, model, model_dtype_name(hf_config))
+    mixed = dcfg.mixed_precision or (backend == "deepspeed" and param_dtype == "bfloat16")
+    compute_bytes = 2 if mixed else param_bytes
     notes = []
 
-    if spec.backend == "fsdp":
-        shard_size = world // spec.replicate_degree
-        formula = shape.num_parameters / shard_size
-        if spec.verify_shards:
-            shards = fsdp_shard_numels(model, world, spec.replicate_degree)
+    if backend in ("fsdp", "single"):
+        ways = layout.shard_size * tp
+        formula = shape.num_parameters / ways
+        if cluster.verify_shards and backend == "fsdp":
+            shards = cache.fsdp(model, layout)
             local = shards["rank0"]
-            source = f"FSDP2 shards of the meta model in a fake process group of {world} ranks (rank 0)"
+            what = "FSDP2" + (f" x TP ({tp})" if tp > 1 else "")
+            source = (f"{what} shards of the meta model in a fake process group of {layout.world_size} ranks "
+                      "(rank 0)")
         else:
             shards, local = {}, math.ceil(formula)
-            source = "formula only (--no-verify)"
+            source = "formula only" + (" (--no-verify)" if backend == "fsdp" else " (one process holds everything)")
         state = {"params": local * param_bytes, "grads": local * param_bytes, "optimizer": 2 * local * param_bytes}
-        reduce_bytes = 4 if spec.mixed_precision else param_bytes
-        transient = (shape.root_unit_numel * 2 * compute_bytes
-                     + shape.largest_unit_numel * (3 * compute_bytes + reduce_bytes))
-        settings = {"param_dtype": spec.param_dtype, "compute_dtype": "bfloat16" if spec.mixed_precision
-                    else spec.param_dtype, "reduce_dtype": "float32" if spec.mixed_precision else spec.param_dtype}
+        reduce_bytes = 4 if mixed else param_bytes
+        transient = ((shape.root_unit_numel * 2 * compute_bytes
+                      + shape.largest_unit_numel * (3 * compute_bytes + reduce_bytes)) / tp
+                     if backend == "fsdp" else 0)
+        settings = {"param_dtype": param_dtype, "compute_dtype": "bfloat16" if mixed else param_dtype,
+                    "reduce_dtype": "float32" if mixed else param_dtype}
+        checkpoint_bytes = 3 * shape.num_parameters * param_bytes  # DCP: weights + two Adam moments
+        checkpoint_what = f"{param_dtype} weights + 2 Adam moments, DCP shards"
     else:
-        shard_size = world
-        compute_bytes = 2 if spec.mixed_precision else 4
-        formula = shape.num_parameters / world
-        local = deepspeed_partition_numel(model, world)
+        ways = layout.world_size
+        formula = shape.num_parameters / ways
+        local = deepspeed_partition_numel(model, ways)
         shards = {"rank0": local, "last_rank": local}
         count = len(list(model.parameters()))
-        source = f"ZeRO-3 partition rule ceil(numel / {world}) over the meta model's {count} parameters"
+        source = f"ZeRO-3 partition rule ceil(numel / {ways}) over the meta model's {count} parameters"
         state = {"params": local * compute_bytes, "grads": local * 4, "optimizer": local * 12}
-        knobs = _deepspeed_knobs(spec.deepspeed_config)
+        knobs = _deepspeed_knobs(dcfg.deepspeed_config)
         live = min(knobs["stage3_max_live_parameters"], shape.num_parameters)
-        transient = (shape.lm_head_numel * compute_bytes
-                     + max(live, shape.largest_module_numel) * compute_bytes
-                     + knobs["stage3_prefetch_bucket_size"] * compute_bytes
-                     + knobs["reduce_bucket_size"] * 4)
-        settings = {"param_dtype": "bfloat16" if spec.mixed_precision else "float32", "master_dtype": "float32",
+        transient = (shape.lm_head_numel * compute_bytes + max(live, shape.largest_module_numel) * compute_bytes
+                     + knobs["stage3_prefetch_bucket_size"] * compute_bytes + knobs["reduce_bucket_size"] * 4)
+        settings = {"param_dtype": "bfloat16" if mixed else "float32", "master_dtype": "float32",
                     **{k: int(v) for k, v in knobs.items()}}
+        checkpoint_bytes = shape.num_parameters * (compute_bytes + 12)
+        checkpoint_what = "16-bit weights + fp32 master + 2 Adam moments, DeepSpeed partitions"
 
-    host = 0.0
-    if spec.offload:
-        # FSDP CPUOffloadPolicy and ZeRO-3 offload_param + offload_optimizer keep all model state on the host.
-        host = sum(state.values())
+    tokens = tcfg.micro_batch_size * config.data.seq_len
+    # The fused loss's chunk and its fp32 weight-gradient accumulator of this rank's vocabulary rows.
+    transient += FUSED_LOSS_CHUNK_BYTES + shape.lm_head_numel / tp * 4
+    if tp > 1:
+        transient += 2 * compute_bytes * shape.hidden * tokens  # the activations' all-reduce buffers
+    offloaded = 0.0
+    if dcfg.cpu_offload:
+        offloaded = sum(state.values())
         state = {k: 0 for k in state}
-    tokens = spec.micro_batch_size * spec.seq_len
-    activations = activation_bytes_per_token(shape, compute_bytes, spec.activation_checkpointing)["total"] * tokens
+    activation = activation_bytes_per_token(shape, compute_bytes, tcfg.activation_checkpointing, tp)
     per_gpu = {"params_gib": state["params"] / GIB, "grads_gib": state["grads"] / GIB,
-               "optimizer_gib": state["optimizer"] / GIB, "activations_gib": activations / GIB,
+               "optimizer_gib": state["optimizer"] / GIB, "activations_gib": activation["total"] * tokens / GIB,
                "transient_gib": transient / GIB}
     per_gpu["total_gib"] = sum(per_gpu.values())
     per_gpu = {k: round(v, 3) for k, v in per_gpu.items()}
-    fits = per_gpu["total_gib"] <= spec.gpu_memory_gib - spec.reserve_gib
+    fits_gpu = per_gpu["total_gib"] <= cluster.gpu_memory_gib - cluster.reserve_gib
 
-    per_step = spec.micro_batch_size * world
-    accumulation = spec.global_batch_size // per_step if spec.global_batch_size % per_step == 0 else None
-    if accumulation is None:
-        notes.append(f"global batch {spec.global_batch_size} is not divisible by micro-batch {spec.micro_batch_size}"
-                     f" x {world} data-parallel ranks: hfdist refuses this run; every rank needs at least one "
-                     f"sequence per step (use at most {spec.global_batch_size // spec.micro_batch_size} ranks that "
-                     "divide it, or raise train.global_batch_size)")
-    if not fits:
-        notes.append(f"needs {per_gpu['total_gib']:.1f} GiB per GPU, above {spec.gpu_memory_gib:g} GiB minus the "
-                     f"{spec.reserve_gib:g} GiB reserve" + ("" if spec.offload else "; try --offload or more GPUs"))
-    if spec.backend == "fsdp" and spec.param_dtype == "bfloat16":
+    export_dtype = export_dtype_name(config, shape)
+    export_bytes = shape.num_parameters * DTYPE_BYTES[export_dtype]
+    ranks = cluster.gpus_per_node
+    if dcfg.weight_loading == "rank0_broadcast" or config.model.gguf_file:
+        loading = shape.num_parameters * param_bytes  # rank 0 reads the whole model (first node)
+    else:
+        loading = ranks * math.ceil(shape.largest_tensor_numel / ways) * param_bytes
+    export_peak = ranks * local * DTYPE_BYTES[export_dtype] + EXPORT_FILE_BYTES
+    per_node_host = {"offloaded_state_gib": round(offloaded * ranks / GIB, 3),
+                     "loading_peak_gib": round(loading / GIB, 3), "export_peak_gib": round(export_peak / GIB, 3)}
+    per_node_host["peak_gib"] = round(max(per_node_host["offloaded_state_gib"] + per_node_host["loading_peak_gib"],
+                                          per_node_host["offloaded_state_gib"] + per_node_host["export_peak_gib"]), 3)
+    fits_host = cluster.host_memory_gib is None or per_node_host["peak_gib"] <= cluster.host_memory_gib
+    disk = {"checkpoint_gb": round(checkpoint_bytes / 1e9, 2), "checkpoint_contents": checkpoint_what,
+            "export_gb": round(export_bytes / 1e9, 2), "export_dtype": export_dtype}
+
+    if not fits_gpu:
+        notes.append(f"needs {per_gpu['total_gib']:.1f} GiB per GPU, above {cluster.gpu_memory_gib:g} GiB minus the "
+                     f"{cluster.reserve_gib:g} GiB reserve; `hfdist plan ... --suggest` lists layouts that fit")
+    if not fits_host:
+        notes.append(f"needs {per_node_host['peak_gib']:.1f} GiB of host memory per node, above the "
+                     f"{cluster.host_memory_gib:g} GiB given")
+    if backend == "fsdp" and param_dtype == "bfloat16":
         notes.append("bf16 master weights: an Adam update of lr 1e-6 is below bf16's resolution for most weights "
-                     "(relative step 2^-8), so most updates are lost; keep float32 master weights")
+                     "(relative step 2^-8), so most updates are lost; keep model.dtype float32")
+    if tp > 1:
+        saved = (1 - 1 / tp) * shape.layers * activation["norms_per_layer"] * tokens / GIB
+        notes.append(f"no sequence parallelism: the norms' activations stay whole on each of the {tp} "
+                     f"tensor-parallel ranks; sharding them would save {saved:.2f} GiB per GPU at this micro-batch "
+                     f"({tokens} tokens)")
     check = {"source": source, "params_per_rank": local, "params_per_rank_last": shards.get("last_rank", local),
-             "formula_params_per_rank": formula,
-             "relative_difference": (local - formula) / formula}
-    return Plan(model=spec.model, backend=spec.backend, world_size=world, nodes=spec.nodes,
-                gpus_per_node=spec.gpus_per_node, shard_size=shard_size, replicate_degree=spec.replicate_degree,
-                per_gpu=per_gpu, gpu_memory_gib=spec.gpu_memory_gib, reserve_gib=spec.reserve_gib, fits=fits,
-                host_per_gpu_gib=round(host / GIB, 3), num_parameters=shape.num_parameters,
-                global_batch_size=spec.global_batch_size, micro_batch_size=spec.micro_batch_size,
-                accumulation_steps=accumulation, seq_len=spec.seq_len,
-                settings={**settings, "offload": spec.offload, "activation_checkpointing":
-                          spec.activation_checkpointing, "mixed_precision": spec.mixed_precision},
+             "formula_params_per_rank": formula, "relative_difference": (local - formula) / formula}
+    layout_info = {"tensor_parallel": tp, "replicate_degree": layout.replicate_degree, "dp_size": layout.dp_size,
+                   "shard_size": layout.shard_size, "mesh": layout.mesh_dims() if backend == "fsdp" else {}}
+    return Plan(config=config_name, model=config.model.path, backend=backend, world_size=layout.world_size,
+                nodes=cluster.nodes, gpus_per_node=cluster.gpus_per_node, layout=layout_info, per_gpu=per_gpu,
+                gpu_memory_gib=cluster.gpu_memory_gib, reserve_gib=cluster.reserve_gib, fits=fits_gpu and fits_host,
+                per_node_host=per_node_host, host_memory_gib=cluster.host_memory_gib, disk=disk,
+                num_parameters=shape.num_parameters, global_batch_size=tcfg.global_batch_size,
+                micro_batch_size=tcfg.micro_batch_size,
+                accumulation_steps=tcfg.global_batch_size // (tcfg.micro_batch_size * layout.dp_size),
+                seq_len=config.data.seq_len,
+                settings={**settings, "offload": dcfg.cpu_offload,
+                          "activation_checkpointing": tcfg.activation_checkpointing, "mixed_precision": mixed,
+                          "weight_loading": dcfg.weight_loading},
                 model_state_check=check, notes=notes)
 
 
+def export_dtype_name(config: Config, shape: ModelShape) -> str:
+    """The dtype the final model is written in: ``export.dtype`` when the config has one, else the model's own."""
+    chosen = getattr(getattr(config, "export", None), "dtype", None)
+    return chosen if chosen in DTYPE_BYTES else shape.dtype
+
+
+# ---- --suggest ------------------------------------------------------------------------------------------------
+
+SUGGEST_RULE = ("fastest first: no CPU offload (host Adam and PCIe transfers are the slowest), then the smallest "
+                "tensor-parallel degree (it all-reduces activations in every layer), then no activation "
+                "checkpointing (it recomputes each layer's forward), then the most replicas (HSDP keeps the "
+                "all-gathers inside a replica), then the least GPU memory")
+
+
+def suggest(config: Config, cluster: Cluster) -> list[tuple[dict, Plan]]:
+    """Every layout (tensor_parallel, replicate_degree, cpu_offload, activation_checkpointing) of the fsdp backend
+    that the launch accepts for ``config``'s batch on ``cluster`` and that fits, best first by SUGGEST_RULE; the
+    config's other fields are kept. Each entry: (the overrides, its plan)."""
+    from hfdist.models import read_hf_config
+
+    cluster.validate()
+    hf_config = read_hf_config(config.model, prefer_shipped=True)
+    cache = _ShardCache()
+    divisors = lambda n: [d for d in range(1, n + 1) if n % d == 0]  # noqa: E731
+    found = []
+    for tp, offload, checkpointing in itertools.product(divisors(cluster.gpus_per_node), (False, True),
+                                                        (False, True)):
+        dp = cluster.world_size // tp
+        for replicate in divisors(dp):
+            overrides = {"distributed.backend": "fsdp", "distributed.tensor_parallel": tp,
+                         "distributed.replicate_degree": replicate, "distributed.cpu_offload": offload,
+                         "train.activation_checkpointing": checkpointing}
+            candidate = with_overrides(config, overrides)
+            try:
+                plan = make_plan(candidate, cluster, hf_config=hf_config, cache=cache)
+            except HfdistError:
+                continue  # the launch refuses this layout (batch, heads, divisibility)
+            if plan.fits:
+                found.append((overrides, plan))
+    found.sort(key=lambda item: (item[0]["distributed.cpu_offload"], item[0]["distributed.tensor_parallel"],
+                                 item[0]["train.activation_checkpointing"], -item[0]["distributed.replicate_degree"],
+                                 item[1].per_gpu["total_gib"]))
+    return found
+
+
+def with_overrides(config: Config, overrides: dict) -> Config:
+    candidate = copy.deepcopy(config)
+    for name, value in overrides.items():
+        section, key = name.split(".")
+        setattr(getattr(candidate, section), key, value)
+    return candidate
+
+
+# ---- text --------------------------------------------------------------------------------------------------
+
 def format_plan(plan: Plan) -> str:
-    s = plan.settings
+    s, lay = plan.settings, plan.layout
+    mesh = " x ".join(f"{k} {v}" for k, v in lay["mesh"].items()) or "-"
     lines = [
-        f"hfdist plan: {plan.model} ({plan.num_parameters / 1e9:.2f} B parameters), {plan.backend}, "
-        f"{plan.nodes} node(s) x {plan.gpus_per_node} GPUs = {plan.world_size} ranks "
-        f"(shard {plan.shard_size} x replicate {plan.replicate_degree})",
-        f"  seq_len {plan.seq_len}, micro-batch {plan.micro_batch_size}, global batch {plan.global_batch_size}"
-        f" ({'accumulation ' + str(plan.accumulation_steps) if plan.accumulation_steps else 'does not divide'}), "
-        f"params {s['param_dtype']}, mixed precision {'on' if s['mixed_precision'] else 'off'}, "
-        f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}, "
+        f"hfdist plan: {plan.config + ' -> ' if plan.config else ''}{plan.model} "
+        f"({plan.num_parameters / 1e9:.2f} B parameters), {plan.backend}, {plan.nodes} node(s) x "
+        f"{plan.gpus_per_node} GPUs = {plan.world_size} ranks",
+        f"  layout: tensor_parallel {lay['tensor_parallel']}, {lay['dp_size']} data-parallel ranks (replicate "
+        f"{lay['replicate_degree']} x shard {lay['shard_size']}); mesh {mesh}",
+        f"  batch: global {plan.global_batch_size} = micro-batch {plan.micro_batch_size} x accumulation "
+        f"{plan.accumulation_steps} x {lay['dp_size']} data-parallel ranks; seq_len {plan.seq_len}",
+        f"  precision: params {s['param_dtype']}, mixed precision {'on' if s['mixed_precision'] else 'off'}; "
+        f"activation checkpointing {'on' if s['activation_checkpointing'] else 'off'}; "
         f"offload {'on' if s['offload'] else 'off'}",
         "",
-        f"  {'per GPU':<38}{'GiB':>9}",
+        f"  {'per GPU':<44}{'GiB':>9}",
     ]
     labels = {"params_gib": "parameters (shard)", "grads_gib": "gradients (shard)",
               "optimizer_gib": "optimizer state (shard)", "activations_gib": "activations (estimate)",
-              "transient_gib": "transient: gathered units (estimate)", "total_gib": "total"}
+              "transient_gib": "transient: gathered units, loss (estimate)", "total_gib": "total"}
     for key, label in labels.items():
-        lines.append(f"  {label:<38}{plan.per_gpu[key]:>9.2f}")
-    lines.append(f"  {'GPU memory':<38}{plan.gpu_memory_gib:>9.2f}  (fits if total <= GPU memory - "
+        lines.append(f"  {label:<44}{plan.per_gpu[key]:>9.2f}")
+    lines.append(f"  {'GPU memory':<44}{plan.gpu_memory_gib:>9.2f}  (fits if total <= GPU memory - "
                  f"{plan.reserve_gib:g} GiB reserve)")
-    lines.append(f"  {'fits':<38}{'yes' if plan.fits else 'NO':>9}")
-    if plan.host_per_gpu_gib:
-        lines.append(f"  {'host memory per GPU (offloaded)':<38}{plan.host_per_gpu_gib:>9.2f}")
+    host = plan.per_node_host
+    lines += ["", f"  {'per node (host memory)':<44}{'GiB':>9}",
+              f"  {'offloaded model state':<44}{host['offloaded_state_gib']:>9.2f}",
+              f"  {'weight loading peak':<44}{host['loading_peak_gib']:>9.2f}  ({s['weight_loading']})",
+              f"  {'export peak':<44}{host['export_peak_gib']:>9.2f}",
+              f"  {'peak':<44}{host['peak_gib']:>9.2f}"
+              + (f"  (host memory {plan.host_memory_gib:g})" if plan.host_memory_gib else "")]
+    disk = plan.disk
+    lines += ["", f"  on disk: checkpoint {disk['checkpoint_gb']:,.1f} GB ({disk['checkpoint_contents']}), exported "
+                  f"model {disk['export_gb']:,.1f} GB ({disk['export_dtype']} safetensors)",
+              f"  fits: {'yes' if plan.fits else 'NO'}"]
     check = plan.model_state_check
-    lines += ["", f"  model state from: {check['source']}",
-              f"    {check['params_per_rank']:,} parameters per rank vs {plan.num_parameters:,} / {plan.shard_size}"
-              f" = {check['formula_params_per_rank']:,.0f} ({check['relative_difference'] * 100:+.3f}%)"]
+    lines += [f"  model state from: {check['source']}",
+              f"    {check['params_per_rank']:,} parameters per rank vs {plan.num_parameters:,} / "
+              f"{plan.num_parameters / check['formula_params_per_rank']:.0f} = {check['formula_params_per_rank']:,.0f} "
+              f"({check['relative_difference'] * 100:+.3f}%)"]
     lines += [f"  note: {note}" for note in plan.notes]
+    return "\n".join(lines)
+
+
+def format_suggestions(found: list[tuple[dict, Plan]], cluster: Cluster, shown: int = 8) -> str:
+    if not found:
+        return (f"no layout of the fsdp backend fits this config on {cluster.nodes} x {cluster.gpus_per_node} GPUs "
+                f"of {cluster.gpu_memory_gib:g} GiB (try more GPUs, a smaller micro-batch or a larger global batch)")
+    lines = [f"layouts that the launch accepts and that fit, {SUGGEST_RULE}:", "",
+             f"  {'#':>2}  {'tp':>2}  {'replicate':>9}  {'offload':>7}  {'act. ckpt':>9}  {'GiB/GPU':>8}  "
+             f"{'host GiB/node':>13}  --set"]
+    for i, (overrides, plan) in enumerate(found[:shown], 1):
+        sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()
+                        if k != "distributed.backend")
+        lines.append(f"  {i:>2}  {overrides['distributed.tensor_parallel']:>2}  "
+                     f"{overrides['distributed.replicate_degree']:>9}  "
+                     f"{'yes' if overrides['distributed.cpu_offload'] else 'no':>7}  "
+                     f"{'yes' if overrides['train.activation_checkpointing'] else 'no':>9}  "
+                     f"{plan.per_gpu['total_gib']:>8.1f}  {plan.per_node_host['peak_gib']:>13.1f}  {sets}")
+    if len(found) > shown:
+        lines.append(f"  ... and {len(found) - shown} more (--top N, or --json for all)")
     return "\n".join(lines)

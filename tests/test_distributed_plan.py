@@ -1,28 +1,48 @@
-"""`hfdist plan`: the model-state numbers come from real FSDP2 shards of the meta-device architecture (fake
-process group at the planned world size) and agree with the plain count; the activation estimate equals
-the bytes autograd really saves for a decoder layer."""
+"""`hfdist plan`: the launch gate, and memory from real shards.
+
+The plan refuses what the launch refuses, with the launch's own message (checked against the real CLI launch at
+the same world size); the model-state numbers come from real TP and FSDP2 shards of the meta-device architecture
+(fake process group at the planned world size) and agree with the plain count and with the sharding rules;
+`--suggest` lists only layouts the launch accepts; the activation estimate equals the bytes autograd really saves
+for a decoder layer."""
 import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from hfdist.cli import main
+from hfdist.config import load_config
+from hfdist.distributed.layout import Layout, check_layout
 from hfdist.distributed.parallelize import enable_activation_checkpointing
-from hfdist.models import HyperfitModel
-from hfdist.distributed.plan import (GIB, PlanSpec, activation_bytes_per_token, deepspeed_partition_numel,
-                                     fsdp_shard_numels, load_hf_config, make_plan, meta_model, model_shape)
+from hfdist.distributed.plan import (GIB, Cluster, activation_bytes_per_token, deepspeed_partition_numel,
+                                     fsdp_shard_numels, make_plan, meta_model, model_shape, suggest,
+                                     suggestion_rank)
+from hfdist.errors import HfdistError
+from hfdist.models import HyperfitModel, architecture_config
 
+REPO = Path(__file__).resolve().parent.parent
+PAPER_70B = REPO / "configs" / "paper-llama-3.1-70b.yaml"
 LLAMA_70B_PARAMETERS = 70_553_706_496  # the published count of Llama 3.1 70B
 
 
-@pytest.mark.parametrize("nodes", [1, 2, 3, 4])
-def test_70b_plan_model_state_matches_meta_shards(nodes):
-    plan = make_plan(PlanSpec(model="llama-3.1-70b", nodes=nodes, gpus_per_node=8, backend="fsdp"))
+def config_70b(*overrides):
+    return load_config(PAPER_70B, list(overrides))
+
+
+@pytest.mark.parametrize("nodes, tp", [(1, 1), (2, 2), (4, 4)])
+def test_70b_plan_model_state_matches_meta_shards(nodes, tp):
+    plan = make_plan(config_70b(f"distributed.tensor_parallel={tp}"), Cluster(nodes=nodes, gpus_per_node=8))
     world = 8 * nodes
     assert plan.world_size == world and plan.num_parameters == LLAMA_70B_PARAMETERS
+    assert plan.layout["tensor_parallel"] == tp and plan.layout["dp_size"] == 8 and plan.accumulation_steps == 1
     check = plan.model_state_check
-    assert check["source"].startswith("FSDP2 shards")
-    # FSDP2 pads dim 0 to a multiple of the world size: the shard is at most a fraction of a percent above P/W.
+    assert check["source"].startswith("FSDP2")
+    # Padding (FSDP2's ceil rows, TP's uneven vocabulary pieces): at most a fraction of a percent above P/W.
     assert 0 <= check["relative_difference"] < 2e-3
     assert check["params_per_rank_last"] <= check["params_per_rank"]
     per_gpu = plan.per_gpu
@@ -32,28 +52,127 @@ def test_70b_plan_model_state_matches_meta_shards(nodes):
     assert per_gpu["optimizer_gib"] == pytest.approx(2 * per_gpu["params_gib"], abs=2e-3)
     parts = sum(v for k, v in per_gpu.items() if k != "total_gib")
     assert per_gpu["total_gib"] == pytest.approx(parts, abs=5e-3)
-    assert plan.fits == (per_gpu["total_gib"] <= 80 - plan.reserve_gib)
-    # The paper's batch of 8 spreads over at most 8 data-parallel ranks.
-    assert (plan.accumulation_steps == 1) == (world == 8)
+    # On disk: fp32 weights and two moments (DCP); the export in the model's own dtype (bf16 for Llama 3).
+    assert plan.disk["checkpoint_gb"] == pytest.approx(12 * LLAMA_70B_PARAMETERS / 1e9, abs=0.01)
+    assert plan.disk["export_dtype"] == "bfloat16"
+    assert plan.disk["export_gb"] == pytest.approx(2 * LLAMA_70B_PARAMETERS / 1e9, abs=0.01)
 
 
-def test_fake_process_group_shards_are_ceil_rows():
-    """The meta shards follow FSDP2's rule: each parameter's dim 0 cut into ceil(rows / W) rows on rank 0."""
-    import math
+def test_fake_process_group_shards_follow_the_tp_and_fsdp_rules():
+    """Rank 0 of tp 2 x dp 4 holds, of every column-parallel weight (and the vocabulary-sharded embedding/head),
+    ceil(ceil(rows / 2) / 4) rows; of every row-parallel weight ceil(rows / 4) rows of ceil(cols / 2) columns; of
+    every norm ceil(rows / 4) entries."""
+    model = meta_model(architecture_config("llama-3.2-1b"), torch.float32)
+    expected = 0
+    for name, p in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            expected += math.ceil(p.shape[0] / 4) * math.ceil(p.shape[1] / 2)
+        elif p.dim() == 2:
+            expected += math.ceil(math.ceil(p.shape[0] / 2) / 4) * p.shape[1]
+        else:
+            expected += math.ceil(p.shape[0] / 4)
+    assert fsdp_shard_numels(model, Layout(world_size=8, ranks_per_node=8, tensor_parallel=2))["rank0"] == expected
 
-    model = meta_model(load_hf_config("llama-3.2-1b"), torch.float32)
+
+def test_fake_process_group_shards_without_tp_are_ceil_rows():
+    model = meta_model(architecture_config("llama-3.2-1b"), torch.float32)
     expected = sum(math.ceil(p.shape[0] / 24) * (p.numel() // p.shape[0]) for p in model.parameters())
-    assert fsdp_shard_numels(model, 24)["rank0"] == expected
+    assert fsdp_shard_numels(model, Layout(world_size=24, ranks_per_node=8))["rank0"] == expected
+
+
+def launch_error(config_path: Path, world_size: int, ranks_per_node: int, tmp_path: Path, *sets: str) -> str:
+    """The one stderr line of the real CLI launch on rank 0 of a torchrun job of ``world_size`` ranks (the check
+    runs before the process group waits for peers, so no other rank is needed)."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size),
+           "LOCAL_WORLD_SIZE": str(ranks_per_node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29998"}
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "hfdist.cli", "hyperfit", str(config_path), "--output-dir",
+                           str(tmp_path / "run"), "--no-progress", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def plan_error(config_path: Path, nodes: int, *sets: str) -> str:
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "hfdist.cli", "plan", str(config_path), "--nodes", str(nodes), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("hfdist: error")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_plan_is_the_launch_gate(tmp_path):
+    """The paper's 70B config on 4 x 8 H100-80GB is accepted and fits; at tensor_parallel 1 the launch refuses it
+    (32 data-parallel ranks cannot split a batch of 8) and the plan refuses it with the launch's own line."""
+    plan = make_plan(config_70b(), Cluster(nodes=4, gpus_per_node=8))
+    assert plan.fits and plan.layout["tensor_parallel"] == 4 and plan.world_size == 32
+    refused = launch_error(PAPER_70B, 32, 8, tmp_path, "distributed.tensor_parallel=1")
+    assert "train.global_batch_size: 8 is not divisible by train.micro_batch_size (1) x data-parallel size (32)" \
+        in refused
+    assert plan_error(PAPER_70B, 4, "distributed.tensor_parallel=1") == refused
+    # The 2 x 8 config: accepted there and fits.
+    two_nodes = make_plan(load_config(REPO / "configs" / "paper-llama-3.1-70b-2x8.yaml"), Cluster(nodes=2))
+    assert two_nodes.fits and two_nodes.accumulation_steps == 2
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("distributed.tensor_parallel=3",), "distributed.tensor_parallel: 3 does not divide the 32 ranks"),
+    (("distributed.tensor_parallel=16",), "distributed.tensor_parallel: 16 does not divide the 8 ranks per node"),
+    (("distributed.tensor_parallel=4", "distributed.backend=deepspeed"),
+     "distributed.tensor_parallel: 4 needs distributed.backend=fsdp"),
+    (("distributed.replicate_degree=3",), "distributed.replicate_degree: 3 does not divide the 8 data-parallel ranks"),
+])
+def test_plan_refuses_what_the_launch_refuses(sets, message, tmp_path):
+    refused = launch_error(PAPER_70B, 32, 8, tmp_path, *sets)
+    assert message in refused
+    assert plan_error(PAPER_70B, 4, *sets) == refused
+
+
+def test_tensor_parallel_must_split_the_heads():
+    config = load_config(None, ["model.path=tinyllama-1.1b", "distributed.backend=fsdp", "train.micro_batch_size=1",
+                                "distributed.tensor_parallel=8"])
+    with pytest.raises(HfdistError, match="tensor_parallel: 8 does not divide the model's 4 key/value heads"):
+        make_plan(config, Cluster(nodes=1, gpus_per_node=8))
+
+
+def test_suggest_lists_only_layouts_the_launch_accepts():
+    config = config_70b()
+    cluster = Cluster(nodes=2, gpus_per_node=8, verify_shards=False)
+    found = suggest(config, cluster)
+    assert found, "the 70B recipe fits 2 x 8 H100 in some layout"
+    hf_config = architecture_config("llama-3.1-70b")
+    keys = []
+    for overrides, plan in found:
+        candidate = load_config(PAPER_70B, [f"{k}={str(v).lower()}" for k, v in overrides.items()])
+        check_layout(candidate, 16, 8, hf_config)  # raises if the launch would refuse it
+        assert plan.fits and plan.per_gpu["total_gib"] <= 76
+        assert plan.per_node_host["peak_gib"] <= 2048
+        keys.append(suggestion_rank(overrides, plan, cluster))
+    # The stated rule: no offload, small tp, no checkpointing, node-local HSDP shards, less memory first.
+    assert keys == sorted(keys)
+    assert all(o["distributed.tensor_parallel"] >= 2 for o, _ in found)  # tp 1: 16 ranks cannot split a batch of 8
+    assert not found[0][0]["distributed.cpu_offload"]
 
 
 def test_plan_cli_json(capsys):
-    assert main(["plan", "--model", "llama-3.1-70b", "--nodes", "1", "--gpus-per-node", "8", "--backend", "fsdp",
-                 "--offload", "--json"]) == 0
+    assert main(["plan", "--model", "llama-3.1-70b", "--nodes", "1", "--gpus-per-node", "8", "--offload",
+                 "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert set(plan["per_gpu"]) == {"params_gib", "grads_gib", "optimizer_gib", "activations_gib", "transient_gib",
                                     "total_gib"}
-    assert plan["per_gpu"]["params_gib"] == 0 and plan["host_per_gpu_gib"] > 100  # all model state on the host
+    assert plan["per_gpu"]["params_gib"] == 0
+    assert plan["per_node_host"]["offloaded_state_gib"] > 8 * 100  # all model state on the hosts: 16 B/parameter
     assert plan["fits"] is True and plan["world_size"] == 8 and plan["gpu_memory_gib"] == 80
+    assert plan["layout"] == {"tensor_parallel": 1, "replicate_degree": 1, "dp_size": 8, "shard_size": 8,
+                              "mesh": {"dp_shard": 8}}
+
+
+def test_plan_suggest_cli(capsys):
+    assert main(["plan", str(PAPER_70B), "--nodes", "4", "--suggest", "--no-verify", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "fastest first" in text and "--set distributed.tensor_parallel=4" in text
 
 
 def test_plan_deepspeed_text(capsys):
@@ -64,19 +183,17 @@ def test_plan_deepspeed_text(capsys):
 
 
 def test_deepspeed_partition_rule():
-    model = meta_model(load_hf_config("tinyllama-1.1b"), torch.float32)
+    model = meta_model(architecture_config("tinyllama-1.1b"), torch.float32)
     total = sum(p.numel() for p in model.parameters())
     per_rank = deepspeed_partition_numel(model, 16)
     assert total / 16 <= per_rank < total / 16 + len(list(model.parameters()))
 
 
 def test_plan_rejects_bad_input():
-    from hfdist.errors import HfdistError
-
-    with pytest.raises(HfdistError, match="replicate-degree"):
-        make_plan(PlanSpec(nodes=3, gpus_per_node=8, replicate_degree=5))
-    with pytest.raises(HfdistError, match="not a shipped architecture"):
-        make_plan(PlanSpec(model="no-such-model"))
+    with pytest.raises(HfdistError, match="plan --nodes: must be >= 1"):
+        make_plan(config_70b(), Cluster(nodes=0))
+    with pytest.raises(HfdistError, match="model.path 'no-such-model': cannot read its config.json"):
+        make_plan(load_config(None, ["model.path=no-such-model"]), Cluster(nodes=1, gpus_per_node=1))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

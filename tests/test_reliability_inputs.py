@@ -32,6 +32,7 @@ SENTINELS = {"summary.json": '{"sentinel": true}\n', "generations.jsonl": '{"con
 HF = ["hyperfit", "{CFG}", "--output-dir", "{OUT}", "--no-progress"]
 GEN = ["generate", "--model", "{M}", "--out", "{OUT}/generations.jsonl"]
 TORCHRUN_3 = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+TORCHRUN_4 = {**TORCHRUN_3, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
 
 # (id, argv, expected substring of the one stderr line, extra environment, extra file in the output folder)
 CASES = [
@@ -49,6 +50,12 @@ CASES = [
                                                                   "train.micro_batch_size 3"),
     ("batch-vs-world-size", [*HF, "--set", "distributed.backend=fsdp"],
      "train.global_batch_size: 8 is not divisible by train.micro_batch_size (2) x data-parallel size (3)", TORCHRUN_3),
+    ("tensor-parallel-one-process", [*HF, "--set", "distributed.tensor_parallel=2"],
+     "config field distributed.tensor_parallel: needs several ranks (distributed.backend=fsdp)"),
+    ("tensor-parallel-vs-world-size", [*HF, "--set", "distributed.backend=fsdp", "--set", "distributed.tensor_parallel=2"],
+     "config field distributed.tensor_parallel: 2 does not divide the 3 ranks", TORCHRUN_3),
+    ("tensor-parallel-vs-heads", [*HF, "--set", "distributed.backend=fsdp", "--set", "distributed.tensor_parallel=4"],
+     "config field distributed.tensor_parallel: 4 does not divide the model's 2 key/value heads", TORCHRUN_4),
     ("seq-len-beyond-model", [*HF, "--set", "data.seq_len=1024"],
      "data.seq_len: 1024 exceeds the model's max_position_embeddings 512"),
     ("context-vs-total-len", [*HF, "--set", "data.context_len=48"],

@@ -414,8 +414,8 @@ def export_dtype_name(config: Config, shape: ModelShape) -> str:
 
 SUGGEST_RULE = ("fastest first: no CPU offload (host Adam and PCIe transfers are the slowest), then the smallest "
                 "tensor-parallel degree (it all-reduces activations in every layer), then no activation "
-                "checkpointing (it recomputes each layer's forward), then the most replicas (HSDP keeps the "
-                "all-gathers inside a replica), then the least GPU memory")
+                "checkpointing (it recomputes each layer's forward), then HSDP layouts whose shard groups lie inside "
+                "one node (their all-gathers stay on the node's links), then the least GPU memory")
 
 
 def suggest(config: Config, cluster: Cluster) -> list[tuple[dict, Plan]]:
@@ -443,10 +443,17 @@ def suggest(config: Config, cluster: Cluster) -> list[tuple[dict, Plan]]:
                 continue  # the launch refuses this layout (batch, heads, divisibility)
             if plan.fits:
                 found.append((overrides, plan))
-    found.sort(key=lambda item: (item[0]["distributed.cpu_offload"], item[0]["distributed.tensor_parallel"],
-                                 item[0]["train.activation_checkpointing"], -item[0]["distributed.replicate_degree"],
-                                 item[1].per_gpu["total_gib"]))
+    found.sort(key=lambda item: suggestion_rank(item[0], item[1], cluster))
     return found
+
+
+def suggestion_rank(overrides: dict, plan: Plan, cluster: Cluster) -> tuple:
+    """SUGGEST_RULE as a sort key (smaller is better)."""
+    layout = plan.layout
+    node_local_shards = (layout["replicate_degree"] > 1
+                         and layout["shard_size"] * layout["tensor_parallel"] <= cluster.gpus_per_node)
+    return (overrides["distributed.cpu_offload"], overrides["distributed.tensor_parallel"],
+            overrides["train.activation_checkpointing"], not node_local_shards, plan.per_gpu["total_gib"])
 
 
 def with_overrides(config: Config, overrides: dict) -> Config:

@@ -101,7 +101,7 @@ def _ce_kernel(x_ptr, x_stride, labels_ptr, out_ptr, out_stride, lse_ptr, grad_p
                 t = alpha * (t + shift * s) + tl.sum(e * tl.where(e > 0, z - m_new, 0.0), 0)
             s = s * alpha + tl.sum(e, 0)
             sum_z += tl.sum(tl.where(mask, z, 0.0), 0)
-            z_label += tl.sum(tl.where(cols == target, z, 0.0), 0)
+            z_label += tl.sum(tl.where((cols == target) & mask, z, 0.0), 0)  # target may be past row_len
             m = m_new
         if MODE == MODE_PARTIAL:
             tl.store(out_ptr + row, m)

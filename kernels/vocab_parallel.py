@@ -65,8 +65,6 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
     op = "vocab_parallel_fused_linear_cross_entropy"
     _check_options(op, reduction, label_smoothing, z_loss, softcap)
     _check_grad_accumulation(op, grad_accumulation)
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError(f"{op}: needs an initialized torch.distributed process group")
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - older torch
@@ -80,6 +78,8 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
     if vocab_start < 0 or vocab_start + weight_shard.shape[0] > vocab_size:
         raise ValueError(f"{op}: vocab_start {vocab_start} + shard rows {weight_shard.shape[0]} must lie within "
                          f"[0, vocab_size={vocab_size}]")
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{op}: needs an initialized torch.distributed process group")
     world = dist.get_world_size(group)
     return fused_linear_cross_entropy_op(
         op, hidden, weight_shard, labels, bias=bias_shard, ignore_index=ignore_index, reduction=reduction,

@@ -343,3 +343,84 @@ def test_cuda_no_host_sync_and_bounded_memory():
     bound = v * h * 4 + 2 * n * h * 2 + chunk * v * 2 + (16 << 20)  # fp32 d_weight, d_hidden, one chunk
     assert extra < bound, (extra, bound)
     assert extra < n * v * 2  # less than the bf16 logits alone
+
+
+# ---------------------------------------------------------------------------------------------------
+# Llama 3 scale: V = 128256, bf16 throughout; int64 offsets. Compiled kernels on CUDA (N x V > 2^31),
+# the interpreter and the torch backend at small N on CPU.
+# ---------------------------------------------------------------------------------------------------
+
+LLAMA3_VOCAB = 128256
+
+
+def _chunked_fp32_reference(hidden, weight, labels, rows=2048):
+    """Loss sum, entropy, d_hidden, d_weight of the sum-reduced loss on [rows, V] slices: the logits rounded to
+    the inputs' dtype (as the fused op's are), everything after that in fp32."""
+    h = hidden.float().requires_grad_()
+    w = weight.float().requires_grad_()
+    total, entropies = 0.0, []
+    for s in range(0, hidden.shape[0], rows):
+        logits = (h[s:s + rows] @ w.T).to(hidden.dtype).float()
+        loss = F.cross_entropy(logits, labels[s:s + rows], reduction="sum")
+        loss.backward()
+        total += loss.item()
+        valid = labels[s:s + rows] != -100
+        entropies.append(torch.where(valid, torch.distributions.Categorical(logits=logits.detach()).entropy(), 0.0))
+    return total, torch.cat(entropies), h.grad, w.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_llama3_vocab_bf16_large_rows(backend):
+    """V=128256 in bf16: every row spans 32 blocks; on CUDA N x V > 2^31 both through the chunks (default
+    budget, both accumulation modes) and in one block (chunk_size=N: in-kernel offsets past 2^31)."""
+    _skip_unless_runnable(backend)
+    n, h = (16800, 16) if CUDA else (6, 16)
+    assert not CUDA or n * LLAMA3_VOCAB > 2**31
+    hidden, weight, _, labels = _inputs(torch.bfloat16, seed=21, n=n, h=h, v=LLAMA3_VOCAB, ignore_every=7)
+    ref_loss, ref_entropy, ref_dh, ref_dw = _chunked_fp32_reference(hidden, weight, labels)
+    runs = [dict(grad_accumulation="weight_dtype"), dict(grad_accumulation="fp32")]
+    if CUDA:
+        runs.append(dict(chunk_size=n))
+    for kw in runs:
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, entropy = fused_linear_cross_entropy(x, w, labels, reduction="sum", return_entropy=True,
+                                                   backend=backend, **kw)
+        loss.backward()
+        assert x.grad.dtype == w.grad.dtype == torch.bfloat16 and loss.dtype == torch.float32
+        assert abs(loss.item() - ref_loss) <= 1e-4 * abs(ref_loss), kw
+        assert (entropy - ref_entropy).abs().max().item() < 2e-3, kw
+        assert _rel(x.grad, ref_dh) < 1e-2 and _rel(w.grad, ref_dw) < 1.5e-2, kw
+    logits = hidden @ weight.T if not CUDA else None  # on CUDA [N, V] bf16 = 4.3 GB: N x V > 2^31 in the kernel
+    if CUDA:
+        logits = torch.empty(n, LLAMA3_VOCAB, device=DEVICE, dtype=torch.bfloat16)
+        for s in range(0, n, 2048):
+            torch.mm(hidden[s:s + 2048], weight.T, out=logits[s:s + 2048])
+    loss, entropy = cross_entropy(logits, labels, reduction="sum", return_entropy=True, backend=backend)
+    assert abs(loss.item() - ref_loss) <= 1e-4 * abs(ref_loss)
+    assert (entropy - ref_entropy).abs().max().item() < 2e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_offsets_past_int32(backend):
+    """Rows whose offset row * stride passes 2^31 elements: a strided view into a large allocation (on CPU
+    only the pages of its 3 rows are ever touched). The kernel's int64 row offset is what reads them right."""
+    _skip_unless_runnable(backend)
+    v = 1031
+    stride = (1 << 30) + 64  # row 2 starts at 2^31 + 128 elements
+    storage = torch.empty(2 * stride + v, device=DEVICE, dtype=torch.bfloat16)
+    x = storage.as_strided((3, v), (stride, 1))
+    gen = torch.Generator().manual_seed(5)
+    values = torch.randn(3, v, generator=gen).to(DEVICE, torch.bfloat16)
+    x.copy_(values)
+    labels = torch.tensor([4, v - 1, 517], device=DEVICE)
+    logits = x.detach().requires_grad_()
+    loss, entropy = cross_entropy(logits, labels, reduction="none", return_entropy=True, backend=backend)
+    (loss * torch.tensor([1.0, 2.0, 3.0], device=DEVICE)).sum().backward()
+    ref_x = values.double().requires_grad_()
+    ref_loss, ref_entropy = reference(torch.eye(3, device=DEVICE, dtype=torch.float64), ref_x.T, labels,
+                                      reduction="none")
+    (ref_loss * torch.tensor([1.0, 2.0, 3.0], device=DEVICE, dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
+    assert _rel(logits.grad, ref_x.grad) < 1e-2
+    del storage, x, logits

@@ -1,6 +1,6 @@
-"""hfdist.kernels: fused linear cross-entropy (also vocabulary-parallel) and sorting-free sampling (Triton, with torch references).
+"""hfdist.kernels: fused linear cross-entropy (also vocabulary-parallel) and sorting-free sampling.
 
-Functional ops with thin ``nn.Module`` wrappers; each op takes ``backend="auto" | "triton" | "torch"``
+Triton kernels with torch references: functional ops with thin ``nn.Module`` wrappers; each op takes ``backend="auto" | "triton" | "torch"``
 ("auto": Triton on CUDA, torch elsewhere; "triton" on CPU needs ``TRITON_INTERPRET=1``). This package
 imports nothing from the rest of hfdist, and triton only when the Triton backend is first used.
 """

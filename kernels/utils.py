@@ -118,7 +118,8 @@ class AccumulationPath:
     note: str = ""  # why it is not what was requested, if it is not
 
     def describe(self) -> str:
-        text = f"grad_accumulation={self.requested!r}: {str(self.dtype).replace('torch.', '')} accumulator, {self.method}"
+        dtype = str(self.dtype).replace("torch.", "")
+        text = f"grad_accumulation={self.requested!r}: {dtype} accumulator, {self.method}"
         return text + (f" ({self.note})" if self.note else "")
 
 

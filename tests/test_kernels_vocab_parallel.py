@@ -130,7 +130,8 @@ def _case(rank, group, seed, case):
                                         **options)
         scale = upstream if reduction == "none" else upstream[0]
         (loss64 * scale.double()).sum().backward()
-        for name, ours, theirs, exact in [("loss", got[0], ref[0], loss64.detach()), ("d_hidden", got[2], ref[2], h64.grad),
+        for name, ours, theirs, exact in [("loss", got[0], ref[0], loss64.detach()),
+                                          ("d_hidden", got[2], ref[2], h64.grad),
                                           ("d_weight", d_weight, ref[3], w64.grad)]:
             err, ref_err = _rel(ours, exact), _rel(theirs, exact)
             figures[f"{name} vs fp64"] = err
@@ -158,7 +159,8 @@ def _special_cases(rank, group, world, backend):
         quiet = vocab_parallel_fused_linear_cross_entropy(h, w, labels.clamp_min(0) % vocab, vocab_start=start,
                                                           vocab_size=vocab, group=group, backend=backend,
                                                           chunk_size=CHUNK)
-    expected = fused_linear_cross_entropy(hidden, weight, labels.clamp_min(0) % vocab, backend=backend, chunk_size=CHUNK)
+    expected = fused_linear_cross_entropy(hidden, weight, labels.clamp_min(0) % vocab, backend=backend,
+                                          chunk_size=CHUNK)
     assert not quiet.requires_grad
     torch.testing.assert_close(quiet, expected, rtol=2e-6, atol=2e-6)
 

@@ -1,7 +1,10 @@
 """Benchmark: LM-head + cross-entropy, forward + backward, time and peak extra memory.
 
-Compares hfdist.kernels.fused_linear_cross_entropy with torch eager (``F.cross_entropy`` on the full
-logits), torch.compile of the same, and Liger-Kernel's fused linear cross-entropy when installed.
+Compares hfdist.kernels.fused_linear_cross_entropy in both weight-gradient accumulation modes ("hfdist":
+the default, ``grad_accumulation="weight_dtype"``; "hfdist-fp32") with torch eager (``F.cross_entropy`` on
+the full logits), torch.compile of the same, and Liger-Kernel's fused linear cross-entropy when installed.
+Each hfdist row records the accumulation path that actually ran (``accumulation``: e.g. "bfloat16
+accumulator, addmm" or, for fp32 on a GPU whose mixed-dtype addmm fails, the fallback and why).
 Writes ``bench_cross_entropy_<device>.json`` and ``.md`` into ``--out``.
 
   python benchmarks/bench_cross_entropy.py --device cuda                  # Llama 3 8B head, N = 4K..32K
@@ -48,6 +51,22 @@ def make_inputs(n, h, v, dtype, device, seed=0):
     return hidden, weight, labels
 
 
+HFDIST_METHODS = {  # method -> (backend on CUDA, grad_accumulation)
+    "hfdist": ("triton", "weight_dtype"),
+    "hfdist-fp32": ("triton", "fp32"),
+    "hfdist-torch": ("torch", "weight_dtype"),
+}
+
+
+def accumulation_path(name, dtype, device):
+    """The weight-gradient accumulation an hfdist method ran with (call after it ran: the probe is cached)."""
+    if name not in HFDIST_METHODS:
+        return None
+    from hfdist.kernels.utils import grad_accumulation_path
+
+    return grad_accumulation_path(HFDIST_METHODS[name][1], dtype, torch.device(device)).describe()
+
+
 def method_fn(name, device):
     """A callable(hidden, weight, labels) -> loss for one method, or None when unavailable."""
     from hfdist.kernels import fused_linear_cross_entropy
@@ -55,11 +74,10 @@ def method_fn(name, device):
     def eager(hidden, weight, labels):
         return F.cross_entropy((hidden @ weight.T).float(), labels)
 
-    if name == "hfdist":
-        backend = "triton" if device == "cuda" else "torch"
-        return lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend=backend)
-    if name == "hfdist-torch":
-        return lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend="torch")
+    if name in HFDIST_METHODS:
+        backend, accumulation = HFDIST_METHODS[name]
+        backend = backend if device == "cuda" else "torch"
+        return lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend=backend, grad_accumulation=accumulation)
     if name == "torch-eager":
         return eager
     if name == "torch-compile":
@@ -106,7 +124,8 @@ def run_cuda(name, n, h, v, dtype, reps):
         hidden.grad = weight.grad = None
         del hidden, weight, labels
         torch.cuda.empty_cache()
-    return {"method": name, "status": "ok", "time_s": statistics.median(times), "extra_bytes": extra}
+    return {"method": name, "status": "ok", "time_s": statistics.median(times), "extra_bytes": extra,
+            "accumulation": accumulation_path(name, dtype, "cuda")}
 
 
 def rss_bytes():
@@ -135,7 +154,8 @@ def child_cpu(name, n, h, v, dtype, reps):
         t0 = time.perf_counter()
         fn(hidden, weight, labels).backward()
         times.append(time.perf_counter() - t0)
-    return {"method": name, "status": "ok", "time_s": statistics.median(times), "extra_bytes": peak - base}
+    return {"method": name, "status": "ok", "time_s": statistics.median(times), "extra_bytes": peak - base,
+            "accumulation": accumulation_path(name, dtype, "cpu")}
 
 
 def run_cpu(name, n, h, v, dtype, reps):
@@ -155,14 +175,15 @@ def write_reports(stem, meta, rows, h, v, dtype, markdown=True):
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     lines = [f"Fused linear cross-entropy, forward + backward, {meta['device']}, torch {meta['torch']}, "
              f"H={h}, V={v}, {str(dtype).replace('torch.', '')}", "",
-             "| N | method | time | TFLOP/s | of peak | extra memory |", "|---|---|---|---|---|---|"]
+             "| N | method | time | TFLOP/s | of peak | extra memory | weight-gradient accumulation |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['n']} | {r['method']} | {r['status']} | | | |")
+            lines.append(f"| {r['n']} | {r['method']} | {r['status']} | | | | |")
             continue
         frac = f"{100 * r['fraction_of_peak']:.0f}%" if "fraction_of_peak" in r else "-"
         lines.append(f"| {r['n']} | {r['method']} | {1e3 * r['time_s']:.1f} ms | {r['tflops']:.2f} | {frac} | "
-                     f"{fmt_bytes(r['extra_bytes'])} |")
+                     f"{fmt_bytes(r['extra_bytes'])} | {r.get('accumulation') or '-'} |")
     if markdown:
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -176,7 +197,8 @@ def main(argv=None):
     parser.add_argument("--v", type=int)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--methods", nargs="+", default=["hfdist", "torch-eager", "torch-compile", "liger"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["hfdist", "hfdist-fp32", "torch-eager", "torch-compile", "liger"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: check that the script runs")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--no-md", action="store_true", help="write only the JSON (the table goes to stdout)")

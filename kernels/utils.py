@@ -1,4 +1,4 @@
-"""Shared helpers for the kernels: backend choice, chunk sizing, fp32 accumulation of bf16 products.
+"""Shared helpers for the kernels: backend choice, chunk sizing, weight-gradient accumulation.
 
 Nothing here imports triton: the Triton modules are imported lazily, the first time the ``"triton"``
 backend is used, so that ``TRITON_INTERPRET=1`` may be set after ``hfdist.kernels`` is imported.
@@ -81,19 +81,64 @@ def check_interpreted(kernel, op: str) -> None:
             "imported); set TRITON_INTERPRET=1 before the first use of backend='triton' on CPU")
 
 
-def chunk_rows(num_rows: int, num_cols: int, bytes_per_element: int, budget_bytes: int, multiple: int = 8) -> int:
-    """Rows per chunk so that a [rows, num_cols] block of ``bytes_per_element`` stays within ``budget_bytes``.
+# ---------------------------------------------------------------------------------------------------
+# Fused loss (kernels/cross_entropy.py): chunk sizing and weight-gradient accumulation.
+# ---------------------------------------------------------------------------------------------------
+
+def chunk_rows(num_rows: int, bytes_per_row: int, budget_bytes: int, multiple: int = 8) -> int:
+    """Rows per chunk so that ``rows * bytes_per_row`` (everything a chunk holds at once) fits ``budget_bytes``.
 
     The rows are then balanced over the chunks (ceil(num_rows / chunks), rounded up to ``multiple`` for
-    matmul alignment), so that the last chunk is not a sliver. Depends on shapes only: no host sync.
+    matmul alignment unless that would pass the budget), so that the last chunk is not a sliver. Depends
+    on shapes only: no host sync.
     """
-    rows = max(1, budget_bytes // max(1, num_cols * bytes_per_element))
-    if rows >= num_rows:
+    max_rows = max(1, budget_bytes // max(1, bytes_per_row))
+    if max_rows >= num_rows:
         return max(1, num_rows)
-    num_chunks = -(-num_rows // rows)
+    num_chunks = -(-num_rows // max_rows)
     rows = -(-num_rows // num_chunks)
-    rows = -(-rows // multiple) * multiple
-    return max(1, min(rows, num_rows))
+    return max(1, min(-(-rows // multiple) * multiple, max_rows))
+
+
+GRAD_ACCUMULATIONS = ("weight_dtype", "fp32")
+UPCAST_SLICE_ROWS = 8192  # the CPU "upcast" path converts the [V, rows] gradient this many rows at a time
+
+
+@dataclass(frozen=True)
+class AccumulationPath:
+    """How the fused loss accumulates the weight gradient over its chunks: what actually runs.
+
+    ``method``: "addmm" (``acc.addmm_(a, b)`` in the accumulator's own dtype: fp32 math, one rounding per
+    chunk; cuBLAS beta=1), "addmm_out_fp32" (CUDA: ``fp32 += bf16 @ bf16`` in one cuBLAS call, addmm with
+    ``out_dtype``), "upcast" (CPU, which has no mixed-dtype addmm: fp32 GEMMs on upcast slices).
+    """
+    requested: str
+    dtype: torch.dtype  # the accumulator's
+    method: str
+    note: str = ""  # why it is not what was requested, if it is not
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        text = f"grad_accumulation={self.requested!r}: {dtype} accumulator, {self.method}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def grad_accumulation_path(mode: str, weight_dtype: torch.dtype, device: torch.device) -> AccumulationPath:
+    """The accumulation that ``mode`` ("weight_dtype" | "fp32") gets for this weight dtype and device.
+
+    A weight of 4 bytes or more is accumulated in its own dtype either way. "fp32" for a 2-byte weight on
+    CUDA needs the mixed-dtype ``addmm``; where that fails (checked once per device) it falls back to the
+    weight's dtype, saying so once, never to an fp32 GEMM on upcast operands.
+    """
+    if mode not in GRAD_ACCUMULATIONS:
+        raise ValueError(f"grad_accumulation must be one of {GRAD_ACCUMULATIONS}, got {mode!r}")
+    if mode == "weight_dtype" or torch.empty((), dtype=weight_dtype).element_size() >= 4:
+        return AccumulationPath(mode, weight_dtype, "addmm")
+    if device.type != "cuda":
+        return AccumulationPath(mode, torch.float32, "upcast")
+    if _cuda_mixed_addmm_works(device.index if device.index is not None else torch.cuda.current_device()):
+        return AccumulationPath(mode, torch.float32, "addmm_out_fp32")
+    return AccumulationPath(mode, weight_dtype, "addmm", note="torch.addmm(out_dtype=float32) unavailable")
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,32 +153,71 @@ def _cuda_mixed_addmm_works(device_index: int) -> bool:
         torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
         ref = 1.0 + a.float() @ b.float()
         ok = bool(torch.allclose(acc, ref, rtol=1e-4, atol=1e-4))
-    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+    except Exception:  # any failure (missing op, no kernel for this GPU, no CUDA) means: not usable
         ok = False
     if not ok:
-        logger.warning("torch.addmm(out_dtype=float32) is not usable here: falling back to upcasting the "
-                       "bf16/fp16 operands to fp32 slice by slice for the weight-gradient accumulation (slower)")
+        logger.warning("grad_accumulation='fp32' needs torch.addmm(out_dtype=float32) (fp32 += bf16 @ bf16 in one "
+                       "cuBLAS call), which fails with this torch on cuda:%d: the fused loss accumulates the weight "
+                       "gradient in the weight's dtype instead (fp32 math, one rounding per chunk)", device_index)
     return ok
 
 
-def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slice_rows: int = 8192) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` possibly bf16/fp16.
+class WeightGradAccumulator:
+    """``sum_k a_k @ b_k`` over the chunks of the fused loss, then that gradient in the weight's dtype.
 
-    The products are summed in fp32 and added to ``acc`` without rounding the partial result to the
-    inputs' dtype (that rounding, once per chunk, is how a bf16 weight gradient drifts). On CUDA this
-    is one cuBLAS call (``addmm`` with ``out_dtype``); elsewhere the operands are upcast, ``a`` slice by
-    slice so that the temporary stays small.
+    In the weight's dtype (``path.method == "addmm"``): one [V, H] tensor, ``acc.addmm_(a, b)`` per chunk.
+    In fp32 for a 2-byte weight: two fp32 pieces along V, rows [0, V//2) in a buffer of exactly V*H*2 bytes
+    (the size of the result) and the other rows apart. ``finish`` converts the first piece in place into
+    the first half of its own buffer (``downcast_scaled_``), writes the second, converted, into the second
+    half, and drops it: the gradient owns exactly V*H*2 bytes (no fp32 storage behind ``weight.grad``), and
+    the peak is the fp32 accumulator itself (no second copy at any time).
     """
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    if acc.is_cuda and _cuda_mixed_addmm_works(acc.device.index or 0):
-        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
-        return
-    b32 = b.float()
-    for start in range(0, a.shape[0], slice_rows):
-        end = min(start + slice_rows, a.shape[0])
-        acc[start:end].addmm_(a[start:end].float(), b32)
+
+    def __init__(self, shape, dtype: torch.dtype, device: torch.device, path: AccumulationPath):
+        self.dtype, self.path = dtype, path
+        rows, cols = shape
+        self._buffer = None
+        if path.dtype == dtype:
+            self._pieces = [(0, torch.zeros(rows, cols, device=device, dtype=dtype))]
+        else:
+            assert path.dtype == torch.float32 and torch.empty((), dtype=dtype).element_size() == 2
+            split = rows // 2
+            self._buffer = torch.zeros((rows * cols + 1) // 2, device=device, dtype=torch.float32)
+            self._pieces = [(0, self._buffer[: split * cols].view(split, cols)),
+                            (split, torch.zeros(rows - split, cols, device=device, dtype=torch.float32))]
+        self.shape = (rows, cols)
+
+    def add_(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """acc += a @ b, with ``a`` [V, k] and ``b`` [k, H] in the weight's dtype."""
+        method = self.path.method
+        b32 = b.float() if method == "upcast" else None
+        for start, acc in self._pieces:
+            part = a[start:start + acc.shape[0]]
+            if method == "addmm":
+                acc.addmm_(part, b)
+            elif method == "addmm_out_fp32":
+                torch.ops.aten.addmm.dtype_out(acc, part, b, torch.float32, out=acc)
+            else:
+                for s in range(0, part.shape[0], UPCAST_SLICE_ROWS):
+                    acc[s:s + UPCAST_SLICE_ROWS].addmm_(part[s:s + UPCAST_SLICE_ROWS].float(), b32)
+
+    def finish(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The accumulated gradient times ``scale`` (fp32 scalar), in the weight's dtype; consumes the accumulator."""
+        pieces, self._pieces = self._pieces, None
+        if self._buffer is None:
+            acc = pieces[0][1]
+            return acc if scale is None else acc.mul_(scale)
+        buffer, self._buffer = self._buffer, None
+        scale = 1.0 if scale is None else scale
+        rows, cols = self.shape
+        downcast_scaled_(pieces[0][1], scale, self.dtype)  # rows [0, split) -> the first half of the buffer
+        out = buffer.view(self.dtype)[: rows * cols].view(rows, cols)
+        split, rest = pieces[1]
+        del pieces
+        step = max(1, (1 << 22) // cols)
+        for s in range(0, rest.shape[0], step):  # rows [split, V) -> the second half, slice by slice
+            torch.mul(rest[s:s + step], scale, out=out[split + s:split + s + step])
+        return out
 
 
 def downcast_scaled_(acc: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,7 +11,7 @@ matrix products of a layer in another order (row-parallel projections add the ra
 gradients differ from one process's by float32 rounding (~1e-7 relative, seen at step 1). Adam divides by
 sqrt(v) + eps, which turns a rounding difference on a near-zero gradient element into an update difference of up
 to lr / eps times it: 3e5 at lr 3e-3 and eps 1e-8 (then weights differed by up to 3.5e-5 while the mean
-difference was 1e-7), 1e3 here, where the largest weight difference seen was 2.7e-6 (losses and gradient norms:
+difference was 1e-7), 1e3 here, where the largest weight difference seen was 1.5e-6 (losses and gradient norms:
 2.3e-7 relative). Nothing about the parallel arithmetic is loosened: the same settings run in one process.
 """
 import json

@@ -13,6 +13,8 @@ the real CLI under the real launcher and watch what the job does:
   written (its own data files written, the checkpoint not yet complete), on the first attempt only. With
   ``checkpoint.async: true`` it first waits (up to 60 s) until training has finished step N + 1, so the kill
   lands while training and the background write run side by side.
+- ``HFDIST_FAULT_HANG_IN_CHECKPOINT=N``: the process sleeps until killed once its data files of the checkpoint of
+  step N are written (a rank stuck in a checkpoint), on the first attempt only.
 - ``HFDIST_FAULT_RANK=R``: only rank R injects (default: every rank).
 
 Steps count from 1, as in ``metrics.jsonl``.
@@ -110,7 +112,13 @@ def _mine() -> bool:
 
 def checkpoint_written(step: int) -> None:
     """Called by the checkpoint writer once this rank's data files of step ``step`` are written."""
-    if step not in _steps("HFDIST_FAULT_KILL_IN_CHECKPOINT") or restart_count() != 0 or not _mine():
+    if restart_count() != 0 or not _mine():
+        return
+    if step in _steps("HFDIST_FAULT_HANG_IN_CHECKPOINT"):
+        logger.warning("fault injection: hangs while writing the checkpoint of step %d", step)
+        while True:
+            time.sleep(60)
+    if step not in _steps("HFDIST_FAULT_KILL_IN_CHECKPOINT"):
         return
     deadline = time.monotonic() + 60
     import threading

@@ -41,6 +41,23 @@ def test_hung_rank_ends_the_job_naming_it(setup, where, extra, detail):  # noqa:
     assert re.search(detail, errors[0]), errors[0]
 
 
+@pytest.mark.distributed
+def test_rank_stuck_in_a_checkpoint_ends_the_job_within_the_checkpoint_timeout(setup):  # noqa: F811
+    """Rank 1 hangs after writing its files of the step-2 checkpoint; rank 0 waits in the checkpoint's collectives
+    under distributed.checkpoint_timeout_s (5 s), not the training timeout (600 s), and names the phase's field."""
+    started = time.monotonic()
+    code, output = torchrun(setup, setup["root"] / "hung-in-checkpoint", "--set", "distributed.timeout_s=600",
+                            "--set", f"distributed.checkpoint_timeout_s={TIMEOUT_S}", max_restarts=0,
+                            env={"HFDIST_FAULT_HANG_IN_CHECKPOINT": "2", "HFDIST_FAULT_RANK": "1"})
+    elapsed = time.monotonic() - started
+    assert code != 0 and elapsed < BOUND_S, output[-4000:]
+    errors = [line for line in output.splitlines() if line.startswith("hfdist: error:")]
+    assert len(errors) == 1, output[-4000:]
+    assert re.match(rf"hfdist: error: rank 0: collective during checkpoint at step 2 timed out after {TIMEOUT_S} s "
+                    r"waiting for peers \(a rank is hung or dead\); timeout: distributed.checkpoint_timeout_s",
+                    errors[0]), errors[0]
+
+
 def test_rendezvous_times_out_naming_the_setting(setup, tmp_path):  # noqa: F811
     """A rank whose peers never come: init_process_group gives up after distributed.startup_timeout_s."""
     from test_distributed_training import free_port

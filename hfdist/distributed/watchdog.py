@@ -126,16 +126,15 @@ class Watchdog:
 
     @contextmanager
     def phase_timeout(self, timeout_s: float, field: str) -> Iterator[None]:
-        """Run a phase (a checkpoint, the export) under its own timeout; the previous one is restored after it."""
+        """Run a phase (a checkpoint, the export) under its own timeout; the previous one is restored after it (not
+        after a failure: the one-line error then names the phase's timeout, the one that expired)."""
         previous = (self.timeout_s, self.timeout_field)
         self.set_timeout(timeout_s, field)
-        try:
-            yield
-        finally:
-            if previous[0] is not None:
-                self.set_timeout(*previous)
-            else:
-                self.timeout_s, self.timeout_field = previous
+        yield
+        if previous[0] is not None:
+            self.set_timeout(*previous)
+        else:
+            self.timeout_s, self.timeout_field = previous
 
 
 watchdog = Watchdog()

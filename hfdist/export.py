@@ -34,7 +34,7 @@ from typing import Iterator, Optional
 import torch
 
 from hfdist.errors import HfdistError
-from hfdist.io import fsync_dir
+from hfdist.io import fsync_dir, move_into_place
 
 logger = logging.getLogger(__name__)
 
@@ -261,14 +261,7 @@ def export_model(backend, folder: Path, tokenizer, config) -> dict:
                     with open(path, "rb") as f:
                         os.fsync(f.fileno())
             fsync_dir(tmp)
-            old = None
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-            fsync_dir(folder.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            move_into_place(tmp, folder)
     except BaseException:
         if backend.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

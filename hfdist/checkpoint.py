@@ -433,8 +433,10 @@ def wait_pending(backend) -> None:
     try:
         pending.future.result()
         error = None
-    except (OSError, RuntimeError, ValueError) as exc:
-        error = f"rank {backend.rank}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+    except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        error = f"rank {backend.rank}: {_first_line(exc)}"
     finally:
         pending.executor.shutdown(wait=True)
     errors = [e for e in backend.all_gather_object(error) if e is not None]
@@ -480,13 +482,31 @@ def save(root: Path, step: int, backend, trainer_state: dict, keep_last: int, as
                 backend.pending_checkpoint = PendingCheckpoint(final, future, executor)
                 return final
             _complete(root, final, tmp, keep_last, backend, records_future, small, None)
-        except OSError as exc:
+        except (OSError, _checkpoint_exception()) as exc:
             if backend.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise HfdistError(f"checkpoint {final}: write failed ({exc.strerror or exc}); "
-                              f"the previous checkpoint is intact") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+            raise HfdistError(f"checkpoint {final}: write failed ({reason}); the previous checkpoint is intact") from None
         backend.barrier()
     return final
+
+
+def _checkpoint_exception() -> type:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _first_line(exc: BaseException) -> str:
+    """A failure in one line: DCP's CheckpointException carries each rank's traceback; take the first error's text."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))
+        exc = exc[0] if isinstance(exc, tuple) else exc  # (exception, stack summary)
+        if isinstance(exc, OSError) and exc.strerror:
+            return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -89,6 +89,21 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     checkpoint.load(tmp_path / "step_00000001", _backend())
 
 
+def test_disk_full_while_the_shards_are_written(tmp_path, monkeypatch):
+    """ENOSPC inside DCP's write (wrapped by DCP in its CheckpointException): one line, the previous checkpoint
+    intact and still the latest."""
+    backend = _backend()
+    checkpoint.save(tmp_path, 1, backend, {"step": 1}, keep_last=2)
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint._HashingStream, "write", full_disk)
+    with pytest.raises(HfdistError, match=r"write failed \(No space left on device\); the previous checkpoint"):
+        checkpoint.save(tmp_path, 2, backend, {"step": 2}, keep_last=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
+
+
 def test_prune_reads_no_file_and_legacy_sha256_manifests_still_verify(tmp_path, monkeypatch):
     """prune keeps the newest complete checkpoints from the manifest and the file sizes alone; a manifest of the
     SHA-256 era still verifies (and still catches corruption)."""

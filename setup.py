@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "gguf==0.19.0",
     "numpy>=1.26",
+    "xxhash>=3.0",  # checkpoint checksums (XXH3-128); also a dependency of datasets
 ]
 
 EXTRAS = {

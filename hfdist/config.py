@@ -83,6 +83,11 @@ class TrainConfig:
     # A step whose loss or gradient norm is NaN/inf is skipped (no optimizer or LR-scheduler step, its batch is
     # consumed); up to this many in a row are skipped, the next one stops the run with an error. 0: stop at the first.
     max_bad_steps_in_row: int = 3
+    # torch.use_deterministic_algorithms(True): deterministic kernels where torch has them (on CUDA also
+    # CUBLAS_WORKSPACE_CONFIG=:4096:8), an error-free warning where it has none, and every new tensor (torch.empty,
+    # FSDP's all-gather buffers) filled with NaN first: a memory pass per allocation. Off: CPU runs are still
+    # bit-reproducible (same world size and threads); CUDA runs are not (atomics in some backward kernels).
+    deterministic: bool = False
 
 
 @dataclass
@@ -99,6 +104,10 @@ class CheckpointConfig:
     dir: str = "checkpoints"  # inside the run folder (a relative path without '..')
     keep_last: int = 2
     save_final_model: bool = True
+    # `checkpoint.async: true` (DCP's async_save; single and fsdp backends): the state is copied to host memory
+    # (one more copy of this rank's model and optimizer shards), training continues while a background thread
+    # writes it, and the checkpoint is completed (manifest, rename) once written. YAML key: `async`.
+    async_: bool = field(default=False, metadata={"key": "async"})
 
 
 @dataclass
@@ -118,6 +127,24 @@ class DistributedConfig:
     # FSDP pretrained weights: "per_rank" reads each rank's rows from the safetensors files (no rank holds the
     # whole model); "rank0_broadcast" loads the whole model on rank 0 and broadcasts the shards.
     weight_loading: str = "per_rank"
+    # Phase timeouts (seconds; gloo and NCCL): the rendezvous and everything before the first training step
+    # (weight loading, a resume's checkpoint verification), the writing of a checkpoint, and the final export.
+    # `timeout_s` stays the timeout of collectives while training, and of the barrier every checkpoint and the
+    # export start with (the ranks should arrive together; a rank that does not is named).
+    startup_timeout_s: int = 3600
+    checkpoint_timeout_s: int = 3600
+    export_timeout_s: int = 3600
+    # Threads of the optimizer when it runs on the host under CUDA (fsdp cpu_offload, DeepSpeed offload_optimizer);
+    # 0: the CPU cores this process may use divided by the ranks on the node (launchers set OMP_NUM_THREADS=1).
+    host_threads: int = 0
+
+
+@dataclass
+class ExportConfig:
+    # dtype of the exported safetensors: "auto" is the model's own (config.json's dtype/torch_dtype: bfloat16 for
+    # Llama 3), float32 when it names none; the training dtype (model.dtype) is independent.
+    dtype: str = "auto"
+    max_shard_size_mb: int = 5000  # the safetensors files are cut at this size (a tensor is never split)
 
 
 @dataclass
@@ -130,6 +157,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: Optional[str] = None  # default: runs/<config name>-<time>
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 CHOICES = {
@@ -143,15 +171,17 @@ CHOICES = {
     "train.loss_backend": ("auto", "torch", "triton"),
     "distributed.backend": ("single", "fsdp", "deepspeed"),
     "distributed.weight_loading": ("per_rank", "rank0_broadcast"),
+    "export.dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 POSITIVE = ("data.seq_len", "data.num_samples", "data.context_len", "train.epochs", "train.global_batch_size",
             "train.micro_batch_size", "train.log_every_steps", "eval.total_len", "eval.ttr_window",
             "eval.batch_size", "checkpoint.keep_last", "distributed.replicate_degree", "distributed.tensor_parallel",
-            "distributed.timeout_s",
-            "optim.lr")
+            "distributed.timeout_s", "optim.lr", "distributed.startup_timeout_s", "distributed.checkpoint_timeout_s",
+            "distributed.export_timeout_s", "export.max_shard_size_mb")
 NON_NEGATIVE = ("data.num_validation", "data.num_contexts", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "optim.eps", "train.max_steps", "train.target_loss", "eval.every_epochs",
-                "checkpoint.every_steps", "train.max_bad_steps_in_row")
+                "checkpoint.every_steps", "train.max_bad_steps_in_row",
+                "distributed.host_threads")
 # Config fields naming a place hfdist writes to inside the run folder: each must stay inside it.
 RUN_RELATIVE_PATHS = ("checkpoint.dir",)
 
@@ -182,21 +212,27 @@ def _convert(value: Any, annotation: Any, name: str) -> Any:
     raise HfdistError(f"config field {name}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
 
 
+def _key(f: dataclasses.Field) -> str:
+    """A field's name in YAML and --set: its own, or ``metadata["key"]`` where that is a Python keyword (async)."""
+    return f.metadata.get("key", f.name)
+
+
 def _fill(section_obj: Any, values: dict, prefix: str, source: str) -> None:
-    fields = {f.name: f for f in dataclasses.fields(section_obj)}
+    fields = {_key(f): f for f in dataclasses.fields(section_obj)}
     hints = typing.get_type_hints(type(section_obj))  # resolves the string annotations of `from __future__`
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise HfdistError(f"{source}: unknown config field {name!r} (known: {known})")
-        current = getattr(section_obj, key)
+        attribute = fields[key].name
+        current = getattr(section_obj, attribute)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise HfdistError(f"{source}: config section {name!r} must be a mapping, got {value!r}")
             _fill(current, value, f"{name}.", source)
         else:
-            setattr(section_obj, key, _convert(value, hints[key], name))
+            setattr(section_obj, attribute, _convert(value, hints[attribute], name))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -304,6 +340,9 @@ def validate(config: Config) -> None:
         # layer graph would bake in; DeepSpeed has its own (engine.compile) path, not wired here.
         raise HfdistError("config field train.compile: not supported with distributed.backend=deepspeed "
                           "(use fsdp or single)")
+    if config.checkpoint.async_ and config.distributed.backend == "deepspeed":
+        raise HfdistError("config field checkpoint.async: supported with distributed.backend single and fsdp (DCP "
+                          "checkpoints); DeepSpeed writes its own checkpoints synchronously")
     if config.model.gguf_file and config.model.init == "random":
         raise HfdistError("config field model.gguf_file: a gguf file holds weights; it needs model.init=pretrained")
 
@@ -325,8 +364,10 @@ def run_path(run_dir: Path, name: str, value: str) -> Path:
     return path
 
 
-def to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+def to_dict(config: Any) -> dict:
+    """The config as YAML sees it (keys as in the YAML files: ``checkpoint.async``)."""
+    return {_key(f): to_dict(getattr(config, f.name)) if dataclasses.is_dataclass(getattr(config, f.name))
+            else getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

@@ -9,6 +9,12 @@ the real CLI under the real launcher and watch what the job does:
   killed, on the first attempt only.
 - ``HFDIST_FAULT_NAN_AT_STEP=N[,M,A-B]``: the input embedding's output is multiplied by NaN in the forward
   passes of those optimizer steps, so their loss and every gradient are NaN (on every attempt).
+- ``HFDIST_FAULT_KILL_IN_CHECKPOINT=N``: the process sends itself SIGKILL while the checkpoint of step N is being
+  written (its own data files written, the checkpoint not yet complete), on the first attempt only. With
+  ``checkpoint.async: true`` it first waits (up to 60 s) until training has finished step N + 1, so the kill
+  lands while training and the background write run side by side.
+- ``HFDIST_FAULT_HANG_IN_CHECKPOINT=N``: the process sleeps until killed once its data files of the checkpoint of
+  step N are written (a rank stuck in a checkpoint), on the first attempt only.
 - ``HFDIST_FAULT_RANK=R``: only rank R injects (default: every rank).
 
 Steps count from 1, as in ``metrics.jsonl``.
@@ -81,6 +87,7 @@ class Faults:
 
     def after_step(self, step: int) -> None:
         """Right after optimizer step ``step``: die or hang when asked to."""
+        _progress["step"] = step
         if step in self.kill_at:
             logger.warning("fault injection: rank %d kills itself (SIGKILL) after step %d", self.rank, step)
             for handler in logging.getLogger().handlers:
@@ -90,6 +97,40 @@ class Faults:
             logger.warning("fault injection: rank %d hangs after step %d", self.rank, step)
             while True:
                 time.sleep(60)
+
+
+_progress = {"step": 0}  # the last optimizer step this process finished (for HFDIST_FAULT_KILL_IN_CHECKPOINT)
+
+
+def _mine() -> bool:
+    import torch.distributed as dist
+
+    target = os.environ.get("HFDIST_FAULT_RANK", "").strip()
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return not target or target == str(rank)
+
+
+def checkpoint_written(step: int) -> None:
+    """Called by the checkpoint writer once this rank's data files of step ``step`` are written."""
+    if restart_count() != 0 or not _mine():
+        return
+    if step in _steps("HFDIST_FAULT_HANG_IN_CHECKPOINT"):
+        logger.warning("fault injection: hangs while writing the checkpoint of step %d", step)
+        while True:
+            time.sleep(60)
+    if step not in _steps("HFDIST_FAULT_KILL_IN_CHECKPOINT"):
+        return
+    deadline = time.monotonic() + 60
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # an asynchronous checkpoint
+        while _progress["step"] <= step and time.monotonic() < deadline:
+            time.sleep(0.01)
+    logger.warning("fault injection: kills itself (SIGKILL) while writing the checkpoint of step %d, training at step "
+                   "%d", step, _progress["step"])
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fault_env_set() -> Optional[str]:

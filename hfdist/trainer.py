@@ -32,7 +32,7 @@ from hfdist.distributed.perf import model_flops_per_token, rank_metrics
 from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
 from hfdist.faults import Faults, fault_env_set, restart_count
-from hfdist.io import atomic_directory, atomic_write_json
+from hfdist.io import atomic_write_json
 from hfdist.models import HyperfitModel, check_seq_len, load_model, load_tokenizer
 from hfdist.monitor import MetricsLogger
 
@@ -43,6 +43,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def configure_determinism(deterministic: bool, device: torch.device) -> None:
+    """``train.deterministic``: torch's deterministic algorithms (and, with them, NaN-filled new tensors); off,
+    neither (CPU runs stay bit-reproducible: their kernels do not depend on timing)."""
+    if deterministic and device.type == "cuda":
+        # cuBLAS needs a fixed workspace for reproducible results; read when its handle is created.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def build_optimizer(config: OptimConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -177,27 +186,35 @@ def choose_start(backend, run_dir: Path, resume: Optional[str],
     (its agents are recorded in JOB_MARKER), the run continues from the latest complete checkpoint, without
     --resume and without the "already holds a run" refusal. Any other folder is checked as on a first attempt.
     """
-    error = start = marker_content = None
+    error = plan = marker_content = None
     agents = backend.all_gather_object(agent_identity())
     if backend.is_main:
         try:
             marker = run_dir / JOB_MARKER
             recorded = json.loads(marker.read_text()).get("agents", []) if marker.is_file() else []
             if restart_count() > 0 and agent_identity() in recorded:
-                latest = checkpoint.latest_valid(checkpoint_root)
-                start = str(latest) if latest is not None else (resume or FRESH)
-                logger.warning("torchrun restart %d of this job: continuing from %s", restart_count(),
-                               latest if latest is not None else resume or "the start (no complete checkpoint yet)")
+                plan = "restart"
             else:
                 prepare_run_dir(run_dir, resume, str(checkpoint_root.relative_to(run_dir)))
-                start = None if resume is None else str(checkpoint.resolve_resume(resume, checkpoint_root))
+                plan = "new" if resume is None else "resume"
                 if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
                     marker_content = {"agents": sorted(set(agents))}
         except HfdistError as exc:
             error = str(exc)
-    error, start = backend.broadcast_object((error, start))
+    error, plan = backend.broadcast_object((error, plan))
     if error is not None:
         raise HfdistError(error)
+    # The checkpoint's files are checksummed by all ranks together (each its share), so a resume of a large
+    # checkpoint reads every byte once in total; every rank gets the same verdict (and the same error).
+    if plan == "new":
+        return None, marker_content
+    if plan == "resume":
+        return str(checkpoint.resolve_resume(resume, checkpoint_root, backend)), marker_content
+    latest = checkpoint.latest_valid(checkpoint_root, backend)
+    start = str(latest) if latest is not None else (resume or FRESH)
+    if backend.is_main:
+        logger.warning("torchrun restart %d of this job: continuing from %s", restart_count(),
+                       latest if latest is not None else resume or "the start (no complete checkpoint yet)")
     return start, marker_content
 
 
@@ -213,7 +230,7 @@ class Trainer:
         start, job_marker = choose_start(self.backend, run_dir, resume, self.checkpoint_root)
         self.accumulation = self.backend.gradient_accumulation_steps()
         seed_everything(config.train.seed)
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        configure_determinism(config.train.deterministic, self.backend.device)
 
         # Every input is checked before anything is written into the run folder.
         check_seq_len(config.model, config.data.seq_len)
@@ -245,6 +262,8 @@ class Trainer:
         # job with no checkpoint drops all of the failed attempt's records.
         resume_step = -1 if start == FRESH else None if start is None else self.state["step"]
         self.metrics = MetricsLogger(run_dir, enabled=self.backend.is_main, resume_step=resume_step)
+        # Start-up is over (rendezvous, weight loading, a resume's verification): collectives now wait timeout_s.
+        watchdog.set_timeout(config.distributed.timeout_s, "distributed.timeout_s")
         if fault_env_set() and self.backend.is_main:
             logger.warning("fault injection (testing hooks) is on: %s", fault_env_set())
 
@@ -311,7 +330,9 @@ class Trainer:
             # Saved last, after the epoch's bookkeeping, so that a resumed run logs nothing twice.
             if config.checkpoint.every_steps and state["step"] % config.checkpoint.every_steps == 0:
                 watchdog.mark(f"checkpoint at step {state['step']}")
-                checkpoint.save(self.checkpoint_root, state["step"], backend, dict(state), config.checkpoint.keep_last)
+                checkpoint.save(self.checkpoint_root, state["step"], backend, dict(state), config.checkpoint.keep_last,
+                                async_=config.checkpoint.async_)
+        checkpoint.wait_pending(backend)  # an asynchronous checkpoint still being written is completed first
         if bar is not None:
             bar.close()
         if state["evaluated_step"] != state["step"]:
@@ -376,19 +397,19 @@ class Trainer:
                         ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
 
     def export(self, folder: Path) -> None:
-        """Save the final model and tokenizer with save_pretrained (safetensors), atomically; never NaN/inf weights."""
+        """Save the final model (safetensors shards in ``export.dtype``, every rank writing its own part) and the
+        tokenizer, atomically; never NaN/inf weights. See hfdist.export."""
+        from hfdist.export import export_model
+
         watchdog.mark("export of the final model")
+        checkpoint.wait_pending(self.backend)
         bad = checkpoint.nonfinite_parameters(self.backend)
         if bad:
             raise HfdistError(f"{folder}: refusing to export non-finite weights ({bad} parameter tensors hold NaN or "
                               "inf)")
-        state_dict = self.backend.full_state_dict()
-        if self.backend.is_main:
-            lm = self.backend.unwrapped_lm()
-            with atomic_directory(folder) as tmp:
-                lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-        self.backend.barrier()
+        self.backend.monitored_barrier()  # distributed.timeout_s: every rank reached the export
+        with watchdog.phase_timeout(self.config.distributed.export_timeout_s, "distributed.export_timeout_s"):
+            export_model(self.backend, folder, self.tokenizer, self.config)
 
     def _summary(self, stopped_by: str) -> dict:
         from hfdist.monitor import read_metrics

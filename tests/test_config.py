@@ -75,3 +75,21 @@ def test_saved_config_round_trips(tmp_path):
     save_config(config, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == config
+
+
+def test_checkpoint_async_key_and_phase_timeouts(tmp_path):
+    """`checkpoint.async` is the YAML key (a Python keyword, so the field is async_); it survives the saved config;
+    the phase timeouts are their own fields and an old config with only distributed.timeout_s still loads."""
+    config = load_config(None, ["checkpoint.async=true", "distributed.timeout_s=60",
+                                "distributed.checkpoint_timeout_s=7200"])
+    assert config.checkpoint.async_ is True and config.distributed.timeout_s == 60
+    assert (config.distributed.startup_timeout_s, config.distributed.checkpoint_timeout_s) == (3600, 7200)
+    save_config(config, tmp_path / "config.yaml")
+    assert "async: true" in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml").checkpoint.async_ is True
+    with pytest.raises(HfdistError, match="config field checkpoint.async: supported with distributed.backend single"):
+        load_config(None, ["checkpoint.async=true", "distributed.backend=deepspeed"])
+    with pytest.raises(HfdistError, match="distributed.export_timeout_s: must be > 0"):
+        load_config(None, ["distributed.export_timeout_s=0"])
+    with pytest.raises(HfdistError, match="export.dtype: 'int8' is not one of auto, float32, bfloat16, float16"):
+        load_config(None, ["export.dtype=int8"])

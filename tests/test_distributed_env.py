@@ -97,3 +97,72 @@ def test_global_batch_must_divide(clean_env):
     backend.world_size = 3  # what the FSDP/DeepSpeed backends see under a 3-process launch
     with pytest.raises(HfdistError, match=r"train.global_batch_size: 8 is not divisible .* \(3\)"):
         backend.gradient_accumulation_steps()
+
+
+def test_offload_under_cuda_asks_for_a_cpu_backend():
+    """FSDP's CPU offload keeps gradients on the host and the clipping norm all-reduces them there: on CUDA the
+    group must have gloo beside NCCL; on a CPU it is gloo alone (what the CPU tests run)."""
+    from hfdist.config import load_config
+    from hfdist.distributed.env import process_group_backend
+    from hfdist.distributed.fsdp import FSDPBackend
+
+    assert process_group_backend("cuda", host_collectives=True) == "cuda:nccl,cpu:gloo"
+    assert process_group_backend("cuda", host_collectives=False) == "nccl"
+    assert process_group_backend("cpu", host_collectives=True) == "gloo"
+    for offload in (True, False):
+        backend = FSDPBackend.__new__(FSDPBackend)  # the decision alone, without joining a process group
+        backend.config = load_config(None, ["distributed.backend=fsdp", f"distributed.cpu_offload={offload}"])
+        assert process_group_backend("cuda", backend.uses_host_collectives()) == (
+            "cuda:nccl,cpu:gloo" if offload else "nccl")
+        assert backend.optimizer_on_host() is offload
+
+
+def test_host_optimizer_threads():
+    from hfdist.distributed.env import host_threads
+
+    assert host_threads("cuda", True, local_world_size=8, cpus=96) == 12  # Adam on the host: the rank's cores
+    assert host_threads("cuda", True, local_world_size=8, cpus=4) == 1
+    assert host_threads("cuda", True, local_world_size=8, requested=6, cpus=96) == 6  # distributed.host_threads
+    assert host_threads("cuda", False, local_world_size=8, cpus=96) is None  # optimizer on the GPU: untouched
+    assert host_threads("cpu", True, local_world_size=2, cpus=2) is None  # CPU ranks share the cores: untouched
+
+
+def test_deepspeed_reduces_gradients_in_fp32():
+    """bf16 compute, gradients reduced in fp32 (as FSDP does): in the shipped JSONs, and filled in for a JSON that
+    says nothing."""
+    from pathlib import Path
+
+    from hfdist.config import load_config
+    from hfdist.distributed.deepspeed import resolve_deepspeed_config
+
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("zero3.json", "zero3_offload.json", "zero3_fp32.json"):
+        assert json.loads((repo / "configs" / "deepspeed" / name).read_text())["communication_data_type"] == "fp32"
+    config = load_config(None, ["distributed.backend=deepspeed", "distributed.mixed_precision=true"])
+    assert resolve_deepspeed_config(config, 8, 1)["communication_data_type"] == "fp32"
+
+
+def test_deepspeed_hostfile_launch_forwards_the_environment(tmp_path):
+    """launchers/deepspeed.sh with a hostfile writes a DeepSpeed env file (DS_ENV_FILE) with the variables the
+    remote ranks need, after the user's own ~/.deepspeed_env; DRY_RUN prints it and the command."""
+    from pathlib import Path
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("MY_SETTING=1\n")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
+    env = {**os.environ, "HOME": str(home), "HOSTFILE": str(hostfile), "DRY_RUN": "1", "HF_HOME": "/shared/hf",
+           "HF_HUB_OFFLINE": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "DS_ENV_VARS": "WANDB_PROJECT",
+           "WANDB_PROJECT": "hyperfit", "TMPDIR": str(tmp_path)}
+    env.pop("TORCH_EXTENSIONS_DIR", None)  # the launcher's default then
+    launcher = Path(__file__).resolve().parent.parent / "launchers" / "deepspeed.sh"
+    out = subprocess.run([str(launcher), "cfg.yaml", "--output-dir", "/shared/runs/x"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    env_file = Path(out.splitlines()[0].split("=", 1)[1])
+    lines = env_file.read_text().splitlines()
+    assert lines[0] == "MY_SETTING=1"
+    for expected in ("HF_HOME=/shared/hf", "HF_HUB_OFFLINE=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=3",
+                     "WANDB_PROJECT=hyperfit", f"TORCH_EXTENSIONS_DIR={home}/.cache/hfdist/torch_extensions"):
+        assert expected in lines, expected
+    assert "--hostfile" in out and "distributed.backend=deepspeed" in out

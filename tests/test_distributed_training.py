@@ -184,3 +184,160 @@ def test_deepspeed_checkpoint_resumes_exactly(setup, deepspeed_run):
         launch_env(NUM_GPUS="2", DS_CONFIG=str(DS_FP32)))
     got, want = step_records(run_dir), step_records(deepspeed_run)
     assert [got[7], got[8]] == [want[7], want[8]]
+
+
+# ---- export, mixed precision with offload, asynchronous checkpoints (tests/test_export.py has the in-process ones) --
+def checkpoint_weights(folder: Path) -> dict:
+    """The model weights a DCP checkpoint holds (HF names), read by torch's own converter, not by hfdist."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = folder.parent / f"{folder.name}-weights.pt"
+    dcp_to_torch_save(folder / "dcp", target)
+    state = torch.load(target, weights_only=True)["model"]
+    return {k[len("lm."):]: v for k, v in state.items()}
+
+
+@pytest.mark.distributed
+def test_fsdp_export_equals_the_trained_weights(fsdp_run):
+    """Each rank wrote its own rows into the safetensors files: the export equals, bit for bit, the weights of the
+    step-8 checkpoint (the last step), and carries the index, the config and the tokenizer."""
+    exported = exported_weights(fsdp_run)
+    trained = checkpoint_weights(fsdp_run / "checkpoints" / "step_00000008")
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+    for name in ("model.safetensors.index.json", "config.json", "tokenizer.json"):
+        assert (fsdp_run / "model" / name).is_file(), name
+
+
+@pytest.mark.distributed
+def test_deepspeed_export_equals_the_fp32_master_weights(deepspeed_run):
+    """ZeRO-3's ranks wrote their fp32 master partitions straight into the files: the export equals, bit for bit,
+    DeepSpeed's own consolidation (zero_to_fp32) of the step-8 checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_run / "checkpoints" / "step_00000008"),
+                                                     tag="deepspeed")
+    trained = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+    exported = exported_weights(deepspeed_run)
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+
+
+# bf16 compute (FSDP MixedPrecisionPolicy), fp32 master weights and gradient reduction, CPU offload and clipping at a
+# norm the gradients exceed, on 2 ranks against 1 process with the same settings. Step 1 starts from identical
+# weights: each micro-batch's bf16 forward/backward is the same computation, only the fp32 sums of the micro-batch
+# gradients run in another order (2 ranks: reduce-scatter of per-rank sums), so loss and gradient norm agree to fp32
+# rounding (rel 1e-5). After it, an fp32 master weight that differs in its last bit can round to another bf16
+# value (relative step 2^-8 = 3.9e-3), so later steps agree to a few bf16 roundings of the activations: losses and
+# norms within rel 2e-2, and the weights' difference below 5% of how far training moved them.
+BF16_STEP1_RTOL = 1e-5
+BF16_LATER_RTOL = 2e-2
+BF16_WEIGHT_REL = 0.05
+BF16_OFFLOAD = ["--set", "distributed.backend=fsdp", "--set", "distributed.mixed_precision=true",
+                "--set", "distributed.cpu_offload=true", "--set", "optim.max_grad_norm=0.5"]
+
+
+@pytest.mark.distributed
+def test_fsdp_bf16_offload_clipping_two_ranks_match_one(setup):
+    runs = {}
+    for ranks in (1, 2):
+        run_dir = setup["root"] / f"bf16-offload-{ranks}"
+        output = run([LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, *BF16_OFFLOAD)],
+                     launch_env(GPUS_PER_NODE=str(ranks)))
+        assert "process group: gloo" in output
+        runs[ranks] = run_dir
+    one, two = step_records(runs[1]), step_records(runs[2])
+    for step in range(1, STEPS + 1):
+        print(f"step {step}: loss rel diff {abs(two[step][0] / one[step][0] - 1):.1e}, grad norm "
+              f"{one[step][1]:.3f} rel diff {abs(two[step][1] / one[step][1] - 1):.1e}")
+    assert all(norm > 0.5 for _, norm in one.values())  # clipping is active at every step
+    assert two[1][0] == pytest.approx(one[1][0], rel=BF16_STEP1_RTOL)
+    assert two[1][1] == pytest.approx(one[1][1], rel=BF16_STEP1_RTOL)
+    for step in range(2, STEPS + 1):
+        assert two[step][0] == pytest.approx(one[step][0], rel=BF16_LATER_RTOL), f"loss at step {step}"
+        assert two[step][1] == pytest.approx(one[step][1], rel=BF16_LATER_RTOL), f"grad norm at step {step}"
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).state_dict()
+    a, b = exported_weights(runs[2]), exported_weights(runs[1])
+    moved = sum((b[k] - start[k]).pow(2).sum() for k in b).sqrt()
+    differ = sum((a[k] - b[k]).pow(2).sum() for k in b).sqrt()
+    print(f"weights: differ by {differ:.3g} (L2), training moved them {moved:.3g}")
+    assert differ < BF16_WEIGHT_REL * moved, f"weights differ by {differ:.3g}, training moved them {moved:.3g}"
+
+
+@pytest.mark.distributed
+def test_kill_during_async_checkpoint_keeps_the_previous_one_and_resumes_exactly(setup, fsdp_run):
+    """checkpoint.async: training goes on while the checkpoint of step 4 is written; SIGKILL of a rank during that
+    write (after step 5 has trained) ends the job. The step-4 folder never appears, the step-2 checkpoint is the
+    latest complete one, and --resume from it ends with the weights of the uninterrupted (synchronous) run."""
+    run_dir = setup["root"] / "async-killed"
+    args = hyperfit_args(setup, run_dir, "--set", "distributed.backend=fsdp", "--set", "checkpoint.async=true")
+    env = launch_env(GPUS_PER_NODE="2", HFDIST_FAULT_KILL_IN_CHECKPOINT="4", HFDIST_FAULT_RANK="1")
+    proc = subprocess.run([str(LAUNCHERS / "torchrun.sh"), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=240)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-4000:]
+    assert "kills itself (SIGKILL) while writing the checkpoint of step 4, training at step 5" in output, output[-4000:]
+    checkpoints = run_dir / "checkpoints"
+    assert [p.name for p in (checkpoints).glob("step_*")] == ["step_00000002"]
+    from hfdist.checkpoint import latest_valid
+
+    assert latest_valid(checkpoints).name == "step_00000002"
+    run([LAUNCHERS / "torchrun.sh", *args, "--resume"], launch_env(GPUS_PER_NODE="2"))
+    got, want = step_records(run_dir), step_records(fsdp_run)
+    assert [got[s] for s in range(3, STEPS + 1)] == [want[s] for s in range(3, STEPS + 1)]
+    a, b = exported_weights(run_dir), exported_weights(fsdp_run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000006", "step_00000008"]
+
+
+PROBE = Path(__file__).resolve().parent / "export_memory_probe.py"
+# A model whose size dominates a process's other memory: 4 layers of hidden 1024 (38.5 M parameters, 154 MB fp32).
+PROBE_MODEL = {"hidden_size": 1024, "num_layers": 4, "num_heads": 8}
+PROBE_CONFIG = """\
+model: {{path: {model}}}
+data: {{source: austen, mode: chunk, seq_len: 32, num_samples: 8, num_validation: 0, num_contexts: 0, context_len: 8}}
+optim: {{name: adam, lr: 1.0e-3}}
+train: {{epochs: 1, global_batch_size: 8, micro_batch_size: 4, seed: 0}}
+eval: {{every_epochs: 0, total_len: 48, ttr_window: 16, batch_size: 4}}
+"""
+EXPORT_MEMORY_FRACTION = 0.25  # gathering the model on rank 0 takes 1.0 (the probe's control measures it)
+
+
+@pytest.fixture(scope="module")
+def probe_setup(setup):
+    from hfdist.testing import tiny_model_folder
+
+    model = tiny_model_folder(setup["root"] / "probe-model", **PROBE_MODEL)
+    config = setup["root"] / "probe.yaml"
+    config.write_text(PROBE_CONFIG.format(model=model))
+    return config
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_export_peak_memory_stays_far_below_the_model(setup, probe_setup, backend):
+    run_dir = setup["root"] / f"probe-{backend}"
+    out = setup["root"] / f"probe-{backend}.json"
+    if backend == "fsdp":
+        env = launch_env()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               env["MASTER_PORT"], PROBE, probe_setup, run_dir, out, "--set", "distributed.backend=fsdp",
+               "--set", "export.dtype=bfloat16"]
+    else:
+        pytest.importorskip("deepspeed")
+        env = launch_env()
+        cmd = ["deepspeed", "--master_port", env["MASTER_PORT"], "--num_gpus", "2", "--no_local_rank", PROBE,
+               probe_setup, run_dir, out, "--set", "distributed.backend=deepspeed",
+               "--set", f"distributed.deepspeed_config={DS_FP32}", "--set", "export.dtype=bfloat16"]
+    run(cmd, env, timeout=400)
+    rank0 = json.loads(Path(f"{out}.rank0").read_text())
+    extra, gather, size = rank0["export_extra_bytes"], rank0["gather_extra_bytes"], rank0["model_fp32_bytes"]
+    print(f"{backend}: rank 0 export (bf16) peak +{extra / 2**20:.1f} MiB, gathering on rank 0 (the control) "
+          f"+{gather / 2**20:.1f} MiB, for a {size / 2**20:.1f} MiB (fp32) model")
+    assert size > 140e6
+    assert gather > 0.9 * size  # the probe sees a gather of the model
+    assert extra < EXPORT_MEMORY_FRACTION * size, f"rank 0 held {extra / 2**20:.1f} MiB more during the export"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    assert sum(p.numel() for p in model.parameters()) * 4 == size

@@ -12,6 +12,7 @@ data-parallel size) so that the gradient is exactly that of the global mean.
 """
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -23,6 +24,8 @@ from torch import nn
 from hfdist.config import Config
 from hfdist.distributed.layout import accumulation_steps
 from hfdist.errors import HfdistError
+
+logger = logging.getLogger(__name__)
 
 
 class StepResult(NamedTuple):
@@ -43,14 +46,48 @@ class Backend(ABC):
         self.model: Optional[nn.Module] = None  # the HyperfitModel, wrapped as the backend needs
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        self.checkpoint_group = None  # a gloo group of its own for asynchronous checkpoints (checkpoint.async)
+        self.pending_checkpoint = None  # the asynchronous checkpoint being written (hfdist.checkpoint)
 
     def join_process_group(self, env) -> None:
-        """Start (or join) the launcher's process group and take this rank's place in it (FSDP, DeepSpeed)."""
+        """Start (or join) the launcher's process group and take this rank's place in it (FSDP, DeepSpeed).
+
+        The group starts under ``distributed.startup_timeout_s`` (the trainer switches to ``timeout_s`` for
+        training); on CUDA it also gets a gloo backend for host tensors when ``uses_host_collectives()``."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
         from hfdist.distributed.env import init_process_group
 
+        dcfg = self.config.distributed
         self.env = env
-        self.device = init_process_group(env, self.config.distributed.timeout_s)
+        self.device = init_process_group(env, dcfg.startup_timeout_s, host_collectives=self.uses_host_collectives())
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
+        if self.config.checkpoint.async_:
+            # The background writer's collectives (DCP's plan and metadata exchange) must not interleave with the
+            # training loop's on the default group; a gloo group also gives the CPU staging its CPU backend.
+            self.checkpoint_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=dcfg.checkpoint_timeout_s))
+        self.apply_host_threads()
+
+    def uses_host_collectives(self) -> bool:
+        """Whether collectives run on host tensors (then NCCL needs gloo beside it)."""
+        return False
+
+    def optimizer_on_host(self) -> bool:
+        """Whether the optimizer steps on the host while the model computes on the device."""
+        return False
+
+    def apply_host_threads(self) -> None:
+        """Give a host-side optimizer the cores of this rank's share of the node (see env.host_threads)."""
+        from hfdist.distributed.env import host_threads
+
+        threads = host_threads(self.device.type, self.optimizer_on_host(), getattr(self.env, "local_world_size", 1),
+                               self.config.distributed.host_threads)
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            logger.info("optimizer on the host: %d threads per rank (distributed.host_threads; "
+                                             "0 = cores / ranks on the node)", threads)
 
     # ---- topology -------------------------------------------------------------------------------
     @property
@@ -141,18 +178,21 @@ class Backend(ABC):
 
     # ---- state ---------------------------------------------------------------------------------------
     @abstractmethod
-    def save_checkpoint(self, folder: Path) -> None:
-        """Write model, optimizer and scheduler state into ``folder`` (all ranks call; the folder is
-        temporary and made atomic by hfdist.checkpoint)."""
+    def save_checkpoint(self, folder: Path, step: int = 0, async_: bool = False):
+        """Write model, optimizer and scheduler state into ``folder`` (all ranks call; the folder is temporary and
+        made atomic by hfdist.checkpoint). Returns a ``concurrent.futures.Future`` of the records (size, checksum,
+        rank) of the files this rank wrote, done once they are written; with ``async_`` the state is copied and
+        written in the background."""
 
     @abstractmethod
     def load_checkpoint(self, folder: Path) -> None:
         """Load what save_checkpoint wrote (possibly at another world size, where the backend allows)."""
 
     @abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The consolidated HF-model state dict (keys as in ``model.lm.state_dict()``) on the main rank,
-        on CPU; other ranks may return {}. All ranks must call it."""
+    def export_tensors(self) -> list:
+        """The tensors of the Hugging Face checkpoint (``hfdist.export.ExportTensor``: names as in
+        ``model.lm.state_dict()``, a tied weight once, global shapes; the same list on every rank), each with the
+        pieces this rank writes. All ranks call it; nothing is gathered."""
 
     def unwrapped_lm(self) -> nn.Module:
         """The Hugging Face model inside, for evaluation and generation (sharded under FSDP: all ranks

@@ -74,6 +74,12 @@ def resolve_deepspeed_config(config, dp_size: int, accumulation: int) -> dict:
                               "lr 1e-6 needs bf16 or fp32")
     if config.distributed.mixed_precision or config.model.dtype == "bfloat16":
         ds.setdefault("bf16", {})["enabled"] = True
+    if ds.get("bf16", {}).get("enabled") and "communication_data_type" not in ds:
+        # DeepSpeed reduces gradients in the compute dtype unless told otherwise; FSDP reduces in fp32. A bf16
+        # reduce-scatter over 8-64 ranks rounds each partial sum to 8 bits of mantissa: fp32 costs twice the bytes
+        # of gradient traffic and keeps the sum exact to fp32.
+        logger.info("deepspeed: %s sets no communication_data_type: reducing gradients in fp32", source)
+        ds["communication_data_type"] = "fp32"
     if config.distributed.cpu_offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -107,6 +113,7 @@ class DeepSpeedBackend(Backend):
         # DeepSpeed adopts the process group started above instead of starting its own.
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
         self.ds_config = resolve_deepspeed_config(config, self.dp_size, self.gradient_accumulation_steps())
+        self.apply_host_threads()  # now that the JSON says whether the optimizer runs on the host
         self._hf_ds_config = None
         self.engine = None
 
@@ -139,6 +146,9 @@ class DeepSpeedBackend(Backend):
         logger.info("deepspeed: ZeRO-3 over %d ranks, %.3f B parameters per rank, bf16 %s, offload %s, built in "
                     "%.1f s", self.world_size, local / 1e9, self.ds_config.get("bf16", {}).get("enabled", False),
                     offloads_optimizer(self.ds_config), time.perf_counter() - started)
+
+    def optimizer_on_host(self) -> bool:
+        return hasattr(self, "ds_config") and offloads_optimizer(self.ds_config)
 
     def _cpu_adam(self, model: nn.Module):
         """ZeRO-Offload steps the optimizer on the host: DeepSpeed's CPU Adam (a JIT-built op) with optim.*."""
@@ -186,12 +196,29 @@ class DeepSpeedBackend(Backend):
         dist.barrier()
 
     # ---- state ---------------------------------------------------------------------------------------
-    def save_checkpoint(self, folder: Path) -> None:
-        self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
+    def save_checkpoint(self, folder: Path, step: int = 0, async_: bool = False):
+        """DeepSpeed's own checkpoint; the files this rank's engine writes are hashed right after they are written
+        (from the page cache, every rank its own at the same time). ``async_`` is refused by the config check."""
+        from hfdist import checkpoint
+
+        engine_save = self.engine.checkpoint_engine.save
+        paths: list[str] = []
+
+        def save_and_record(state_dict, path, *args, **kwargs):
+            result = engine_save(state_dict, path, *args, **kwargs)
+            paths.append(str(path))
+            return result
+
+        self.engine.checkpoint_engine.save = save_and_record
+        try:
+            self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
+        finally:
+            del self.engine.checkpoint_engine.save  # the engine's own method again
+        records = checkpoint.record_written_files(folder, paths, self.rank)
         if self.is_main:
-            (folder / "topology.json").write_text(json.dumps(
-                {"backend": self.name, "world_size": self.world_size, "params_per_rank0": self.params_per_rank})
-                + "\n")
+            topology = {"backend": self.name, "world_size": self.world_size, "params_per_rank0": self.params_per_rank}
+            checkpoint.write_file(folder, "topology.json", (json.dumps(topology) + "\n").encode(), records, 0)
+        return checkpoint.completed(records)
 
     def load_checkpoint(self, folder: Path) -> None:
         if not (folder / CHECKPOINT_TAG).is_dir():
@@ -206,34 +233,29 @@ class DeepSpeedBackend(Backend):
         if path is None:
             raise HfdistError(f"--resume {folder}: DeepSpeed could not load the checkpoint")
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights on rank 0: the fp32 master copy (bf16 parameters would round away updates
-        of lr 1e-6), gathered one parameter at a time; every rank takes part."""
-        from deepspeed.utils import safe_get_full_fp32_param
+    def export_tensors(self) -> list:
+        """Each rank's own ZeRO-3 partitions, from the fp32 master copy (bf16 parameters would round away updates of
+        lr 1e-6), as flat element ranges: a partition is a contiguous range of the flattened parameter, so it is
+        written straight into the safetensors file; nothing is gathered. Buffers (not partitioned) from rank 0."""
+        from deepspeed.utils import safe_get_local_fp32_param
 
-        from hfdist.distributed.loading import PREFIX
+        from hfdist.export import ExportTensor, Piece, checkpoint_names
 
-        state = {}
-        module = self.engine.module
-        for name, param in module.named_parameters():
-            full = safe_get_full_fp32_param(param)
-            if full is None:  # frozen parameter: no master copy; gather the parameter itself
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([param]):
-                    full = param.detach().clone()
-            if self.is_main and name.startswith(PREFIX):
-                state[name[len(PREFIX):]] = full.detach().to("cpu", torch.float32).clone()
-        if not self.is_main:
-            return {}
-        lm = module.lm
-        # Tied weights appear once in named_parameters; save_pretrained expects every key of the state dict.
-        for key in lm.state_dict().keys():
-            if key not in state:
-                source = _tied_source(lm, key)
-                if source in state:
-                    state[key] = state[source]
-        return state
+        result = []
+        for name, tensor in checkpoint_names(self.engine.module.lm):
+            shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
+            if not hasattr(tensor, "ds_tensor"):
+                pieces = [Piece((0,) * len(shape), shape, tensor)] if self.is_main else []
+                result.append(ExportTensor(name, shape, pieces))
+                continue
+            partition = tensor.ds_tensor.ds_numel
+            start = dist.get_rank(group=tensor.ds_process_group) * partition
+            count = max(0, min(partition, tensor.ds_numel - start))
+            local = safe_get_local_fp32_param(tensor)
+            if local is None:  # a frozen parameter has no master copy: its own partition
+                local = tensor.ds_tensor
+            result.append(ExportTensor(name, shape, [Piece((start,), (count,), local.reshape(-1)[:count], flat=True)]))
+        return result
 
     def unwrapped_lm(self) -> nn.Module:
         return self.engine.module.lm
@@ -243,13 +265,3 @@ class DeepSpeedBackend(Backend):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def _tied_source(lm: nn.Module, key: str) -> str | None:
-    """For a tied parameter's second name (e.g. lm_head.weight), the name it appears under first."""
-    target = lm.get_parameter(key) if key in dict(lm.named_parameters(remove_duplicate=False)) else None
-    if target is None:
-        return None
-    for name, param in lm.named_parameters():
-        if param is target:
-            return name
-    return None

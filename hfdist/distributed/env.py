@@ -164,12 +164,39 @@ def restart_store(env: LaunchEnv, timeout_s: int):
     return dist.PrefixStore(f"hfdist/restart_{attempt}", client)
 
 
-def init_process_group(env: LaunchEnv, timeout_s: int) -> torch.device:
-    """Start the default process group (NCCL on CUDA, gloo on CPU); returns this rank's device.
+def process_group_backend(device_type: str, host_collectives: bool) -> str:
+    """The backend string of the default process group: gloo on a CPU; NCCL on CUDA, with gloo beside it for CPU
+    tensors (``cuda:nccl,cpu:gloo``, as torchtitan does) when collectives run on host tensors: under FSDP's CPU
+    offload the gradients live on the host, and the clipping norm all-reduces them there. Without the CPU backend
+    that first step fails with "No backend type associated with device type cpu"."""
+    if device_type == "cuda":
+        return "cuda:nccl,cpu:gloo" if host_collectives else "nccl"
+    return "gloo"
 
-    ``timeout_s`` bounds the rendezvous (every rank must join within it) and every collective of the group: gloo
-    raises in the waiting rank, NCCL's watchdog aborts the collective (see the README's reliability section for
-    the TORCH_NCCL_* variables). The watchdog then records each rank's progress for naming a hung rank."""
+
+def host_threads(device_type: str, optimizer_on_host: bool, local_world_size: int, requested: int = 0,
+                 cpus: int | None = None) -> int | None:
+    """Threads for an optimizer that steps on the host while the model computes on CUDA (FSDP cpu_offload, DeepSpeed
+    offload_optimizer): ``requested`` (distributed.host_threads) or, when 0, the cores this process may run on
+    divided by the ranks of its node (at least 1). None: leave torch's setting alone (the launchers' OMP_NUM_THREADS=1
+    suits ranks that share a CPU-only node, and GPU ranks whose optimizer runs on the device)."""
+    if device_type != "cuda" or not optimizer_on_host:
+        return None
+    if requested:
+        return requested
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, local_world_size))
+
+
+def init_process_group(env: LaunchEnv, timeout_s: int, host_collectives: bool = False,
+                       timeout_field: str = "distributed.startup_timeout_s") -> torch.device:
+    """Start the default process group (see ``process_group_backend``); returns this rank's device.
+
+    ``timeout_s`` (the start-up timeout) bounds the rendezvous (every rank must join within it) and every collective
+    until the trainer switches the group to ``distributed.timeout_s`` for training: gloo raises in the waiting rank,
+    NCCL's watchdog aborts the collective (see the README's reliability section for the TORCH_NCCL_* variables). The
+    watchdog then records each rank's progress for naming a hung rank."""
     import torch.distributed as dist
 
     from hfdist.distributed.watchdog import watchdog
@@ -180,10 +207,10 @@ def init_process_group(env: LaunchEnv, timeout_s: int) -> torch.device:
                               f"{socket.gethostname()}: launch at most one process per GPU")
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
     else:
         device = torch.device("cpu")
-        backend = "gloo"
+    backend = process_group_backend(device.type, host_collectives)
+    watchdog.timeout_field = timeout_field
     if dist.is_initialized():
         watchdog.attach(timeout_s)
         return device
@@ -203,7 +230,7 @@ def init_process_group(env: LaunchEnv, timeout_s: int) -> torch.device:
                                 **kwargs)
     except (RuntimeError, ValueError) as exc:
         raise HfdistError(f"process group: cannot rendezvous at {env.master_addr}:{env.master_port} as rank "
-                          f"{env.rank} of {env.world_size} within distributed.timeout_s={timeout_s} "
+                          f"{env.rank} of {env.world_size} within {timeout_field}={timeout_s} "
                           f"({str(exc).splitlines()[0]})") from None
     watchdog.attach(timeout_s)
     return device

@@ -164,6 +164,13 @@ class FSDPBackend(Backend):
             folder = snapshot_download(path, revision=self.config.model.revision, allow_patterns=patterns)
         return Path(folder)
 
+    def uses_host_collectives(self) -> bool:
+        # CPU offload keeps the reduced gradients on the host: the clipping norm all-reduces host tensors.
+        return self.config.distributed.cpu_offload
+
+    def optimizer_on_host(self) -> bool:
+        return self.config.distributed.cpu_offload
+
     # ---- training ----------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, is_last_micro_batch: bool) -> None:
         self._root_gathered = False  # the root's forward has gathered it; backward reshards it
@@ -200,13 +207,18 @@ class FSDPBackend(Backend):
         return {"model": get_model_state_dict(self.model, options=options),
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options)}
 
-    def save_checkpoint(self, folder: Path) -> None:
-        dcp.save(self._state(), checkpoint_id=str(folder / "dcp"))
+    def save_checkpoint(self, folder: Path, step: int = 0, async_: bool = False):
+        from hfdist import checkpoint
+
+        small: dict = {}
         if self.is_main:
-            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
-            (folder / "topology.json").write_text(json.dumps(
-                {"backend": self.name, "world_size": self.world_size, "params_per_rank0": self.params_per_rank,
-                 "mesh": dict(zip(self.mesh.mesh_dim_names, self.mesh.shape))}) + "\n")
+            checkpoint.write_file(folder, "scheduler.pt", checkpoint.torch_bytes(self.scheduler.state_dict()), small, 0)
+            topology = {"backend": self.name, "world_size": self.world_size, "params_per_rank0": self.params_per_rank,
+                        "mesh": dict(zip(self.mesh.mesh_dim_names, self.mesh.shape))}
+            checkpoint.write_file(folder, "topology.json", (json.dumps(topology) + "\n").encode(), small, 0)
+        written = checkpoint.save_dcp(self._state(), folder, self.rank, step=step, async_=async_,
+                                      process_group=self.checkpoint_group if async_ else None)
+        return checkpoint.merged(written, small)
 
     def load_checkpoint(self, folder: Path) -> None:
         if not (folder / "dcp").is_dir():
@@ -218,17 +230,13 @@ class FSDPBackend(Backend):
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        self._reshard_root()
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options)  # gathered on rank 0 only
-        if not self.is_main:
-            return {}
-        lm = self.model.lm
-        # A tied weight is listed under both names; keep the first, as the model's own state_dict saving does.
-        duplicates = set(dict(lm.named_parameters(remove_duplicate=False))) - set(dict(lm.named_parameters()))
-        return {k[len(loading.PREFIX):]: v for k, v in state.items()
-                if k.startswith(loading.PREFIX) and k[len(loading.PREFIX):] not in duplicates}
+    def export_tensors(self) -> list:
+        """Every rank's own pieces of the sharded parameters (any mesh: the DTensor placements say where each piece
+        lies), none gathered; buffers (not sharded) are written by rank 0."""
+        from hfdist.export import module_tensors
+
+        self._reshard_root()  # evaluation leaves the root's parameters gathered: back to the sharded DTensors
+        return module_tensors(self.model.lm)
 
     def _gather_root(self, module: nn.Module, args, kwargs) -> None:
         # Calling the inner model (evaluation, generation: all ranks together) bypasses the root's hooks:

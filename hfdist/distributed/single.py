@@ -46,9 +46,13 @@ class SingleBackend(Backend):
         return {"model": get_model_state_dict(self.model, options=options),
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options)}
 
-    def save_checkpoint(self, folder: Path) -> None:
-        dcp.save(self._state(), checkpoint_id=str(folder / "dcp"), no_dist=True)
-        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+    def save_checkpoint(self, folder: Path, step: int = 0, async_: bool = False):
+        from hfdist import checkpoint
+
+        scheduler: dict = {}
+        checkpoint.write_file(folder, "scheduler.pt", checkpoint.torch_bytes(self.scheduler.state_dict()), scheduler, 0)
+        written = checkpoint.save_dcp(self._state(), folder, 0, step=step, async_=async_, no_dist=True)
+        return checkpoint.merged(written, scheduler)
 
     def load_checkpoint(self, folder: Path) -> None:
         state = self._state()
@@ -57,5 +61,7 @@ class SingleBackend(Backend):
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.model.lm.state_dict().items()}
+    def export_tensors(self) -> list:
+        from hfdist.export import module_tensors
+
+        return module_tensors(self.model.lm)

@@ -10,12 +10,19 @@ before checkpoints names the missing ranks by itself.
 
 Under NCCL a timed-out collective is aborted by the NCCL watchdog thread (``TORCH_NCCL_ASYNC_ERROR_HANDLING``),
 which ends the process with its own report; the marks are still in the store for inspection.
+
+Phases: a job's collectives do not all wait alike. The rendezvous and start-up (weight loading, a resume's
+checkpoint verification) run under ``distributed.startup_timeout_s``, training under ``distributed.timeout_s``,
+the writing of a checkpoint and the export under ``distributed.checkpoint_timeout_s`` / ``export_timeout_s``:
+``phase_timeout`` sets the timeout of the default group and every registered subgroup for the duration of a
+phase (``_set_pg_timeout``: later collectives use it, gloo and NCCL alike), and the one-line error names it.
 """
 from __future__ import annotations
 
 import logging
 import re
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from hfdist.errors import HfdistError
 
@@ -33,9 +40,11 @@ class Watchdog:
         self.sequence = 0
         self.label = "start-up"
         self.timeout_s: Optional[float] = None
+        self.timeout_field = "distributed.timeout_s"
         self._store = None
         self._rank = 0
         self._world_size = 1
+        self._groups: list = []  # subgroups whose timeout follows the phases (an HSDP/TP mesh's, the async group)
 
     def attach(self, timeout_s: float) -> None:
         """Start recording marks in the default process group's store (call after it is initialised)."""
@@ -97,9 +106,35 @@ class Watchdog:
         else:
             return None
         behind = self._behind()
-        message = (f"rank {self._rank}: collective during {self.label} {what} (a rank is hung or dead)"
-                   + (f"; ranks behind: {behind}" if behind else "") + f" [{first}]")
+        message = (f"rank {self._rank}: collective during {self.label} {what} (a rank is hung or dead); timeout: "
+                   f"{self.timeout_field}" + (f"; ranks behind: {behind}" if behind else "") + f" [{first}]")
         return HfdistError(message)
+
+
+    def register_groups(self, groups) -> None:
+        self._groups.extend(g for g in groups if g is not None and g not in self._groups)
+
+    def set_timeout(self, timeout_s: float, field: str) -> None:
+        """Make ``timeout_s`` the timeout of the default group and the registered subgroups from now on."""
+        import torch.distributed as dist
+
+        self.timeout_s, self.timeout_field = timeout_s, field
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        default = dist.distributed_c10d._get_default_group()
+        set_group_timeouts([default, *self._groups], timeout_s, include_default=True)
+
+    @contextmanager
+    def phase_timeout(self, timeout_s: float, field: str) -> Iterator[None]:
+        """Run a phase (a checkpoint, the export) under its own timeout; the previous one is restored after it (not
+        after a failure: the one-line error then names the phase's timeout, the one that expired)."""
+        previous = (self.timeout_s, self.timeout_field)
+        self.set_timeout(timeout_s, field)
+        yield
+        if previous[0] is not None:
+            self.set_timeout(*previous)
+        else:
+            self.timeout_s, self.timeout_field = previous
 
 
 watchdog = Watchdog()
@@ -119,14 +154,19 @@ def monitored_barrier(timeout_s: float) -> None:
         dist.barrier()
 
 
-def set_group_timeouts(groups, timeout_s: float) -> None:
-    """Give process subgroups (e.g. an HSDP mesh's) the job's timeout: ``new_group`` defaults to 10/30 min."""
+def set_group_timeouts(groups, timeout_s: float, include_default: bool = False) -> None:
+    """Give process subgroups (e.g. an HSDP mesh's) the job's timeout: ``new_group`` defaults to 10/30 min. The
+    subgroups are registered with the watchdog, so that later phases (checkpoint, export) set theirs too."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
+    default = dist.distributed_c10d._get_default_group()
+    if not include_default:
+        watchdog.register_groups([g for g in groups if g is not None and g is not dist.group.WORLD
+                                  and g is not default])
     for group in groups:
-        if group is None or group is dist.group.WORLD or group is dist.distributed_c10d._get_default_group():
+        if group is None or (not include_default and (group is dist.group.WORLD or group is default)):
             continue
         try:
             dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)

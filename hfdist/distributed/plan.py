@@ -34,7 +34,8 @@ buffers, allocator fragmentation) is kept out of the GPU memory.
 
 Host memory per node: the offloaded model state of its GPUs; the weight-loading peak (``per_rank``: each rank
 holds one tensor's slice at a time; ``rank0_broadcast``: the whole model in ``model.dtype`` on the first node);
-the export peak (every rank writes its own part: its shard in the export dtype, plus one output file).
+the export peak (``hfdist.export``: every rank writes its own pieces into the final files, one tensor piece in the
+export dtype at a time).
 """
 from __future__ import annotations
 
@@ -56,7 +57,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # DeepSpeed's defaults for the ZeRO-3 knobs the transient estimate reads (deepspeed/runtime/zero/config.py).
 DEEPSPEED_DEFAULTS = {"stage3_max_live_parameters": 1e9, "stage3_prefetch_bucket_size": 5e7,
                       "reduce_bucket_size": 5e8}
-EXPORT_FILE_BYTES = 5 * 10**9  # one safetensors file of the export (Hugging Face's default max_shard_size "5GB")
 FUSED_LOSS_CHUNK_BYTES = 512 << 20  # the fused loss's per-chunk budget on CUDA (hfdist.kernels.cross_entropy)
 
 
@@ -363,7 +363,8 @@ def make_plan(config: Config, cluster: Cluster, config_name: str = "", hf_config
         loading = shape.num_parameters * param_bytes  # rank 0 reads the whole model (first node)
     else:
         loading = ranks * math.ceil(shape.largest_tensor_numel / ways) * param_bytes
-    export_peak = ranks * local * DTYPE_BYTES[export_dtype] + EXPORT_FILE_BYTES
+    # hfdist.export: each rank writes its own pieces, converting one tensor piece at a time.
+    export_peak = ranks * math.ceil(shape.largest_tensor_numel / ways) * DTYPE_BYTES[export_dtype]
     per_node_host = {"offloaded_state_gib": round(offloaded * ranks / GIB, 3),
                      "loading_peak_gib": round(loading / GIB, 3), "export_peak_gib": round(export_peak / GIB, 3)}
     per_node_host["peak_gib"] = round(max(per_node_host["offloaded_state_gib"] + per_node_host["loading_peak_gib"],

@@ -167,8 +167,9 @@ def restart_store(env: LaunchEnv, timeout_s: int):
 def process_group_backend(device_type: str, host_collectives: bool) -> str:
     """The backend string of the default process group: gloo on a CPU; NCCL on CUDA, with gloo beside it for CPU
     tensors (``cuda:nccl,cpu:gloo``, as torchtitan does) when collectives run on host tensors: under FSDP's CPU
-    offload the gradients live on the host, and the clipping norm all-reduces them there. Without the CPU backend
-    that first step fails with "No backend type associated with device type cpu"."""
+    offload the parameters and gradients live on the host, and DTensor and DCP run their collectives on them there
+    (the clipping norm itself is all-reduced on the device: fsdp.global_grad_norm). Without the CPU backend such a
+    collective fails with "No backend type associated with device type cpu"."""
     if device_type == "cuda":
         return "cuda:nccl,cpu:gloo" if host_collectives else "nccl"
     return "gloo"

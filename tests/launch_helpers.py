@@ -73,3 +73,14 @@ def assert_matches(run_dir: Path, reference: Path, steps=None):
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < WEIGHT_ATOL, f"final weights differ by up to {worst}"
+
+
+def tiny_run_setup(root: Path, config_template: str, **model_kwargs) -> dict:
+    """A tiny Llama folder (``hfdist.testing.tiny_model_folder(**model_kwargs)``) and a run config written from
+    ``config_template`` with ``{model}`` filled in: the ``setup`` of the parity tests."""
+    from hfdist.testing import tiny_model_folder
+
+    model = tiny_model_folder(root / "tiny-model", **model_kwargs)
+    config = root / "tiny.yaml"
+    config.write_text(config_template.format(model=model))
+    return {"root": root, "model": model, "config": config}

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from launch_helpers import LAUNCHERS, assert_matches, hyperfit_args, launch_env, run, step_records
+from launch_helpers import LAUNCHERS, assert_matches, hyperfit_args, launch_env, run, step_records, tiny_run_setup
 
 pytestmark = pytest.mark.distributed
 
@@ -37,14 +37,8 @@ VOCAB = 383
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from hfdist.testing import tiny_model_folder
-
-    root = tmp_path_factory.mktemp("tensor-parallel")
-    model = tiny_model_folder(root / "tiny-model", vocab_size=VOCAB, num_heads=4, num_kv_heads=4,
-                              tie_word_embeddings=True)
-    config = root / "tiny.yaml"
-    config.write_text(CONFIG.format(model=model))
-    return {"root": root, "model": model, "config": config}
+    return tiny_run_setup(tmp_path_factory.mktemp("tensor-parallel"), CONFIG, vocab_size=VOCAB, num_heads=4,
+                          num_kv_heads=4, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from launch_helpers import (LAUNCHERS, REPO, assert_matches, exported_weights, hyperfit_args, launch_env, run,
-                            step_records)
+                            step_records, tiny_run_setup)
 
 DS_FP32 = REPO / "configs" / "deepspeed" / "zero3_fp32.json"
 STEPS = 8
@@ -41,13 +41,7 @@ checkpoint: {{every_steps: 2, keep_last: 2}}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from hfdist.testing import tiny_model_folder
-
-    root = tmp_path_factory.mktemp("distributed")
-    model = tiny_model_folder(root / "tiny-model")
-    config = root / "tiny.yaml"
-    config.write_text(CONFIG.format(model=model))
-    return {"root": root, "model": model, "config": config}
+    return tiny_run_setup(tmp_path_factory.mktemp("distributed"), CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,13 @@ present in 3.6.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import interpreter_enabled
+from .utils import KernelVariant, interpreter_enabled
 
 
 @triton.jit
@@ -153,3 +155,35 @@ def ce_rows_backward_triton(x, labels, lse, opts, *, grad_scale, grad_out):
     """Gradient only, from the forward's ``lse``: one pass over the logits."""
     _launch(x, labels, opts, loss=None, lse=lse.contiguous(), entropy=None, grad_scale=grad_scale,
             grad_out=grad_out, saved_lse=True)
+
+
+# Logits dtypes the fused loss and cross_entropy pass to the kernel (the gradient has the same dtype).
+LOGITS_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_variants() -> list[KernelVariant]:
+    """The forms of ``_ce_kernel`` that ``_launch`` asks for on a GPU (for tests/test_kernels_compile.py).
+
+    Flags as ``_launch`` derives them: the three options on or off; the forward (``ce_rows_triton``) with or
+    without entropy and gradient; the backward from a saved lse (``ce_rows_backward_triton``: gradient, no
+    entropy). Block and warps from ``_launch_config`` for a vocabulary of at least 4096 (smaller vocabularies
+    launch smaller power-of-two blocks, not listed).
+    """
+    block, warps = _launch_config(1 << 20)
+    flag_sets = [(entropy, grad, False) for entropy in (False, True) for grad in (False, True)]
+    flag_sets.append((False, True, True))
+    variants = []
+    for dtype in LOGITS_DTYPES.values():
+        for softcap, smoothing, zloss in itertools.product((False, True), repeat=3):
+            for entropy, grad, saved_lse in flag_sets:
+                signature = {"x_ptr": f"*{dtype}", "x_stride": "i32", "labels_ptr": "*i64", "loss_ptr": "*fp32",
+                             "lse_ptr": "*fp32", "ent_ptr": "*fp32", "grad_ptr": f"*{dtype}", "grad_stride": "i32",
+                             "scale_ptr": "*fp32", "scale_stride": "i32", "num_classes": "i32",
+                             "ignore_index": "i32", "eps": "fp32", "z_loss": "fp32", "cap": "fp32"}
+                constexprs = dict(HAS_SOFTCAP=softcap, HAS_SMOOTHING=smoothing, HAS_ZLOSS=zloss,
+                                  WANT_ENTROPY=entropy, WRITE_GRAD=grad, SAVED_LSE=saved_lse, BLOCK_V=block)
+                signature.update({name: "constexpr" for name in constexprs})
+                flags = ",".join(k.lower() for k, v in constexprs.items() if v is True) or "plain"
+                variants.append(KernelVariant(name=f"_ce_kernel[{dtype},{flags}]", kernel=_ce_kernel,
+                                              signature=signature, constexprs=constexprs, num_warps=warps))
+    return variants

@@ -199,35 +199,27 @@ def _source_sums(logits_row, cand_z, cand_i, n, from_row, inv_t, z_max, pivots, 
 @triton.jit
 def _choose_bins(counts, top, z_max, top_k, k_act, top_p, p_act, capacity,
                  NBINS: tl.constexpr, RELEVANT_BINS: tl.constexpr):
-    """The number of top bins (minus one) whose tokens surely hold what the resolve needs; -1 for none.
+    """How many top bins (minus one) surely hold what the resolve needs; -1 for none (too many tokens).
 
-    ``counts[j]``: the row's tokens with floor(4 z) == top - j. Weights in bin j lie in
-    [exp((top - j) / 4 - z_max), exp((top - j + 1) / 4 - z_max)], which bounds the bins' masses. The
+    ``counts[j]``: the row's tokens with floor(4 z) == top - j; their weights lie in
+    [exp((top - j) / 4 - z_max), exp((top - j + 1) / 4 - z_max)], which bounds each bin's mass. Top-k
+    needs the whole top-k set (top-p's total is its mass): the bin where the count reaches k. Top-p alone
+    needs the first bin j where the head surely holds p of the mass: (1 - p) * head_lo(j) >= p * tail_hi(j)
+    (a head_lo / tail_hi ratio test, so bins' looseness costs a few extra bins, never all of them). The
     choice only decides speed: the resolve checks that the candidates hold the kept set.
     """
     j = tl.arange(0, NBINS)
     n = tl.where(j < RELEVANT_BINS, counts, 0)
     cum = tl.cumsum(n, 0)
-    total = tl.sum(n, 0)
     edge = (top - j).to(tl.float32) * 0.25
-    w_lo = tl.exp(tl.minimum(edge - z_max, 0.0))
-    w_hi = tl.exp(tl.minimum(edge + 0.25 - z_max, 0.0))
     nf = n.to(tl.float32)
-    mass_lo = tl.cumsum(nf * w_lo, 0)
-    mass_hi = tl.cumsum(nf * w_hi, 0)
-    # top-k: the bin where the count reaches k; the whole top-k set is needed (top-p's total).
-    has_k = k_act & (total.to(tl.int64) >= top_k)
+    head_lo = tl.cumsum(nf * tl.exp(tl.minimum(edge - z_max, 0.0)), 0)
+    head_hi = tl.cumsum(nf * tl.exp(tl.minimum(edge + 0.25 - z_max, 0.0)), 0)
+    tail_hi = tl.max(head_hi, 0) - head_hi
+    has_k = k_act & (tl.sum(n, 0).to(tl.int64) >= top_k)
     j_k = tl.min(tl.where(cum.to(tl.int64) >= top_k, j, NBINS), 0)
-    at_k = j == j_k
-    before_k = tl.sum(tl.where(at_k, cum - n, 0), 0)
-    total_hi = tl.where(has_k, tl.sum(tl.where(at_k, mass_hi, 0.0), 0), tl.sum(nf * w_hi, 0))
-    total_lo = tl.where(has_k, tl.sum(tl.where(at_k, mass_lo - nf * w_lo, 0.0), 0)
-                        + (top_k - before_k).to(tl.float32) * tl.sum(tl.where(at_k, w_lo, 0.0), 0),
-                        tl.sum(nf * w_lo, 0))
-    # top-p alone: the first bin where the mass surely passes p times the total (with a margin).
-    survivors_lo = tl.where(has_k & (j >= j_k), total_lo, mass_lo)
-    target = top_p * total_hi * 1.001
-    j_p = tl.min(tl.where((j < RELEVANT_BINS) & (survivors_lo >= target), j, RELEVANT_BINS - 1), 0)
+    surely = (1.0 - top_p) * head_lo >= top_p * tail_hi * 1.001 + 1e-6
+    j_p = tl.min(tl.where((j < RELEVANT_BINS) & surely, j, RELEVANT_BINS - 1), 0)
     chosen = tl.where(has_k, j_k, tl.where(p_act, j_p, -1))
     size = tl.sum(tl.where(j <= chosen, n, 0), 0)
     return tl.where((chosen >= 0) & (size <= capacity), chosen, -1)
@@ -701,10 +693,13 @@ def _scalar_or_rows(value, batch, device, dtype):
     return None, value, False
 
 
-def sample_triton(logits, *, temperature, top_p, top_k, min_p, seeds, config: LaunchConfig | None = None):
+def sample_triton(logits, *, temperature, top_p, top_k, min_p, seeds, config: LaunchConfig | None = None,
+                  diagnostics: dict | None = None):
     """Tokens [B] int64 (-1 on invalid rows) and status [B] int32 (1 = invalid row). No host sync.
 
     ``seeds``: int64 [B] on the logits' device. ``config``: tests only (see :class:`LaunchConfig`).
+    ``diagnostics`` (a dict, filled in): per row, ``candidates`` (how many pass 2 kept) and ``bins`` (how
+    many top bins they came from, minus one; -1: none kept, the resolve searched the row or needed none).
     """
     config = config or LaunchConfig()
     batch, num_classes = logits.shape
@@ -764,4 +759,7 @@ def sample_triton(logits, *, temperature, top_p, top_k, min_p, seeds, config: La
         off_info, off_sums, off_cand_z, off_cand_i, cells, config.small_limit, seeds.contiguous(), tokens, status,
         *options,
         **_constexprs(_resolve_kernel, config), num_warps=RESOLVE_WARPS, **COMPILE_OPTIONS)
+    if diagnostics is not None:
+        info = ws64[off_info:].view(batch, ROW_INFO)
+        diagnostics.update(candidates=info[:, 0], bins=info[:, 1], chunks_per_row=chunks)
     return tokens, status

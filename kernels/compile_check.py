@@ -177,8 +177,8 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         name = f"{r['module'].rsplit('.', 1)[-1]}.{r['variant']}"
         if not r["ok"]:
-            first_line = r["error"].strip().splitlines()[0] if r["error"].strip() else r["error"]
-            lines.append(f"{name:58} sm_{r['arch']:<2} FAILED: {first_line[:200]}")
+            message = [line for line in r["error"].splitlines() if line.strip()] or ["?"]
+            lines.append(f"{name:58} sm_{r['arch']:<2} FAILED: {message[-1].strip()[:200]}")  # Triton's reason
             continue
         spills = (f"{r['spill_store_bytes']}/{r['spill_load_bytes']}" if "spill_store_bytes" in r else "-")
         lines.append(f"{name:58} sm_{r['arch']:<2} {r['num_warps']:>5} {r['registers'] if r['registers'] is not None else '-':>5} "

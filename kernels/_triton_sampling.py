@@ -4,49 +4,52 @@ Design: three launches, two passes over the logits, each row split over many pro
 small; the kept set is resolved exactly on a small set of candidates.
 
   1. ``_chunk_stats_kernel``, grid (B, C): each program reads one chunk of its row (C chunks per row, so
-     that B * C fills the GPU: C = 126 at B = 1 on an H100, C = 4 at B = 128) and writes the chunk's
+     that B x C fills the GPU: C = 126 at B = 1 on an H100, C = 5 at B = 128) and writes the chunk's
      maximum, its first argmax, a NaN/+inf count and a 128-bin count histogram of z = x / temperature on
      an absolute grid of 1/4 nat (bin = floor(4 z), stored relative to the chunk's top bin).
-  2. ``_compact_kernel``, grid (B, C): every program reduces its row's C partial maxima (so no launch is
+  2. ``_compact_kernel``, grid (B, C): every program reduces its row's C partial maxima (no launch is
      spent on a reduction), merges the row's C histograms (aligned by their top bins: exact counts per
-     1/4-nat bin), and picks the fewest top bins that surely hold the kept set: for top-k the bin where
-     the count reaches k (the whole top-k set is needed, for top-p's total), for top-p alone the bin
-     where a lower bound on the mass (counts times each bin's smallest weight) passes an upper bound of
-     p times the total. The program then reads its chunk again, sums the exact integer masses (all of
-     the row's mass, and the min-p survivors'), and appends the tokens of those bins ((z, index) pairs)
-     to the row's candidate buffer (8192 entries; one atomic per block of 1024 for the offset; the
-     buffer's order varies, its content does not).
+     1/4-nat bin) and picks the fewest top bins that surely hold what the resolve needs: for top-k the
+     bin where the count reaches k (the whole top-k set: top-p's total is its mass), for top-p alone the
+     first bin where a lower bound on the head's mass surely holds p of the total (``_choose_bins``).
+     It then reads its chunk again, sums the exact integer masses (all of them, and the min-p
+     survivors'), and appends the tokens of those bins ((z, index) pairs) to the row's candidate buffer
+     (8192 entries; one atomic per block of 1024 for the offset: the buffer's order varies, its content
+     does not).
   3. ``_resolve_kernel``, grid (B,): one program per row. Greedy and invalid rows are done. Rows with
-     neither top-k nor top-p draw by the chunks' exact min-p masses: the chunk holding the draw, then one
-     scan of that chunk. Otherwise, on the candidates: the k-th largest key by a 16-way search on the int
-     order keys of z (counts), top-p's boundary key by the same search on masses, the boundary's tie
-     group cut at the lowest indices by a search on indices, then the draw (the first index whose running
-     kept mass exceeds u) by a search on indices. Every quantity is an integer count or mass, so nothing
-     depends on the order of the buffer, the split C or the rest of the batch. The candidates are
-     checked (top-k: at least k of them; top-p: their mass reaches the target); when they do not hold
-     the kept set (a kept set of more than 8192 tokens, or a row the bins' bounds misjudged) the same
-     searches run over the whole row instead: exact, slower (one program streams the row ~25 times).
+     neither top-k nor top-p go to the chunk whose exact min-p mass holds the draw and scan it. Otherwise
+     the kept set is computed on the candidates: up to 64 of them by comparing every pair (the definition
+     literally: rank, mass ranked before, kept mass up to each index; two rounds); up to 2048, loaded
+     once into registers, by 5-way searches (the k-th largest int order key of z by counts, top-p's
+     boundary key by masses, its tie group cut at the lowest indices, then the draw by kept mass over
+     indices; ~20-30 cheap rounds); more, the same searches streaming the candidates from L1/L2. Every
+     quantity is an integer count or mass, so nothing depends on the buffer's order, the split C or the
+     rest of the batch. The candidates are checked (top-k: at least k of them; top-p: their mass reaches
+     the target); when they do not hold the kept set (more than 8192 tokens needed: near-flat rows with
+     large p or k) the searches stream the whole row: exact, slow (~0.3-1 ms at V = 128256).
 
 Estimated cost on an H100/H200 (~3 TB/s achievable, ~3-5 us per launch), V = 128256, fp32 logits:
   * B = 1: the row (0.5 MB) sits in L2 after pass 1; passes 1 and 2 take ~2-3 us each on 126 programs
-    (histogram merge: 126 x 128 counts per program from L2); the resolve runs ~15-25 dependent rounds
-    over a few hundred candidates, ~0.3 us each: ~5-8 us. Three launches, ~10-15 us of launch latency:
-    ~20-28 us in all against the 30 us goal; launch latency dominates (CUDA graphs remove the host part).
-  * B = 128: two reads of 66 MB (33 MB in bf16) = 44 us (22 us) at 3 TB/s; candidate writes and the
-    histograms are < 1% of that; the resolve runs the rows in parallel, ~5-10 us: ~55-65 us against the
-    100 us goal. Bandwidth dominates: one fp32 read of the logits is the floor (22 us).
+    (the merge reads 126 x 128 counts per program from L2). The resolve: ~1-2 us on up to 64 candidates
+    (an LM's peaked rows; the benchmark's rows at p = 0.5), ~5-8 us on 65-2048 (~0.25 us per register
+    round; the benchmark's rows at p = 0.9 and most at 0.95, whose candidates number 200-3000), ~10-20 us
+    streamed beyond 2048. Three launches, ~10-15 us of launch latency: ~15-28 us against the 30 us goal
+    (up to ~40 us for the widest top-p rows). Launch latency dominates: capture decoding in a CUDA graph
+    to remove the host's share.
+  * B = 128: two reads of 66 MB (33 MB in bf16) = 44 us (22 us) at 3 TB/s; histograms and candidates are
+    < 1% of the traffic; the resolve runs the rows in parallel (one program per row, ~5-20 us): ~55-70 us
+    against the 100 us goal. Bandwidth dominates: one fp32 read of the logits (22 us) is the floor.
   Per call: 2 x B x V x (4 or 2) bytes read, B x C x 0.5 KB of histograms, at most B x 64 KB of
-  candidates; 3 launches, no host synchronisation (``on_invalid="flag"``).
+  candidates written and read; 3 launches, no host synchronisation (``on_invalid="flag"``).
 
 Exactness: ``w = exp(z - max z)`` uses libdevice's expf when compiled (the function torch's CUDA exp
-calls), so the integer masses are those of the torch reference on the same GPU; the interpreter uses
-numpy's exp, as the CPU reference uses its own. Only Triton APIs present in 3.6.
+calls) and FMA contraction is off, so the integer masses are those of the torch reference on the same
+GPU; the interpreter uses numpy's exp, as the CPU reference uses its own. Only Triton APIs present in 3.6.
 """
 from __future__ import annotations
 
 import functools
 import inspect
-import math
 from dataclasses import dataclass
 
 import torch
@@ -60,11 +63,11 @@ from .utils import MASS_BITS, KernelVariant, check_interpreted, interpreter_enab
 LOGITS_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 BLOCK = 1024  # elements per block in the two passes over the logits
-RESOLVE_BLOCK = 256  # candidates (or logits, on the fallback) per block in the resolve's searches
+RESOLVE_BLOCK = 1024  # candidates (or logits, on the fallback) per block when the resolve streams them
 SMALL = 64  # up to this many candidates, the resolve compares all pairs instead of searching
-PIVOTS = 16  # pivots per round of the searches (a 17-way split of the interval)
-NBINS = 128  # bins of the chunk histograms; bin 127 collects everything below the others
-BINS_PER_NAT = 4  # bin width 1/4 (in units of z)
+RESIDENT = 2048  # up to this many, the searches run on candidates loaded once into registers
+PIVOTS = 4  # pivots per search round (a 5-way split): cheap rounds on register-resident candidates
+NBINS = 128  # bins (of width 1/4 in z) of the chunk histograms; bin 127 collects everything below
 RELEVANT_BINS = 92  # bins that can hold a token of non-zero mass: w >= 2**-32 means z >= max z - 22.2
 MAX_CHUNKS = 256  # programs per row at most (also the block over a row's partials)
 MERGE_CHUNKS = 16  # chunk histograms merged per step
@@ -79,6 +82,7 @@ PROGRAMS_PER_SM = 4  # split rows until B x C reaches this many programs per SM
 _NEG_INF_BITS = tl.constexpr(-8388608)  # int32 bits of fp32 -inf (0xFF800000)
 _MINKEY = tl.constexpr(-(2**31) - 1)  # below every int32 order key
 _MASS_SCALE = tl.constexpr(float(2**MASS_BITS))
+_MASS_MASK = tl.constexpr(2**62 - 1)  # a candidate's stored mass; bit 62 set: it fails min-p
 _LIBDEVICE_EXP = tl.constexpr(not interpreter_enabled())  # the interpreter has no libdevice
 
 
@@ -149,51 +153,99 @@ def _options(row, inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr, top
 
 
 @triton.jit
-def _source_sums(logits_row, cand_z, cand_i, n, from_row, inv_t, z_max, pivots, kappa_p, iota,
-                 k_eff, kappa_k, p_act, min_p, MODE: tl.constexpr, RBLOCK: tl.constexpr, PIVOTS: tl.constexpr):
-    """One round of a search: sums over the resolve's source (the row's candidates, or the row itself).
-
-    Only tokens of non-zero mass count. For each pivot v:
+def _block_sums(key, idx, min_ok, q, valid, pivots, kappa_p, iota, k_eff, kappa_k, p_act, MODE: tl.constexpr):
+    """One block of a search round. For each pivot v (only tokens of non-zero mass count):
       MODE 0: (count, mass) of the tokens with key >= v;
       MODE 1: (count, 0) of top-p's boundary group (key == kappa_p) with index <= v;
-      MODE 2: (mass, 0) of the kept set with index <= v.
-    The helpers are inlined in this loop: the interpreter pays ~1.5 ms per nested call.
+      MODE 2: (mass, 0) of the kept set with index <= v (``min_ok``: the token passes min-p).
+    Keys and indices are int32, and so are the pivots (they lie strictly inside a search interval whose ends
+    are at most one beyond the int32 range).
     """
-    first = tl.zeros([PIVOTS], tl.int64)
-    second = tl.zeros([PIVOTS], tl.int64)
+    pivots = pivots.to(tl.int32)
+    if MODE == 0:
+        above = valid[:, None] & (key[:, None] >= pivots[None, :])
+        first = tl.sum(above.to(tl.int64), 0)
+        second = tl.sum(tl.where(above, q[:, None], 0), 0)
+    elif MODE == 1:
+        below = (valid & (key == kappa_p))[:, None] & (idx[:, None] <= pivots[None, :])
+        first = tl.sum(below.to(tl.int64), 0)
+        second = first * 0
+    else:
+        top_k_ok = (key >= kappa_k) | (k_eff == 0)
+        top_p_ok = (key > kappa_p) | ((key == kappa_p) & (idx <= iota)) | (p_act == 0)
+        kept = valid & top_k_ok & top_p_ok & min_ok
+        below = kept[:, None] & (idx[:, None] <= pivots[None, :])
+        first = tl.sum(tl.where(below, q[:, None], 0), 0)
+        second = first * 0
+    return first, second
+
+
+@triton.jit
+def _streamed_sums(logits_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max, pivots, kappa_p, iota, k_eff,
+                   kappa_k, p_act, min_p, MODE: tl.constexpr, RBLOCK: tl.constexpr, NP: tl.constexpr):
+    """``_block_sums`` over a source streamed block by block: the row's candidates or the row itself."""
+    first = tl.zeros([NP], tl.int64)
+    second = tl.zeros([NP], tl.int64)
     for start in range(0, n, RBLOCK):
         offs = start + tl.arange(0, RBLOCK)
         m = offs < n
-        if from_row:
+        if from_row:  # (helpers inlined: the interpreter pays ~1.5 ms per nested call)
             x = tl.load(logits_row + offs, mask=m, other=float("-inf")).to(tl.float32)
             z = tl.where(x == float("-inf"), float("-inf"), x * inv_t)
             z = tl.where(z == 0.0, 0.0, z)
-            idx = offs.to(tl.int64)
-        else:
+            idx = offs.to(tl.int32)
+            if _LIBDEVICE_EXP:
+                w = libdevice.exp(z - z_max)
+            else:
+                w = tl.exp(z - z_max)
+            q = (w * _MASS_SCALE).to(tl.int64)
+            min_ok = w >= min_p
+        else:  # the candidates carry their mass and min-p flag: no exp here
             z = tl.load(cand_z + offs, mask=m, other=_NEG_INF_BITS).to(tl.float32, bitcast=True)
-            idx = tl.load(cand_i + offs, mask=m, other=0).to(tl.int64)
-        if _LIBDEVICE_EXP:
-            w = libdevice.exp(z - z_max)
-        else:
-            w = tl.exp(z - z_max)
-        q = (w * _MASS_SCALE).to(tl.int64)
+            idx = tl.load(cand_i + offs, mask=m, other=0)
+            tagged = tl.load(cand_q + offs, mask=m, other=0)
+            q = tagged & _MASS_MASK
+            min_ok = (tagged >> 62) == 0
         bits = z.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        valid = m & (q > 0)
-        if MODE == 0:
-            above = valid[:, None] & (key[:, None] >= pivots[None, :])
-            first += tl.sum(above.to(tl.int64), 0)
-            second += tl.sum(tl.where(above, q[:, None], 0), 0)
-        elif MODE == 1:
-            below = (valid & (key == kappa_p))[:, None] & (idx[:, None] <= pivots[None, :])
-            first += tl.sum(below.to(tl.int64), 0)
-        else:
-            top_k_ok = (key >= kappa_k) | (k_eff == 0)
-            top_p_ok = (key > kappa_p) | ((key == kappa_p) & (idx <= iota)) | (p_act == 0)
-            kept = valid & top_k_ok & top_p_ok & (w >= min_p)
-            below = kept[:, None] & (idx[:, None] <= pivots[None, :])
-            first += tl.sum(tl.where(below, q[:, None], 0), 0)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        f, s = _block_sums(key, idx, min_ok, q, m & (q > 0), pivots, kappa_p, iota, k_eff, kappa_k, p_act, MODE)
+        first += f
+        second += s
     return first, second
+
+
+@triton.jit
+def _sums(key, idx, min_ok, q, valid, logits_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max, pivots,
+          kappa_p, iota, k_eff, kappa_k, p_act, min_p, MODE: tl.constexpr, RESIDENT: tl.constexpr,
+          RBLOCK: tl.constexpr, NP: tl.constexpr):
+    """A search round: on the candidates held in registers (RESIDENT), or streamed from memory."""
+    if RESIDENT:
+        first, second = _block_sums(key, idx, min_ok, q, valid, pivots, kappa_p, iota, k_eff, kappa_k, p_act, MODE)
+    else:
+        first, second = _streamed_sums(logits_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max, pivots,
+                                       kappa_p, iota, k_eff, kappa_k, p_act, min_p, MODE, RBLOCK, NP)
+    return first, second
+
+
+@triton.jit
+def _candidate_entries(cand_z, cand_i, cand_q, offs, n):
+    """Candidates at ``offs`` (< n): (int32 order key, int32 index, passes min-p, int64 mass q, valid)."""
+    m = offs < n
+    z = tl.load(cand_z + offs, mask=m, other=_NEG_INF_BITS).to(tl.float32, bitcast=True)
+    idx = tl.load(cand_i + offs, mask=m, other=0)
+    tagged = tl.load(cand_q + offs, mask=m, other=0)
+    q = tagged & _MASS_MASK
+    return _key(z), idx, (tagged >> 62) == 0, q, m & (q > 0)
+
+
+@triton.jit
+def _candidate_mass(cand_z, cand_i, cand_q, n, RBLOCK: tl.constexpr):
+    """The total integer mass of the candidates."""
+    total = tl.zeros((), tl.int64)
+    for start in range(0, n, RBLOCK):
+        offs = start + tl.arange(0, RBLOCK)
+        total += tl.sum(tl.load(cand_q + offs, mask=offs < n, other=0) & _MASS_MASK, 0)
+    return total
 
 
 @triton.jit
@@ -323,9 +375,9 @@ def _chunk_stats_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, ws32
 
 
 @triton.jit(do_not_specialize=["num_chunks", "capacity", "off_max", "off_bad", "off_hist", "off_info", "off_sums",
-                               "off_cand_z", "off_cand_i", "sums_stride", "top_k_value", "option_rows"])
+                               "off_cand_z", "off_cand_i", "off_cand_q", "sums_stride", "top_k_value", "option_rows"])
 def _compact_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity, ws32_ptr, ws64_ptr,
-                    off_max, off_bad, off_hist, off_info, off_sums, off_cand_z, off_cand_i, sums_stride,
+                    off_max, off_bad, off_hist, off_info, off_sums, off_cand_z, off_cand_i, off_cand_q, sums_stride,
                     inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr, top_k_value,
                     min_p_ptr, min_p_value, option_rows,
                     BLOCK: tl.constexpr, NBINS: tl.constexpr, RELEVANT_BINS: tl.constexpr,
@@ -374,6 +426,7 @@ def _compact_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity
         end = tl.minimum(begin + chunk, num_classes)
         cand_z = ws32_ptr + off_cand_z + row * capacity
         cand_i = ws32_ptr + off_cand_i + row * capacity
+        cand_q = ws64_ptr + off_cand_q + row * capacity
         for start in range(begin, end, BLOCK):
             cols = start + offs
             mask = cols < end
@@ -399,6 +452,7 @@ def _compact_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity
                     keep = (member != 0) & (at < capacity)
                     tl.store(cand_z + at, z.to(tl.int32, bitcast=True), mask=keep)
                     tl.store(cand_i + at, cols, mask=keep)
+                    tl.store(cand_q + at, tl.where(w >= min_p, q, q | (1 << 62)), mask=keep)  # mass, min-p flag
     slot = ws64_ptr + off_sums + parts + c
     tl.store(slot, mass_all)
     tl.store(slot + sums_stride, mass_minp)
@@ -406,15 +460,15 @@ def _compact_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity
 
 
 @triton.jit(do_not_specialize=["num_chunks", "capacity", "off_max", "off_idx", "off_bad", "off_info", "off_sums",
-                               "off_cand_z", "off_cand_i", "sums_stride", "small_limit", "top_k_value",
-                               "option_rows"])
+                               "off_cand_z", "off_cand_i", "off_cand_q", "sums_stride", "small_limit",
+                               "top_k_value", "option_rows"])
 def _resolve_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity, ws32_ptr, ws64_ptr,
-                    off_max, off_idx, off_bad, off_info, off_sums, off_cand_z, off_cand_i, sums_stride,
+                    off_max, off_idx, off_bad, off_info, off_sums, off_cand_z, off_cand_i, off_cand_q, sums_stride,
                     small_limit, seeds_ptr, tokens_ptr, status_ptr,
                     inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr, top_k_value,
                     min_p_ptr, min_p_value, option_rows,
-                    RBLOCK: tl.constexpr, SMALL: tl.constexpr, PIVOTS: tl.constexpr, MAX_CHUNKS: tl.constexpr,
-                    ROW_INFO: tl.constexpr):
+                    RBLOCK: tl.constexpr, SMALL: tl.constexpr, RESIDENT: tl.constexpr, PIVOTS: tl.constexpr,
+                    MAX_CHUNKS: tl.constexpr, ROW_INFO: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     inv_t, top_p, top_k, min_p = _options(row, inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr,
                                           top_k_value, min_p_ptr, min_p_value, option_rows)
@@ -443,19 +497,12 @@ def _resolve_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity
         # Top-k that keeps every token of non-zero mass cuts nothing that can be drawn: off.
         k_eff = (top_k > 0) & (top_k < num_classes) & (top_k < count_c)
         if k_eff | p_act:
-            cand_z = ws32_ptr + off_cand_z + row * capacity
-            cand_i = ws32_ptr + off_cand_i + row * capacity
-            n_cand = tl.load(ws64_ptr + off_info + row * ROW_INFO)
-            chosen = tl.load(ws64_ptr + off_info + row * ROW_INFO + 1)
-            # The candidates (if any were kept) hold the top-k set when there are at least k of them.
-            from_row = (chosen < 0) | (k_eff & (n_cand < top_k))
-            done = tl.zeros((), tl.int1)
-            if (from_row == 0) & (n_cand <= small_limit):
-                token, done = _resolve_small(cand_z, cand_i, n_cand, z_max, top_p, top_k, min_p, k_eff, p_act,
-                                             mass_all, r, num_classes, SMALL)
-            if done == 0:
-                token = _resolve_filtered(x_row, num_classes, cand_z, cand_i, n_cand, chosen, from_row, inv_t,
-                                          z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, RBLOCK, PIVOTS)
+            info = ws64_ptr + off_info + row * ROW_INFO
+            token = _resolve_filtered(x_row, num_classes, ws32_ptr + off_cand_z + row * capacity,
+                                      ws32_ptr + off_cand_i + row * capacity,
+                                      ws64_ptr + off_cand_q + row * capacity, tl.load(info), tl.load(info + 1),
+                                      inv_t, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, small_limit,
+                                      SMALL, RESIDENT, RBLOCK, PIVOTS)
         else:
             token = _draw_by_chunks(x_row, num_classes, chunk, num_chunks, part_minp, cs, inv_t, z_max, min_p, r,
                                     RBLOCK)
@@ -464,26 +511,48 @@ def _resolve_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity
 
 
 @triton.jit
-def _resolve_small(cand_z, cand_i, n, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, num_classes,
-                   SMALL: tl.constexpr):
-    """At most SMALL candidates: the reference's definition literally, comparing every pair; two rounds.
+def _resolve_filtered(x_row, num_classes, cand_z, cand_i, cand_q, n_cand, chosen, inv_t, z_max, top_p, top_k, min_p,
+                      k_eff, p_act, mass_all, r, small_limit, SMALL: tl.constexpr, RESIDENT: tl.constexpr,
+                      RBLOCK: tl.constexpr, PIVOTS: tl.constexpr):
+    """The exact kept set (top-k, top-p, min-p) and the draw, on the candidates or (fallback) the whole row.
 
-    Returns (token, holds); holds is False when top-p's prefix reaches beyond the candidates (top-k off
-    and their mass short of the target): the caller then searches the row.
+    Candidates hold the kept set when there are at least k of them (top-k: its whole set, which is top-p's
+    total too), or (top-p alone) when their mass reaches the target of the row's exact total.
     """
-    offs = tl.arange(0, SMALL)
-    m = offs < n
-    z = tl.load(cand_z + offs, mask=m, other=_NEG_INF_BITS).to(tl.float32, bitcast=True)
-    idx = tl.load(cand_i + offs, mask=m, other=0).to(tl.int64)
-    if _LIBDEVICE_EXP:
-        w = libdevice.exp(z - z_max)
-    else:
-        w = tl.exp(z - z_max)
-    q = (w * _MASS_SCALE).to(tl.int64)
-    valid = m & (q > 0)
+    from_row = (chosen < 0) | (k_eff & (n_cand < top_k))
+    if (from_row == 0) & (k_eff == 0):
+        exact = top_p.to(tl.float64) * mass_all.to(tl.float64)
+        target = exact.to(tl.int64)
+        target = tl.maximum(tl.where(target.to(tl.float64) < exact, target + 1, target), 1)
+        from_row = _candidate_mass(cand_z, cand_i, cand_q, n_cand, RBLOCK) < target
+    # The candidates are the tokens with floor(4 z) >= top - chosen, i.e. z >= (top - chosen) / 4: a lower
+    # bound on their keys where that quarter is exact in fp32.
+    top = _abin(z_max)
+    edge = (top - chosen.to(tl.int32)).to(tl.float32) * 0.25
+    exact_edge = (top < 4194304) & (top > -4194304) & (from_row == 0)
+    lowest = tl.where(exact_edge, _key(edge).to(tl.int64), _MINKEY)
+    if (from_row == 0) & (n_cand <= small_limit):
+        token = _resolve_small(cand_z, cand_i, cand_q, n_cand, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all,
+                               r, num_classes, SMALL)
+    elif (from_row == 0) & (n_cand <= RESIDENT):  # load once, search in registers
+        key, idx, min_ok, q, valid = _candidate_entries(cand_z, cand_i, cand_q, tl.arange(0, RESIDENT), n_cand)
+        token = _searches(key, idx, min_ok, q, valid, x_row, num_classes, cand_z, cand_i, cand_q, n_cand, from_row,
+                          lowest, inv_t, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, True, RBLOCK,
+                          PIVOTS)
+    else:  # stream the candidates, or the row, through every round
+        n = tl.where(from_row, num_classes.to(tl.int64), n_cand)
+        token = _searches(z_max, z_max, z_max, z_max, z_max, x_row, num_classes, cand_z, cand_i, cand_q, n,
+                          from_row, lowest, inv_t, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, False,
+                          RBLOCK, PIVOTS)
+    return token
+
+
+@triton.jit
+def _resolve_small(cand_z, cand_i, cand_q, n, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, num_classes,
+                   SMALL: tl.constexpr):
+    """At most SMALL candidates: the reference's definition literally, comparing every pair; two rounds."""
+    key, idx, min_ok, q, valid = _candidate_entries(cand_z, cand_i, cand_q, tl.arange(0, SMALL), n)
     q = tl.where(valid, q, 0)
-    bits = z.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     # [i, j]: candidate j ranks before candidate i (key descending, then index ascending).
     above = valid[None, :] & (key[None, :] > key[:, None])
     before = above | (valid[None, :] & (key[None, :] == key[:, None]) & (idx[None, :] < idx[:, None]))
@@ -492,32 +561,22 @@ def _resolve_small(cand_z, cand_i, n, z_max, top_p, top_k, min_p, k_eff, p_act, 
     exact = top_p.to(tl.float64) * mass_k.to(tl.float64)
     target = exact.to(tl.int64)
     target = tl.maximum(tl.where(target.to(tl.float64) < exact, target + 1, target), 1)  # max(1, ceil)
-    holds = (p_act == 0) | k_eff | (tl.sum(q, 0) >= target)
     mass_before = tl.sum(tl.where(before, q[None, :], 0), 1)
-    kept = in_top_k & ((p_act == 0) | (mass_before < target)) & (w >= min_p)
+    kept = in_top_k & ((p_act == 0) | (mass_before < target)) & min_ok
     q = tl.where(kept, q, 0)
     u = (r.to(tl.float64) * 1.1102230246251565e-16 * tl.sum(q, 0).to(tl.float64)).to(tl.int64)
     running = tl.sum(tl.where(idx[None, :] <= idx[:, None], q[None, :], 0), 1)  # kept mass up to each index
-    return tl.min(tl.where(kept & (running > u), idx, num_classes), 0), holds
+    return tl.min(tl.where(kept & (running > u), idx, num_classes), 0).to(tl.int64)
 
 
 @triton.jit
-def _resolve_filtered(x_row, num_classes, cand_z, cand_i, n_cand, chosen, from_row, inv_t, z_max, top_p, top_k,
-                      min_p, k_eff, p_act, mass_all, r, RBLOCK: tl.constexpr, PIVOTS: tl.constexpr):
-    """The exact kept set (top-k, top-p, min-p) and the draw, on the candidates or (fallback) the row.
-
-    Searches keep an interval (lo, hi) with the predicate true at lo and false at hi and split it at
-    PIVOTS points per round (one pass over the source each).
-    """
-    n = tl.where(from_row, num_classes.to(tl.int64), n_cand)
-    # The candidates are the tokens with floor(4 z) >= top - chosen, i.e. z >= (top - chosen) / 4: a lower
-    # bound on their keys where that quarter is exact in fp32.
-    top = _abin(z_max)
-    edge = (top - chosen.to(tl.int32)).to(tl.float32) * 0.25
-    exact_edge = (top < 4194304) & (top > -4194304)
-    lowest = tl.where(from_row | (~exact_edge), _MINKEY, _key(edge).to(tl.int64))
+def _searches(key, idx, min_ok, q, valid, x_row, num_classes, cand_z, cand_i, cand_q, n, from_row, lowest, inv_t,
+              z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, RESIDENT: tl.constexpr, RBLOCK: tl.constexpr,
+              NP: tl.constexpr):
+    """The kept set and the draw by searches: each round splits an interval (lo, hi), predicate true at
+    lo and false at hi, at NP points (one pass over the source)."""
     key_top = _key(z_max).to(tl.int64) + 1  # above every key
-    piv = tl.arange(0, PIVOTS).to(tl.int64)
+    piv = tl.arange(0, NP).to(tl.int64)
     kappa_k = tl.full((), _MINKEY, tl.int64)  # top-k keeps key >= kappa_k
     kappa_p = tl.full((), _MINKEY, tl.int64)  # top-p keeps key > kappa_p, and key == kappa_p up to index iota
     iota = num_classes.to(tl.int64)
@@ -528,16 +587,16 @@ def _resolve_filtered(x_row, num_classes, cand_z, cand_i, n_cand, chosen, from_r
         lo = lowest
         hi = key_top
         while hi - lo > 1:
-            pivots = lo + ((hi - lo) * (piv + 1)) // (PIVOTS + 1)
-            count, mass = _source_sums(x_row, cand_z, cand_i, n, from_row, inv_t, z_max, pivots, kappa_p, iota,
-                                       k_eff, kappa_k, p_act, min_p, 0, RBLOCK, PIVOTS)
+            pivots = lo + ((hi - lo) * (piv + 1)) // (NP + 1)
+            count, mass = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t,
+                                z_max, pivots, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 0, RESIDENT, RBLOCK, NP)
             ok = count >= top_k
             new_lo = tl.max(tl.where(ok, pivots, lo), 0)
             hi = tl.min(tl.where(ok, hi, pivots), 0)
             lo = new_lo
         kappa_k = lo
-        count, mass = _source_sums(x_row, cand_z, cand_i, n, from_row, inv_t, z_max, piv * 0 + kappa_k, kappa_p,
-                                   iota, k_eff, kappa_k, p_act, min_p, 0, RBLOCK, PIVOTS)
+        count, mass = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max,
+                            piv * 0 + kappa_k, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 0, RESIDENT, RBLOCK, NP)
         mass_k = tl.max(mass, 0)
 
     # Top-p: the shortest prefix of the order (key descending, index ascending) whose mass reaches T.
@@ -545,28 +604,21 @@ def _resolve_filtered(x_row, num_classes, cand_z, cand_i, n_cand, chosen, from_r
         exact = top_p.to(tl.float64) * mass_k.to(tl.float64)
         target = exact.to(tl.int64)
         target = tl.maximum(tl.where(target.to(tl.float64) < exact, target + 1, target), 1)  # max(1, ceil)
-        if (k_eff == 0) & (from_row == 0):
-            count, mass = _source_sums(x_row, cand_z, cand_i, n, from_row, inv_t, z_max, piv * 0 + _MINKEY,
-                                       kappa_p, iota, k_eff, kappa_k, p_act, min_p, 0, RBLOCK, PIVOTS)
-            if tl.max(mass, 0) < target:  # the candidates stop short of the boundary: use the row
-                from_row = tl.full((), True, tl.int1)
-                n = num_classes.to(tl.int64)
-                lowest = tl.full((), _MINKEY, tl.int64)
         lo = tl.where(k_eff, kappa_k, lowest)
         hi = key_top
         while hi - lo > 1:
-            pivots = lo + ((hi - lo) * (piv + 1)) // (PIVOTS + 1)
-            count, mass = _source_sums(x_row, cand_z, cand_i, n, from_row, inv_t, z_max, pivots, kappa_p, iota,
-                                       k_eff, kappa_k, p_act, min_p, 0, RBLOCK, PIVOTS)
+            pivots = lo + ((hi - lo) * (piv + 1)) // (NP + 1)
+            count, mass = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t,
+                                z_max, pivots, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 0, RESIDENT, RBLOCK, NP)
             ok = mass >= target
             new_lo = tl.max(tl.where(ok, pivots, lo), 0)
             hi = tl.min(tl.where(ok, hi, pivots), 0)
             lo = new_lo
         kappa_p = lo
         # The boundary key's tie group (equal masses): its lowest indices, as many as the target needs.
-        count, mass = _source_sums(x_row, cand_z, cand_i, n, from_row, inv_t, z_max,
-                                   tl.where(piv == 0, kappa_p, kappa_p + 1), kappa_p, iota, k_eff, kappa_k, p_act,
-                                   min_p, 0, RBLOCK, PIVOTS)
+        count, mass = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max,
+                            tl.where(piv == 0, kappa_p, kappa_p + 1), kappa_p, iota, k_eff, kappa_k, p_act, min_p,
+                            0, RESIDENT, RBLOCK, NP)
         group = tl.sum(tl.where(piv == 0, count, 0), 0) - tl.sum(tl.where(piv == 1, count, 0), 0)
         mass_above = tl.sum(tl.where(piv == 1, mass, 0), 0)
         q_each = (tl.sum(tl.where(piv == 0, mass, 0), 0) - mass_above) // tl.maximum(group, 1)
@@ -575,9 +627,10 @@ def _resolve_filtered(x_row, num_classes, cand_z, cand_i, n_cand, chosen, from_r
             lo = tl.full((), -1, tl.int64)
             hi = num_classes.to(tl.int64) - 1
             while hi - lo > 1:
-                pivots = lo + ((hi - lo) * (piv + 1)) // (PIVOTS + 1)
-                in_group, unused = _source_sums(x_row, cand_z, cand_i, n, from_row, inv_t, z_max, pivots, kappa_p,
-                                                iota, k_eff, kappa_k, p_act, min_p, 1, RBLOCK, PIVOTS)
+                pivots = lo + ((hi - lo) * (piv + 1)) // (NP + 1)
+                in_group, unused = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row,
+                                         inv_t, z_max, pivots, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 1,
+                                         RESIDENT, RBLOCK, NP)
                 ok = in_group >= need
                 new_hi = tl.min(tl.where(ok, pivots, hi), 0)
                 lo = tl.max(tl.where(ok, lo, pivots), 0)
@@ -585,15 +638,17 @@ def _resolve_filtered(x_row, num_classes, cand_z, cand_i, n_cand, chosen, from_r
             iota = hi
 
     # The draw: the first index whose running kept mass exceeds u = floor(r 2^-53 Q_K).
-    kept_mass, unused = _source_sums(x_row, cand_z, cand_i, n, from_row, inv_t, z_max, piv * 0 + num_classes,
-                                     kappa_p, iota, k_eff, kappa_k, p_act, min_p, 2, RBLOCK, PIVOTS)
+    kept_mass, unused = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max,
+                              piv * 0 + num_classes, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 2, RESIDENT,
+                              RBLOCK, NP)
     u = (r.to(tl.float64) * 1.1102230246251565e-16 * tl.max(kept_mass, 0).to(tl.float64)).to(tl.int64)
     lo = tl.full((), -1, tl.int64)
     hi = num_classes.to(tl.int64) - 1
     while hi - lo > 1:
-        pivots = lo + ((hi - lo) * (piv + 1)) // (PIVOTS + 1)
-        kept_below, unused = _source_sums(x_row, cand_z, cand_i, n, from_row, inv_t, z_max, pivots, kappa_p, iota,
-                                          k_eff, kappa_k, p_act, min_p, 2, RBLOCK, PIVOTS)
+        pivots = lo + ((hi - lo) * (piv + 1)) // (NP + 1)
+        kept_below, unused = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t,
+                                   z_max, pivots, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 2, RESIDENT, RBLOCK,
+                                   NP)
         ok = kept_below > u
         new_hi = tl.min(tl.where(ok, pivots, hi), 0)
         lo = tl.max(tl.where(ok, lo, pivots), 0)
@@ -607,24 +662,31 @@ def _resolve_filtered(x_row, num_classes, cand_z, cand_i, n_cand, chosen, from_r
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How a call is split. ``block``/``resolve_block`` may differ from the compiled defaults only in the
-    interpreter (tests use small blocks to run many blocks and programs per row on small shapes)."""
+    """How a call is split. ``block``/``resolve_block``/``resident`` may differ from the compiled defaults only
+    in the interpreter (tests use small blocks to run many blocks and programs per row on small shapes)."""
     block: int = BLOCK
     resolve_block: int = RESOLVE_BLOCK
+    resident: int = RESIDENT
     chunks_per_row: int | None = None  # None: enough programs to fill the device
     capacity: int = CAPACITY
     small_limit: int = SMALL  # at most this many candidates take the all-pairs resolve (0: never)
 
 
 def _constexprs(kernel, config: LaunchConfig) -> dict:
-    """The constexpr arguments of each kernel: one table for the launch and for ``compile_variants``."""
+    """The constexpr arguments of a kernel: one table for the launch and for ``compile_variants``."""
     table = dict(BLOCK=config.block, NBINS=NBINS, ROW_INFO=ROW_INFO, RELEVANT_BINS=RELEVANT_BINS,
                  MAX_CHUNKS=MAX_CHUNKS, MERGE_CHUNKS=MERGE_CHUNKS, RBLOCK=config.resolve_block, PIVOTS=PIVOTS,
-                 SMALL=SMALL)
+                 SMALL=SMALL, RESIDENT=config.resident)
     return {name: table[name] for name in _param_names(kernel, constexpr=True)}
 
 
-_WARPS = {"_chunk_stats_kernel": PASS_WARPS, "_compact_kernel": PASS_WARPS, "_resolve_kernel": RESOLVE_WARPS}
+def _warps(kernel) -> int:
+    return RESOLVE_WARPS if kernel is _resolve_kernel else PASS_WARPS
+
+
+def _launch_options(kernel, config: LaunchConfig) -> dict:
+    """Keyword arguments of a launch besides the runtime arguments (constexprs, warps, compile options)."""
+    return dict(_constexprs(kernel, config), num_warps=_warps(kernel), **COMPILE_OPTIONS)
 
 
 def _param_names(kernel, constexpr: bool) -> list[str]:
@@ -662,7 +724,7 @@ def compile_variants() -> list[KernelVariant]:
         for logits_type in LOGITS_DTYPES.values():
             variants.append(KernelVariant(name=f"{name}[{logits_type}]", kernel=kernel,
                                           signature=_signature(kernel, logits_type),
-                                          constexprs=_constexprs(kernel, config), num_warps=_WARPS[name],
+                                          constexprs=_constexprs(kernel, config), num_warps=_warps(kernel),
                                           options=dict(COMPILE_OPTIONS)))
     return variants
 
@@ -706,9 +768,9 @@ def sample_triton(logits, *, temperature, top_p, top_k, min_p, seeds, config: La
     device = logits.device
     if device.type == "cpu":
         check_interpreted(_resolve_kernel, "sample")
-    elif (config.block, config.resolve_block) != (BLOCK, RESOLVE_BLOCK):
-        raise ValueError("sample: LaunchConfig.block/resolve_block differ from the compiled variants "
-                         f"({BLOCK}, {RESOLVE_BLOCK}); only the interpreter accepts other blocks")
+    elif (config.block, config.resolve_block, config.resident) != (BLOCK, RESOLVE_BLOCK, RESIDENT):
+        raise ValueError("sample: LaunchConfig.block/resolve_block/resident differ from the compiled variants "
+                         f"({BLOCK}, {RESOLVE_BLOCK}, {RESIDENT}); only the interpreter accepts other blocks")
     if not 1 <= config.capacity < 2**31 or not 0 <= config.small_limit <= SMALL:
         raise ValueError(f"sample: LaunchConfig capacity must be in [1, 2**31) and small_limit in [0, {SMALL}], "
                          f"got {config.capacity}, {config.small_limit}")
@@ -719,13 +781,15 @@ def sample_triton(logits, *, temperature, top_p, top_k, min_p, seeds, config: La
     chunk, chunks = _split(batch, num_classes, device, config)
     cells = batch * chunks
     # int32 workspace: chunk maxima (fp32 bits), argmaxes, NaN/+inf counts, histograms, candidates (z bits,
-    # index). int64: exact masses and counts per chunk (3 fields), per-row info (count, chosen bins).
+    # index). int64: exact masses and counts per chunk (3 fields), per-row info (count, chosen bins),
+    # candidates' masses (bit 62: fails min-p).
     off_max, off_idx, off_bad, off_hist = 0, cells, 2 * cells, 3 * cells
     off_cand_z = off_hist + cells * NBINS
     off_cand_i = off_cand_z + batch * config.capacity
     size32 = off_cand_i + batch * config.capacity
     off_sums, off_info = 0, 3 * cells
-    size64 = off_info + batch * ROW_INFO
+    off_cand_q = off_info + batch * ROW_INFO
+    size64 = off_cand_q + batch * config.capacity
     if max(size32, size64) >= 2**31:
         raise ValueError(f"sample: batch {batch} x vocabulary {num_classes} needs a workspace beyond 2**31 "
                          "elements; sample in smaller batches")
@@ -749,17 +813,18 @@ def sample_triton(logits, *, temperature, top_p, top_k, min_p, seeds, config: La
 
     _chunk_stats_kernel[(batch, chunks)](
         logits, stride, num_classes, chunk, chunks, ws32, ws64, off_max, off_idx, off_bad, off_hist, off_info,
-        *options, **_constexprs(_chunk_stats_kernel, config), num_warps=PASS_WARPS, **COMPILE_OPTIONS)
+        *options, **_launch_options(_chunk_stats_kernel, config))
     _compact_kernel[(batch, chunks)](
         logits, stride, num_classes, chunk, chunks, config.capacity, ws32, ws64, off_max, off_bad, off_hist,
-        off_info, off_sums, off_cand_z, off_cand_i, cells, *options,
-        **_constexprs(_compact_kernel, config), num_warps=PASS_WARPS, **COMPILE_OPTIONS)
+        off_info, off_sums, off_cand_z, off_cand_i, off_cand_q, cells, *options,
+        **_launch_options(_compact_kernel, config))
     _resolve_kernel[(batch,)](
         logits, stride, num_classes, chunk, chunks, config.capacity, ws32, ws64, off_max, off_idx, off_bad,
-        off_info, off_sums, off_cand_z, off_cand_i, cells, config.small_limit, seeds.contiguous(), tokens, status,
+        off_info, off_sums, off_cand_z, off_cand_i, off_cand_q, cells, config.small_limit, seeds.contiguous(),
+        tokens, status,
         *options,
-        **_constexprs(_resolve_kernel, config), num_warps=RESOLVE_WARPS, **COMPILE_OPTIONS)
+        **_launch_options(_resolve_kernel, config))
     if diagnostics is not None:
-        info = ws64[off_info:].view(batch, ROW_INFO)
+        info = ws64[off_info:off_cand_q].view(batch, ROW_INFO)
         diagnostics.update(candidates=info[:, 0], bins=info[:, 1], chunks_per_row=chunks)
     return tokens, status

@@ -202,6 +202,33 @@ def test_wide_rows_split_over_programs_draw_the_reference_token(path):
             assert (~kept[:3]).any()
 
 
+def test_llama_vocabulary_top_p_rows():
+    """V = 128256 with the compiled blocks (in the interpreter too: four rows), peaked logits like an LM's:
+    at top-p 0.95 the rows take each search path (in registers, streamed, the whole row when the kept set
+    outgrows the candidate buffer), at 0.5 all of them hold candidates (some few enough to compare all pairs);
+    bf16; the reference's tokens throughout."""
+    _skip_unless_runnable("triton")
+    from hfdist.kernels._triton_sampling import RESIDENT, sample_triton
+
+    batch = 128 if CUDA else 4
+    gen = torch.Generator().manual_seed(8)
+    scale = torch.tensor([4.0, 3.5, 3.0, 4.0])[torch.arange(batch) % 4, None]  # 3.0: flat enough to overflow
+    logits = torch.randn(batch, 128256, generator=gen) * scale
+    logits.scatter_add_(1, torch.randint(0, 128256, (batch, 4), generator=gen), torch.full((batch, 4), 12.0))
+    logits = logits.to(DEVICE, torch.bfloat16)
+    seeds = torch.randint(-2**62, 2**62, (batch,), generator=gen).to(DEVICE)
+    seen = {}
+    for top_p in (0.95, 0.5):
+        tokens, status = sample_triton(logits, temperature=1.0, top_p=top_p, top_k=0, min_p=0.0, seeds=seeds,
+                                       diagnostics=seen)
+        assert torch.equal(tokens, sample(logits, top_p=top_p, seed=seeds, backend="torch"))
+        n, kept = seen["candidates"].cpu(), seen["bins"].cpu() >= 0
+        if top_p == 0.95:
+            assert ((n > 64) & (n <= RESIDENT)).any() and (n > RESIDENT).any() and (~kept).any()
+        else:
+            assert kept.all() and (n <= 64).any()
+
+
 def test_wide_rows_invalid_and_greedy_across_chunks():
     """Validity and the first argmax are reduced across the programs that share a row."""
     _skip_unless_runnable("triton")

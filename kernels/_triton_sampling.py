@@ -158,10 +158,10 @@ def _block_sums(key, idx, min_ok, q, valid, pivots, kappa_p, iota, k_eff, kappa_
       MODE 0: (count, mass) of the tokens with key >= v;
       MODE 1: (count, 0) of top-p's boundary group (key == kappa_p) with index <= v;
       MODE 2: (mass, 0) of the kept set with index <= v (``min_ok``: the token passes min-p).
-    Keys and indices are int32, and so are the pivots (they lie strictly inside a search interval whose ends
-    are at most one beyond the int32 range).
+    Keys and indices are int32, and so are the pivots: they lie in [lo, hi) of a search interval with
+    hi <= 2**31; one at lo = -2**31 - 1 (below every key) becomes -2**31, still at or below every key.
     """
-    pivots = pivots.to(tl.int32)
+    pivots = tl.maximum(pivots, -2147483648).to(tl.int32)
     if MODE == 0:
         above = valid[:, None] & (key[:, None] >= pivots[None, :])
         first = tl.sum(above.to(tl.int64), 0)

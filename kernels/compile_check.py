@@ -124,12 +124,19 @@ def coverage_problems(module) -> list[str]:
     return problems
 
 
-def _resource_usage(cubin: bytes) -> dict:
-    """REG / STACK / SHARED / LOCAL from the cubin (cuobjdump ships with Triton's NVIDIA backend)."""
-    import triton
+def cuobjdump_path() -> Path | None:
+    """cuobjdump as Triton's NVIDIA backend ships it, if present (it reads a cubin's resource usage)."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return None
+    tool = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return tool if tool.exists() else None
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
+
+def _resource_usage(cubin: bytes) -> dict:
+    """REG / STACK / SHARED / LOCAL from the cubin; {} without cuobjdump (the ptxas log may still say)."""
+    tool = cuobjdump_path()
+    if tool is None:
         return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)

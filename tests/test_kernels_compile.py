@@ -42,7 +42,8 @@ def test_every_kernel_variant_compiles_for_sm90_and_sm80(tmp_path):
         assert archs == {90, 80}, module
     failed = [f"{r['variant']} sm_{r['arch']}: {r['error'][:500]}" for r in report["results"] if not r["ok"]]
     assert not failed, "\n".join(failed)
-    assert all(r["registers"] for r in report["results"])  # the cubin's resource usage was read
+    if compile_check.cuobjdump_path() is not None:  # shipped with Triton's NVIDIA backend: usage is read
+        assert all(r["registers"] for r in report["results"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 

@@ -1,6 +1,7 @@
 """Benchmark: top-p sampling of one token per row from fp32 logits [B, V].
 
-Compares hfdist.kernels.sample (Triton on CUDA; the sort-based torch reference too) with Hugging Face's
+Compares hfdist.kernels.sample (Triton on CUDA; the sort-based torch reference too; both with
+``on_invalid="flag"``, the no-sync path decoding uses) with Hugging Face's
 way (``TopPLogitsWarper`` + softmax + ``torch.multinomial``) and FlashInfer's
 ``top_p_sampling_from_probs`` (softmax included) where installed. Writes ``bench_sampling_<device>.json``
 and ``.md`` into ``--out``.
@@ -39,9 +40,13 @@ def methods(device):
     from hfdist.kernels import sample
 
     found = {}
+    # on_invalid="flag", as decoding calls it: no host synchronisation inside the timed call ("raise" reads
+    # the invalid-row flags back every call).
     if device == "cuda":
-        found["hfdist-triton"] = lambda x, p, seeds: sample(x, top_p=p, seed=seeds, backend="triton")
-    found["hfdist-torch-reference"] = lambda x, p, seeds: sample(x, top_p=p, seed=seeds, backend="torch")
+        found["hfdist-triton"] = lambda x, p, seeds: sample(x, top_p=p, seed=seeds, backend="triton",
+                                                            on_invalid="flag")
+    found["hfdist-torch-reference"] = lambda x, p, seeds: sample(x, top_p=p, seed=seeds, backend="torch",
+                                                                 on_invalid="flag")
     try:
         from transformers.generation.logits_process import TopPLogitsWarper
 

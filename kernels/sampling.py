@@ -1,7 +1,8 @@
 """Sampling a token per row from logits, with temperature, top-k, top-p and min-p.
 
-Exact semantics (the sort-based torch reference below implements them literally; the Triton kernel,
-which never sorts, draws from exactly the same kept set with the same probabilities):
+Exact semantics (the sort-based torch reference below implements them literally; the Triton kernels
+(``_triton_sampling.py``), which never sort, compute the same kept set and integer masses, and with the
+same ``seed`` return the same tokens as the reference):
 
 * Invalid rows: a row holding NaN or +inf, or only -inf, is invalid. ``on_invalid="raise"`` (default)
   raises ``ValueError`` naming the rows (the Triton path flags rows on the device and reads the flags
@@ -45,9 +46,8 @@ import math
 import torch
 from torch import nn
 
-from .utils import check_interpreted, resolve_backend
+from .utils import MASS_BITS, inverse_temperature, resolve_backend
 
-MASS_BITS = 32  # q = floor(w * 2**MASS_BITS): total mass < V * 2**32 < 2**53, exact in int64 and fp64
 _MASK32 = 0xFFFFFFFF
 
 
@@ -122,16 +122,6 @@ def _option(name, value, batch, device, dtype):
             raise ValueError(f"sample: {name} must be a number or a tensor [{batch}], got shape {tuple(value.shape)}")
         return value.to(device=device, dtype=dtype).expand(batch).contiguous()
     return torch.full((batch,), value, device=device, dtype=dtype)
-
-
-def inverse_temperature(temperature) -> float | torch.Tensor:
-    """1 / temperature rounded to fp32 (0 where temperature <= 0: those rows are greedy)."""
-    if isinstance(temperature, torch.Tensor):
-        t = temperature.float()
-        return torch.where(t > 0, torch.reciprocal(torch.where(t > 0, t, 1.0)), 0.0)
-    if temperature <= 0:
-        return 0.0
-    return torch.reciprocal(torch.tensor(float(temperature), dtype=torch.float32)).item()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,8 +313,6 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0
 
     if resolved == "triton":
         from . import _triton_sampling as ts
-        if device.type == "cpu":
-            check_interpreted(ts._sample_kernel, "sample")
         if seeds is None:
             gen_device = generator.device if generator is not None else device
             seeds = torch.randint(0, 2**62, (batch,), generator=generator, device=gen_device).to(device)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,29 @@ import torch
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
+
+# Sampling (shared by the torch reference in sampling.py and the Triton sampler): a token's integer mass is
+# q = floor(w * 2**MASS_BITS); the total mass stays below V * 2**32 < 2**53, exact in int64 and fp64.
+MASS_BITS = 32
+
+
+def inverse_temperature(temperature) -> float | torch.Tensor:
+    """1 / temperature rounded to fp32 (0 where temperature <= 0: those rows are greedy).
+
+    A Python number gives a Python float (no tensor, no device work): the quotient of the fp32-rounded
+    temperature, computed in fp64 and rounded once to fp32, which is the correctly rounded fp32 division
+    (fp64 carries more than 2 * 24 + 2 bits), i.e. what ``torch.reciprocal`` gives on an fp32 tensor.
+    """
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.float()
+        return torch.where(t > 0, torch.reciprocal(torch.where(t > 0, t, 1.0)), 0.0)
+    t32 = struct.unpack("f", struct.pack("f", float(temperature)))[0] if temperature > 0 else 0.0
+    if t32 <= 0:  # as the tensor path: a temperature that rounds to 0 in fp32 is greedy
+        return 0.0
+    try:
+        return struct.unpack("f", struct.pack("f", 1.0 / t32))[0]
+    except OverflowError:  # beyond fp32's range: inf, as torch.reciprocal gives
+        return math.inf
 
 
 @dataclass(frozen=True)
@@ -31,6 +56,7 @@ class KernelVariant:
     signature: dict  # argument name -> Triton type ("*fp32", "i64", "fp32", "constexpr", ...)
     constexprs: dict = field(default_factory=dict)  # constexpr argument name -> value
     num_warps: int = 4
+    options: dict = field(default_factory=dict)  # other compile options the launch passes, e.g. enable_fp_fusion
 
 
 @functools.lru_cache(maxsize=None)

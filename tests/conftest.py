@@ -1,9 +1,22 @@
-"""Test session set-up: the Triton interpreter, offline hubs, a shared JIT-extension cache."""
+"""Test session set-up: the Triton interpreter where there is no GPU, offline hubs, a shared JIT-extension cache."""
 import os
 from pathlib import Path
 
-# Before anything imports triton: run Triton kernels in its interpreter on this CPU-only machine.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def _cuda_device_present() -> bool:
+    """Whether torch sees a CUDA device, asked through NVML: no CUDA context is created in the pytest
+    process, so tests that fork workers afterwards still can (importing torch does not import triton)."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Before anything imports triton (which reads TRITON_INTERPRET when kernels are decorated): without a GPU,
+# the Triton kernels run in the interpreter; with one they are compiled, so that pytest on a GPU machine
+# tests what runs there. An explicit TRITON_INTERPRET wins either way.
+if not _cuda_device_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -113,21 +113,143 @@ def test_frequencies_match_reference(backend, config):
     assert df >= 2 and chi2 < CHI2_CRIT[df], (chi2, counts.tolist(), (draws * expected).tolist())
 
 
-def test_triton_and_reference_draw_the_same_tokens_without_top_p():
-    """Same random numbers, same integer masses: identical tokens (top-p, the rejection path, aside)."""
+def _random_options(batch, gen):
+    """Per-row options mixing every filter, on and off (top-k 1 rows are greedy)."""
+    top_k = torch.randint(0, 60, (batch,), generator=gen)
+    top_k[::4] = 0
+    top_p = torch.rand(batch, generator=gen) * 1.3
+    return dict(temperature=(torch.rand(batch, generator=gen) * 1.5).to(DEVICE),
+                top_k=top_k.to(DEVICE),
+                top_p=torch.where(top_p > 1, 1.0, top_p).to(DEVICE),
+                min_p=torch.where(torch.rand(batch, generator=gen) < 0.3, 0.05, 0.0).to(DEVICE))
+
+
+def test_triton_and_reference_draw_the_same_tokens():
+    """Same random numbers, same integer masses, the same exact kept set: identical tokens, top-p included."""
     _skip_unless_runnable("triton")
     gen = torch.Generator().manual_seed(2)
     batch = 48
     logits = (torch.randn(batch, 300, generator=gen) * 2).to(DEVICE)
     logits[::7, :50] = float("-inf")
-    options = dict(temperature=(torch.rand(batch, generator=gen) * 1.5).to(DEVICE),
-                   top_k=torch.randint(0, 20, (batch,), generator=gen).to(DEVICE),
-                   min_p=(torch.rand(batch, generator=gen) * 0.2).to(DEVICE))
+    logits[1::7] = torch.randint(-4, 2, (300,), generator=gen).float().to(DEVICE)  # tie groups at every cut
+    options = _random_options(batch, gen)
     seeds = torch.randint(-2**62, 2**62, (batch,), generator=gen).to(DEVICE)
     for dtype in [torch.float32, torch.bfloat16]:
         x = logits.to(dtype)
         assert torch.equal(sample(x, seed=seeds, backend="triton", **options),
                            sample(x, seed=seeds, backend="torch", **options))
+
+
+# Rows wider than one block, split over several programs. Compiled (CUDA): Llama 3's vocabulary with the
+# compiled blocks. Interpreter: small rows with small blocks, so that they still span several blocks,
+# chunks (programs per row) and resolve blocks. Each configuration forces one path of the resolve.
+WIDE_SHAPE = (64, 128256) if CUDA else (6, 257)
+
+
+def _launch_configs():
+    from hfdist.kernels._triton_sampling import LaunchConfig
+
+    if CUDA:  # the compiled blocks; only the runtime knobs change
+        return {"split": LaunchConfig(), "resident": LaunchConfig(chunks_per_row=7, small_limit=0),
+                "fallback": LaunchConfig(chunks_per_row=3, capacity=4)}
+    return {"split": LaunchConfig(block=32, resolve_block=32, chunks_per_row=3),  # 9 blocks, 3 programs
+            "resident": LaunchConfig(block=64, resolve_block=16, chunks_per_row=2, small_limit=0),
+            "streamed": LaunchConfig(block=64, resolve_block=16, chunks_per_row=4, small_limit=0, resident=16),
+            "fallback": LaunchConfig(block=16, resolve_block=64, chunks_per_row=5, capacity=4)}
+
+
+def _wide_rows(gen):
+    batch, vocab = WIDE_SHAPE
+    logits = torch.randn(batch, vocab, generator=gen) * 2.5
+    logits[0] = torch.randint(-3, 1, (vocab,), generator=gen).float()  # ties across blocks and chunks
+    logits[1, : vocab // 2] = float("-inf")  # the first programs of this row see nothing
+    logits[2] = torch.randn(vocab, generator=gen) * 0.02  # nearly flat: many candidates
+    spikes = torch.randint(0, vocab, (batch, 3), generator=gen)
+    logits.scatter_add_(1, spikes, torch.full((batch, 3), 6.0))  # peaked rows, like an LM's
+    return logits.to(DEVICE)
+
+
+@pytest.mark.parametrize("path", ["split", "resident", "streamed", "fallback"])
+def test_wide_rows_split_over_programs_draw_the_reference_token(path):
+    """Every resolve path of the Triton sampler (all pairs compared on few candidates, searches on more, in
+    registers or streamed, the whole row when the candidates fall short) gives the reference's token."""
+    _skip_unless_runnable("triton")
+    if path not in _launch_configs():
+        pytest.skip("the compiled resident block is fixed: the streamed candidate path needs > 2048 of them")
+    from hfdist.kernels._triton_sampling import sample_triton
+
+    gen = torch.Generator().manual_seed(5)
+    logits = _wide_rows(gen)
+    batch = logits.shape[0]
+    options = _random_options(batch, gen)
+    options["top_p"][:3] = torch.tensor([0.9, 0.95, 0.5], device=DEVICE)  # the special rows filter
+    seeds = torch.randint(-2**62, 2**62, (batch,), generator=gen).to(DEVICE)
+    config = _launch_configs()[path]
+    for dtype in [torch.bfloat16, torch.float32] if CUDA else [torch.bfloat16]:
+        x = logits.to(dtype)
+        seen = {}
+        tokens, status = sample_triton(x, seeds=seeds, config=config, diagnostics=seen, **options)
+        assert torch.equal(tokens, sample(x, seed=seeds, backend="torch", **options))
+        assert not status.any()
+        assert 1 < seen["chunks_per_row"] <= (config.chunks_per_row or seen["chunks_per_row"])  # split rows
+        # The configuration took the path it is named for, on some rows at least.
+        kept = seen["bins"] >= 0
+        if path == "split":  # candidates on some rows, few enough for the all-pairs resolve on some
+            assert kept.any() and (seen["candidates"][kept] <= config.small_limit).any()
+        elif path in ("resident", "streamed"):  # searches: more candidates than the all-pairs limit (0)
+            assert (seen["candidates"][kept] > (config.resident if path == "streamed" else 1)).any()
+        else:  # more candidates than the capacity: none kept, the row is searched
+            assert (~kept[:3]).any()
+
+
+def test_llama_vocabulary_top_p_rows():
+    """V = 128256 with the compiled blocks (in the interpreter too: four rows), peaked logits like an LM's:
+    at top-p 0.95 the rows take each search path (in registers, streamed, the whole row when the kept set
+    outgrows the candidate buffer), at 0.5 all of them hold candidates (some few enough to compare all pairs);
+    bf16; the reference's tokens throughout."""
+    _skip_unless_runnable("triton")
+    from hfdist.kernels._triton_sampling import RESIDENT, sample_triton
+
+    batch = 128 if CUDA else 4
+    gen = torch.Generator().manual_seed(8)
+    scale = torch.tensor([4.0, 3.5, 3.0, 4.0])[torch.arange(batch) % 4, None]  # 3.0: flat enough to overflow
+    logits = torch.randn(batch, 128256, generator=gen) * scale
+    logits.scatter_add_(1, torch.randint(0, 128256, (batch, 4), generator=gen), torch.full((batch, 4), 12.0))
+    logits = logits.to(DEVICE, torch.bfloat16)
+    seeds = torch.randint(-2**62, 2**62, (batch,), generator=gen).to(DEVICE)
+    seen = {}
+    for top_p in (0.95, 0.5):
+        tokens, status = sample_triton(logits, temperature=1.0, top_p=top_p, top_k=0, min_p=0.0, seeds=seeds,
+                                       diagnostics=seen)
+        assert torch.equal(tokens, sample(logits, top_p=top_p, seed=seeds, backend="torch"))
+        n, kept = seen["candidates"].cpu(), seen["bins"].cpu() >= 0
+        if top_p == 0.95:
+            assert ((n > 64) & (n <= RESIDENT)).any() and (n > RESIDENT).any() and (~kept).any()
+        else:
+            assert kept.all() and (n <= 64).any()
+
+
+def test_wide_rows_invalid_and_greedy_across_chunks():
+    """Validity and the first argmax are reduced across the programs that share a row."""
+    _skip_unless_runnable("triton")
+    from hfdist.kernels._triton_sampling import sample_triton
+
+    batch, vocab = 5, WIDE_SHAPE[1]
+    config = _launch_configs()["split"]
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    logits[0, [3, vocab - 2]] = 50.0  # equal maxima in the first and the last chunk: the first wins
+    logits[1, vocab - 1] = float("nan")  # invalid in the last program only
+    logits[2, vocab // 2] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, :-1] = float("-inf")  # only the last token is finite
+    seeds = torch.arange(batch, device=DEVICE)
+    greedy, status = sample_triton(logits, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seeds=seeds,
+                                   config=config)
+    assert greedy.tolist() == [3, -1, -1, -1, vocab - 1] and status.tolist() == [0, 1, 1, 1, 0]
+    sampled, status = sample_triton(logits, temperature=1.0, top_p=0.9, top_k=0, min_p=0.0, seeds=seeds,
+                                    config=config)
+    assert sampled[1:4].tolist() == [-1, -1, -1] and sampled[4] == vocab - 1 and status.tolist() == [0, 1, 1, 1, 0]
+    assert sampled[0] in (3, vocab - 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

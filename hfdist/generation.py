@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from hfdist.errors import HfdistError
+from hfdist.kernels import sample, sampling_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -250,20 +252,156 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_options(strategy, max_new_tokens, temperature, top_p, top_k, min_p) -> None:
-    if strategy not in STRATEGIES:
-        raise HfdistError(f"strategy {strategy!r}: unknown (choose from {', '.join(STRATEGIES)})")
-    if max_new_tokens < 0:
-        raise HfdistError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
-    if strategy == "sample":
-        if not temperature > 0:
-            raise HfdistError(f"temperature: must be > 0 for sampling, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise HfdistError(f"top_p: must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise HfdistError(f"top_k: must be >= 0 (0 disables), got {top_k}")
-        if not 0 <= min_p < 1:
-            raise HfdistError(f"min_p: must be in [0, 1), got {min_p}")
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How ``generate`` decodes (its keyword arguments; see there), checked once when built."""
+    max_new_tokens: int
+    strategy: Literal["greedy", "sample"] = "greedy"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    blocker: Optional[CitationBlocker] = None
+    eos_token_id: Union[int, Sequence[int], None] = None
+    pad_token_id: Optional[int] = None
+    cache: Literal["dynamic", "static"] = "dynamic"
+    compile: bool = False
+    check_every: int = 8
+    sampler_backend: str = "auto"
+    sync_ranks: bool = False
+    draft: Literal["none", "ngram"] = "none"
+    draft_tokens: int = 8
+    draft_ngram: int = 3
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise HfdistError(f"strategy {self.strategy!r}: unknown (choose from {', '.join(STRATEGIES)})")
+        if self.max_new_tokens < 0:
+            raise HfdistError(f"max_new_tokens: must be >= 0, got {self.max_new_tokens}")
+        if self.strategy == "sample":
+            if not self.temperature > 0:
+                raise HfdistError(f"temperature: must be > 0 for sampling, got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise HfdistError(f"top_p: must be in (0, 1], got {self.top_p}")
+            if self.top_k < 0:
+                raise HfdistError(f"top_k: must be >= 0 (0 disables), got {self.top_k}")
+            if not 0 <= self.min_p < 1:
+                raise HfdistError(f"min_p: must be in [0, 1), got {self.min_p}")
+        if self.check_every < 1:
+            raise HfdistError(f"check_every: must be >= 1, got {self.check_every}")
+        if self.cache not in CACHES:
+            raise HfdistError(f"cache {self.cache!r}: unknown (choose from {', '.join(CACHES)})")
+        if self.compile and self.cache != "static":
+            raise HfdistError("compile=True needs cache='static' (fixed shapes for the compiled decode step)")
+        if self.draft not in DRAFTS:
+            raise HfdistError(f"draft {self.draft!r}: unknown (choose from {', '.join(DRAFTS)})")
+        if self.draft != "none":
+            if self.strategy != "greedy" or self.cache != "dynamic" or self.sync_ranks:
+                raise HfdistError("draft='ngram': needs strategy='greedy', cache='dynamic' and an unsharded model")
+            if self.draft_tokens < 1 or self.draft_ngram < 1:
+                raise HfdistError(f"draft_tokens and draft_ngram: must be >= 1, got {self.draft_tokens} and "
+                                  f"{self.draft_ngram}")
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return _eos_ids(self.eos_token_id)
+
+
+class DecodeState:
+    """One batch being decoded: the output buffer (prompt + generated ids), the attention masks and positions, the
+    KV cache, which rows have finished, and the two per-step operations every decoding phase uses: ``choose`` (the
+    next token from logits) and ``record`` (write it, padding rows that have finished)."""
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                 options: DecodeOptions):
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise HfdistError(f"input_ids: expected integer ids [batch, length], got {tuple(input_ids.shape)} "
+                              f"{input_ids.dtype}")
+        self.options = options
+        self.device = device = model_device(model)
+        self.prompt = input_ids.to(device=device, dtype=torch.long)
+        self.batch, self.prompt_len = self.prompt.shape
+        self.prompt_mask = (torch.ones_like(self.prompt) if attention_mask is None
+                            else attention_mask.to(device=device, dtype=torch.long))
+        if self.prompt_mask.shape != self.prompt.shape:
+            raise HfdistError(f"attention_mask: shape {tuple(self.prompt_mask.shape)} differs from input_ids "
+                              f"{tuple(self.prompt.shape)}")
+        self.model = model
+
+    def start(self) -> None:
+        """Allocate the buffers and the cache (only for a batch that generates something)."""
+        options, device, batch, prompt_len = self.options, self.device, self.batch, self.prompt_len
+        self.forward = _ForwardAdapter(self.model, compile=options.compile)
+        self.eos = options.eos_ids
+        pad = options.pad_token_id
+        if pad is None:
+            pad = getattr(self.forward.config, "pad_token_id", None)
+            if pad is None:
+                pad = self.eos[0] if self.eos else 0
+        self.pad_token_id = pad
+        self.eos_t = torch.tensor(self.eos, device=device, dtype=torch.long)
+        total = prompt_len + options.max_new_tokens
+        self.out = torch.full((batch, total), pad, dtype=torch.long, device=device)
+        self.out[:, :prompt_len] = self.prompt
+        self.full_mask = torch.ones((batch, total), dtype=torch.long, device=device)
+        self.full_mask[:, :prompt_len] = self.prompt_mask
+        # Left padding: real tokens are numbered from 0; pads get 1 (any valid index: they are masked out).
+        mask = self.prompt_mask
+        self.positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+        self.next_position = mask.sum(-1, keepdim=True)  # [B, 1]: position of the first generated token
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.last_step = torch.full((batch,), options.max_new_tokens - 1, dtype=torch.long, device=device)
+        self.invalid = torch.zeros(batch, dtype=torch.bool, device=device)
+        blocker = options.blocker
+        self.blocker_start = 0 if blocker is None or blocker.include_prompt else blocker.n
+        self.static_mask = None
+        if options.cache == "static":
+            # The static cache's length is rounded up so that one compiled decode graph serves nearby lengths; its
+            # mask covers every slot (slots beyond the current position are excluded by causality).
+            cache_len = -(-total // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
+            self.kv = make_cache(self.model, "static", max_cache_len=cache_len)
+            self.static_mask = torch.ones((batch, cache_len), dtype=torch.long, device=device)
+            self.static_mask[:, :prompt_len] = mask
+        else:
+            self.kv = make_cache(self.model, "dynamic")
+
+    def choose(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The token of generated position ``step`` (absolute ``prompt_len + step``) from its logits [B, V]."""
+        options = self.options
+        logits = logits.float()
+        cur = self.prompt_len + step
+        blocker = options.blocker
+        if blocker is not None and step >= self.blocker_start and cur >= blocker.n:
+            blocker.block_(logits, self.out[:, cur - blocker.n:cur])
+        if options.strategy == "greedy":
+            return logits.argmax(-1)
+        # Counter-based seeds, one per (seed, step, row): reproducible without a generator's state, and
+        # on_invalid="flag" keeps the sampler from synchronising; a flagged row (all logits -inf or NaN)
+        # is reported once at the end.
+        seeds = None if options.seed is None else sampling_seeds(options.seed, step, self.batch, device=self.device)
+        token = sample(logits, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                       min_p=options.min_p, seed=seeds, backend=options.sampler_backend, on_invalid="flag")
+        self.invalid |= token < 0
+        return token.clamp_(min=0)
+
+    def record(self, token: torch.Tensor, step: int) -> torch.Tensor:
+        """Write generated position ``step``: rows that already emitted EOS get the pad token."""
+        if self.eos:
+            token = torch.where(self.finished, torch.full_like(token, self.pad_token_id), token)
+            newly = torch.isin(token, self.eos_t) & ~self.finished
+            self.last_step = torch.where(newly, torch.full_like(self.last_step, step), self.last_step)
+            self.finished |= newly
+        self.out[:, self.prompt_len + step] = token
+        return token
+
+    def all_finished(self) -> bool:
+        """Every row has emitted EOS (on every rank, with ``sync_ranks``): one host sync."""
+        done = self.finished.all()
+        if self.options.sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            done = done.to(torch.int32)
+            torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
+        return bool(done)
 
 
 @torch.no_grad()
@@ -295,132 +433,74 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
     a hyperfitted model quoting its prompt). Tokens can differ from one-at-a-time greedy only where two logits
     tie to the last bits, since a pass over several positions rounds its matrix products differently. In a
     batch every row advances by the shortest agreeing prefix, so it pays off at batch 1, not at 32.
+
+    The work is :func:`decode` with these keywords as :class:`DecodeOptions`.
     """
-    _check_options(strategy, max_new_tokens, temperature, top_p, top_k, min_p)
-    if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise HfdistError(f"input_ids: expected integer ids [batch, length], got {tuple(input_ids.shape)} "
-                          f"{input_ids.dtype}")
-    device = model_device(model)
-    input_ids = input_ids.to(device=device, dtype=torch.long)
-    batch, prompt_len = input_ids.shape
-    mask = (torch.ones_like(input_ids) if attention_mask is None
-            else attention_mask.to(device=device, dtype=torch.long))
-    if mask.shape != input_ids.shape:
-        raise HfdistError(f"attention_mask: shape {tuple(mask.shape)} differs from input_ids "
-                          f"{tuple(input_ids.shape)}")
-    if max_new_tokens == 0 or batch == 0:
-        return input_ids.clone()
-    if check_every < 1:
-        raise HfdistError(f"check_every: must be >= 1, got {check_every}")
-    if compile and cache != "static":
-        raise HfdistError("compile=True needs cache='static' (fixed shapes for the compiled decode step)")
-    if draft not in DRAFTS:
-        raise HfdistError(f"draft {draft!r}: unknown (choose from {', '.join(DRAFTS)})")
-    if draft != "none":
-        if strategy != "greedy" or cache != "dynamic" or sync_ranks:
-            raise HfdistError("draft='ngram': needs strategy='greedy', cache='dynamic' and an unsharded model")
-        if draft_tokens < 1 or draft_ngram < 1:
-            raise HfdistError(f"draft_tokens and draft_ngram: must be >= 1, got {draft_tokens} and {draft_ngram}")
-    forward = _ForwardAdapter(model, compile=compile)
-    eos = _eos_ids(eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = getattr(forward.config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
-    eos_t = torch.tensor(eos, device=device, dtype=torch.long)
+    options = DecodeOptions(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, top_p=top_p,
+                            top_k=top_k, min_p=min_p, seed=seed, blocker=blocker, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, cache=cache, compile=compile, check_every=check_every,
+                            sampler_backend=sampler_backend, sync_ranks=sync_ranks, draft=draft,
+                            draft_tokens=draft_tokens, draft_ngram=draft_ngram)
+    return decode(model, input_ids, attention_mask, options)
 
-    total = prompt_len + max_new_tokens
-    out = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
-    out[:, :prompt_len] = input_ids
-    full_mask = torch.ones((batch, total), dtype=torch.long, device=device)
-    full_mask[:, :prompt_len] = mask
-    # Left padding: real tokens are numbered from 0; pads get 1 (any valid index: they are masked out).
-    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-    next_position = mask.sum(-1, keepdim=True)  # [B, 1]: position of the first generated token
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    last_step = torch.full((batch,), max_new_tokens - 1, dtype=torch.long, device=device)
-    if strategy == "sample":
-        from hfdist.kernels import sample, sampling_seeds
-    invalid = torch.zeros(batch, dtype=torch.bool, device=device)
-    blocker_start = 0 if blocker is None or blocker.include_prompt else blocker.n
-    kv = static_mask = None
-    if cache == "static":
-        # The static cache's length is rounded up so that one compiled decode graph serves nearby lengths; its
-        # mask covers every slot (slots beyond the current position are excluded by causality).
-        cache_len = -(-total // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
-        kv = make_cache(model, cache, max_cache_len=cache_len)
-        static_mask = torch.ones((batch, cache_len), dtype=torch.long, device=device)
-        static_mask[:, :prompt_len] = mask
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+           options: DecodeOptions) -> torch.Tensor:
+    """The phases of a decode: prefill the prompts, then the decode steps (one token a pass, or drafted
+    tokens checked a pass at a time), then finish (report invalid rows, cut after the last EOS)."""
+    state = DecodeState(model, input_ids, attention_mask, options)
+    if options.max_new_tokens == 0 or state.batch == 0:
+        return state.prompt.clone()
+    state.start()
+    logits = prefill(state)
+    if options.draft == "none":
+        steps_run = decode_steps(state, logits)
     else:
-        kv = make_cache(model, cache)
+        steps_run = decode_with_drafts(state, logits)
+    return finish(state, steps_run)
 
-    def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
-        """The token of generated position ``step`` (absolute ``prompt_len + step``) from its logits [B, V]."""
-        nonlocal invalid
-        logits = logits.float()
+
+def prefill(state: DecodeState) -> torch.Tensor:
+    """One pass over the prompts, filling the cache; the logits of the last prompt position [B, V]."""
+    return state.forward(state.prompt, state.prompt_mask, state.positions, state.kv, 0)
+
+
+def decode_steps(state: DecodeState, logits: torch.Tensor) -> int:
+    """One token per pass; returns the number of generated positions written. With EOS ids, the host checks
+    whether every row has finished every ``check_every`` steps only."""
+    options, prompt_len = state.options, state.prompt_len
+    steps_run = options.max_new_tokens
+    for step in range(options.max_new_tokens):
         cur = prompt_len + step
-        if blocker is not None and step >= blocker_start and cur >= blocker.n:
-            blocker.block_(logits, out[:, cur - blocker.n:cur])
-        if strategy == "greedy":
-            return logits.argmax(-1)
-        # Counter-based seeds, one per (seed, step, row): reproducible without a generator's state, and
-        # on_invalid="flag" keeps the sampler from synchronising; a flagged row (all logits -inf or NaN)
-        # is reported once at the end.
-        seeds = None if seed is None else sampling_seeds(seed, step, batch, device=device)
-        token = sample(logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seeds,
-                       backend=sampler_backend, on_invalid="flag")
-        invalid |= token < 0
-        return token.clamp_(min=0)
-
-    def record(token: torch.Tensor, step: int) -> torch.Tensor:
-        """Write generated position ``step``: rows that already emitted EOS get the pad token."""
-        nonlocal finished, last_step
-        if eos:
-            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-            newly = torch.isin(token, eos_t) & ~finished
-            last_step = torch.where(newly, torch.full_like(last_step, step), last_step)
-            finished |= newly
-        out[:, prompt_len + step] = token
-        return token
-
-    logits = forward(input_ids, mask, positions, kv, 0)
-    steps_run = max_new_tokens
-    if draft != "none":
-        steps_run = _decode_with_drafts(forward, kv, out, full_mask, next_position, prompt_len, max_new_tokens,
-                                        choose, record, finished if eos else None, logits, draft_tokens,
-                                        draft_ngram)
-    for step in range(max_new_tokens if draft == "none" else 0):
-        cur = prompt_len + step
-        token = record(choose(logits, step), step)
-        if step == max_new_tokens - 1:
+        token = state.record(state.choose(logits, step), step)
+        if step == options.max_new_tokens - 1:
             break
-        if eos and (step + 1) % check_every == 0 and _all_finished(finished, sync_ranks):
+        if state.eos and (step + 1) % options.check_every == 0 and state.all_finished():
             steps_run = step + 1
             break
         # A static cache attends over all max_cache_len slots: give it the whole mask (same shape every step;
         # slots not yet written are excluded by causality). A dynamic cache needs the mask of what it holds.
-        step_mask = static_mask if cache == "static" else full_mask[:, :cur + 1]
-        logits = forward(token[:, None], step_mask, next_position + step, kv, cur, decode=True)
-    if strategy == "sample" and bool(invalid.any()):
-        rows = invalid.nonzero().flatten().tolist()
+        step_mask = state.static_mask if options.cache == "static" else state.full_mask[:, :cur + 1]
+        logits = state.forward(token[:, None], step_mask, state.next_position + step, state.kv, cur, decode=True)
+    return steps_run
+
+
+def finish(state: DecodeState, steps_run: int) -> torch.Tensor:
+    """Raise for rows that had no valid token; cut the output after the step at which the last row finished."""
+    options = state.options
+    if options.strategy == "sample" and bool(state.invalid.any()):
+        rows = state.invalid.nonzero().flatten().tolist()
         raise HfdistError(f"sampling: rows {rows} had no valid token at some step (logits all -inf or NaN; "
                           "a blocker that blocks every token, or a diverged model)")
-    if eos:
+    if state.eos:
         # Cut after the step at which the last row finished (what model.generate returns): one sync.
-        steps_run = min(steps_run, int(last_step.max()) + 1)
-        if sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
-            t = torch.tensor([steps_run], device=device)
+        steps_run = min(steps_run, int(state.last_step.max()) + 1)
+        if options.sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor([steps_run], device=state.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             steps_run = int(t)
-    return out[:, :prompt_len + steps_run]
-
-
-def _all_finished(finished: torch.Tensor, sync_ranks: bool) -> bool:
-    done = finished.all()
-    if sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
-        done = done.to(torch.int32)
-        torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
-    return bool(done)
+    return state.out[:, :state.prompt_len + steps_run]
 
 
 def ngram_draft(sequence: torch.Tensor, max_ngram: int, num_tokens: int) -> torch.Tensor:
@@ -442,39 +522,41 @@ def ngram_draft(sequence: torch.Tensor, max_ngram: int, num_tokens: int) -> torc
     return sequence[:0]
 
 
-def _decode_with_drafts(forward, kv, out, full_mask, next_position, prompt_len, max_new_tokens, choose, record,
-                        finished, logits, draft_tokens, draft_ngram) -> int:
+def decode_with_drafts(state: DecodeState, logits: torch.Tensor) -> int:
     """Greedy decoding with ``ngram_draft`` guesses checked in one pass (``generate(draft="ngram")``).
 
     The cache always holds every written position but the newest (``pending``), as in the plain loop.
     Returns the number of generated positions written.
     """
+    options, out, prompt_len = state.options, state.out, state.prompt_len
+    finished = state.finished if state.eos else None  # updated in place by record()
     step = 0
-    pending = record(choose(logits, 0), 0)
-    while step < max_new_tokens - 1 and not (finished is not None and bool(finished.all())):
+    pending = state.record(state.choose(logits, 0), 0)
+    while step < options.max_new_tokens - 1 and not (finished is not None and bool(finished.all())):
         cur = prompt_len + step  # position of ``pending``
-        room = max_new_tokens - 1 - step  # positions still to write after it: guesses + the model's next token
-        drafts = [ngram_draft(row[:cur + 1], draft_ngram, min(draft_tokens, room - 1)) for row in out]
+        room = options.max_new_tokens - 1 - step  # positions still to write after it: guesses + the model's next token
+        drafts = [ngram_draft(row[:cur + 1], options.draft_ngram, min(options.draft_tokens, room - 1)) for row in out]
         k = min(len(d) for d in drafts)
         block = torch.stack([torch.cat([pending[i:i + 1], d[:k]]) for i, d in enumerate(drafts)])
         out[:, cur + 1:cur + 1 + k] = block[:, 1:]  # tentatively: the blocker reads them while checking
-        positions = next_position + step + torch.arange(k + 1, device=out.device)
-        logits = forward(block, full_mask[:, :cur + 1 + k], positions, kv, cur, decode=k == 0, keep=k + 1)
+        positions = state.next_position + step + torch.arange(k + 1, device=out.device)
+        logits = state.forward(block, state.full_mask[:, :cur + 1 + k], positions, state.kv, cur, decode=k == 0,
+                               keep=k + 1)
         if k == 0:  # keep=1 gives [B, V]
             logits = logits[:, None]
         accepted = 0
         while True:  # check the guesses in order: position cur + 1 + j is decided by logits[:, j]
-            token = choose(logits[:, accepted], step + 1 + accepted)
+            token = state.choose(logits[:, accepted], step + 1 + accepted)
             agrees = token == block[:, accepted + 1] if accepted < k else None
             if finished is not None and agrees is not None:
                 agrees |= finished  # a finished row writes pads whatever its guess was
             if accepted == k or not bool(agrees.all()):
                 break
-            record(token, step + 1 + accepted)
+            state.record(token, step + 1 + accepted)
             accepted += 1
-        pending = record(token, step + 1 + accepted)
+        pending = state.record(token, step + 1 + accepted)
         if k > accepted:  # drop the rejected guesses' keys and values
-            kv.crop(-(k - accepted))
+            state.kv.crop(-(k - accepted))
         step += 1 + accepted
     return step + 1
 
@@ -506,13 +588,12 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
 
 
 def generate_batched(model, prompts: Sequence[Sequence[int]], *, batch_size: int = 32, pad_token_id: int = 0,
-                     eos_token_id=None, **kwargs) -> list[list[int]]:
+                     eos_token_id=None, data_parallel: bool = False, **kwargs) -> list[list[int]]:
     """Generate for a list of token-id prompts in left-padded batches; returns the continuations (cut at EOS).
 
-    With ``torch.distributed`` initialised and ``data_parallel=True`` in kwargs, each rank takes every
-    world-th batch and the results are gathered on all ranks (the data-parallel mode for replicated models).
+    ``data_parallel=True`` with ``torch.distributed`` initialised: each rank takes every world-th batch and the
+    results are gathered on all ranks (for models replicated on every rank). Other keywords go to ``generate``.
     """
-    data_parallel = kwargs.pop("data_parallel", False)
     rank, world = 0, 1
     if data_parallel and torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

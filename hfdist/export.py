@@ -63,34 +63,19 @@ class ExportTensor:
 
 
 # ---- dtype -------------------------------------------------------------------------------------------------------
-def model_dtype(model_config) -> Optional[torch.dtype]:
-    """The dtype the model's own ``config.json`` names (``dtype``, or ``torch_dtype`` in older files), read without
-    loading weights; None when it names none (or cannot be read)."""
-    from transformers import AutoConfig
+def export_dtype(config, hf_config=None) -> torch.dtype:
+    """``export.dtype``; "auto": the dtype the model's config.json names if safetensors stores it (bf16 for Llama 3),
+    else fp32 (also when the config cannot be read). ``hf_config``: the model's config when already read."""
+    from hfdist.models import ModelConfigUnreadable, declared_dtype, read_hf_config
 
-    from hfdist.models import architecture_config, architecture_names, resolve_model_path
-
-    try:
-        if model_config.path in architecture_names():
-            hf_config = architecture_config(model_config.path)
-        else:
-            kwargs = {"gguf_file": model_config.gguf_file} if model_config.gguf_file else {}
-            hf_config = AutoConfig.from_pretrained(resolve_model_path(model_config.path),
-                                                   revision=model_config.revision,
-                                                   trust_remote_code=model_config.trust_remote_code, **kwargs)
-    except (OSError, ValueError, KeyError):
-        return None
-    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) else None
-
-
-def export_dtype(config) -> torch.dtype:
-    """``export.dtype``; "auto": the model's own dtype if it is one safetensors stores (bf16 for Llama 3), else fp32."""
     if config.export.dtype != "auto":
         return EXPORT_DTYPES[config.export.dtype]
-    own = model_dtype(config.model)
+    if hf_config is None:
+        try:
+            hf_config = read_hf_config(config.model)
+        except ModelConfigUnreadable:
+            return torch.float32
+    own = declared_dtype(hf_config)
     return own if own in SAFETENSORS_DTYPES else torch.float32
 
 

@@ -128,6 +128,14 @@ def read_hf_config(config: ModelConfig, prefer_shipped: bool = False):
         return architecture_config(shipped)
 
 
+def declared_dtype(hf_config) -> Optional[torch.dtype]:
+    """The dtype a model's config.json names (``dtype``, or ``torch_dtype`` in older files); None when none."""
+    value = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
 def check_seq_len(config: ModelConfig, seq_len: int) -> None:
     """Refuse ``data.seq_len`` above the model's ``max_position_embeddings``, read from its config alone (no
     weights are loaded). A config that cannot be read here is left for the model loading to report."""

@@ -51,6 +51,7 @@ import torch
 from hfdist.config import Config
 from hfdist.distributed.layout import Layout, check_layout
 from hfdist.errors import HfdistError
+from hfdist.export import export_dtype as export_dtype_of
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -104,7 +105,6 @@ class ModelShape:
     lm_head_numel: int
     largest_module_numel: int  # ZeRO-3 gathers module by module: the largest single module's parameters
     largest_tensor_numel: int
-    dtype: str  # the model's own dtype (config.json's torch_dtype), for the export
 
 
 def meta_model(hf_config, dtype: torch.dtype):
@@ -118,14 +118,7 @@ def meta_model(hf_config, dtype: torch.dtype):
     return HyperfitModel(lm)
 
 
-def model_dtype_name(hf_config) -> str:
-    """The dtype config.json declares (``dtype``, formerly ``torch_dtype``); float32 when it declares none."""
-    dtype = getattr(hf_config, "dtype", None)
-    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
-    return name if name in DTYPE_BYTES else "float32"
-
-
-def model_shape(name: str, model, dtype: str = "float32") -> ModelShape:
+def model_shape(name: str, model) -> ModelShape:
     from hfdist.distributed.parallelize import fsdp_units
 
     cfg = model.lm.config
@@ -147,8 +140,7 @@ def model_shape(name: str, model, dtype: str = "float32") -> ModelShape:
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, vocab=cfg.vocab_size,
         tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)), root_unit_numel=root,
         largest_unit_numel=max(unit_numels), lm_head_numel=head.weight.numel(),
-        largest_module_numel=largest_module, largest_tensor_numel=max(p.numel() for p in model.parameters()),
-        dtype=dtype)
+        largest_module_numel=largest_module, largest_tensor_numel=max(p.numel() for p in model.parameters()))
 
 
 def fsdp_shard_numels(model, layout: Layout) -> dict:
@@ -296,7 +288,7 @@ def make_plan(config: Config, cluster: Cluster, config_name: str = "", hf_config
     param_dtype = config.model.dtype
     param_bytes = DTYPE_BYTES[param_dtype]
     model = cache.model(hf_config, torch.float32 if param_dtype == "float32" else torch.bfloat16)
-    shape = model_shape(config.model.path, model, model_dtype_name(hf_config))
+    shape = model_shape(config.model.path, model)
     mixed = dcfg.mixed_precision or (backend == "deepspeed" and param_dtype == "bfloat16")
     compute_bytes = 2 if mixed else param_bytes
     notes = []
@@ -356,7 +348,7 @@ def make_plan(config: Config, cluster: Cluster, config_name: str = "", hf_config
     per_gpu = {k: round(v, 3) for k, v in per_gpu.items()}
     fits_gpu = per_gpu["total_gib"] <= cluster.gpu_memory_gib - cluster.reserve_gib
 
-    export_dtype = export_dtype_name(config, shape)
+    export_dtype = str(export_dtype_of(config, hf_config)).removeprefix("torch.")
     export_bytes = shape.num_parameters * DTYPE_BYTES[export_dtype]
     ranks = cluster.gpus_per_node
     if dcfg.weight_loading == "rank0_broadcast" or config.model.gguf_file:
@@ -403,12 +395,6 @@ def make_plan(config: Config, cluster: Cluster, config_name: str = "", hf_config
                           "activation_checkpointing": tcfg.activation_checkpointing, "mixed_precision": mixed,
                           "weight_loading": dcfg.weight_loading},
                 model_state_check=check, notes=notes)
-
-
-def export_dtype_name(config: Config, shape: ModelShape) -> str:
-    """The dtype the final model is written in: ``export.dtype`` when the config has one, else the model's own."""
-    chosen = getattr(getattr(config, "export", None), "dtype", None)
-    return chosen if chosen in DTYPE_BYTES else shape.dtype
 
 
 # ---- --suggest ------------------------------------------------------------------------------------------------

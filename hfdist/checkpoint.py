@@ -32,7 +32,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -170,19 +170,18 @@ def _dcp_writer_class():
                 self.files[str(new_path)] = self.files.pop(str(path))
 
     class ChecksummingWriter(FileSystemWriter):
-        def __init__(self, path, step: int = 0, **kwargs):
+        def __init__(self, path, on_written: Optional[Callable[[], None]] = None, **kwargs):
             super().__init__(path, **kwargs)
             self.timer = {"checksum_s": 0.0, "write_s": 0.0}
             self.fs = HashingFileSystem(self.timer)
-            self.step = step
+            self.on_written = on_written
 
         def write_data(self, plan, planner):
             started = time.perf_counter()
             future = super().write_data(plan, planner)
             self.timer["write_s"] += time.perf_counter() - started
-            from hfdist.faults import checkpoint_written
-
-            checkpoint_written(self.step)  # a test hook: inert unless HFDIST_FAULT_KILL_IN_CHECKPOINT is set
+            if self.on_written is not None:  # the loop's checkpoint_written hook (on the writer's thread if async)
+                self.on_written()
             return future
 
         def records(self, folder: Path, rank: int) -> dict:
@@ -192,15 +191,16 @@ def _dcp_writer_class():
     return ChecksummingWriter
 
 
-def save_dcp(state: dict, folder: Path, rank: int, *, step: int = 0, async_: bool = False, process_group=None,
-             no_dist: bool = False) -> concurrent.futures.Future:
+def save_dcp(state: dict, folder: Path, rank: int, *, async_: bool = False, process_group=None,
+             no_dist: bool = False, on_written: Optional[Callable[[], None]] = None) -> concurrent.futures.Future:
     """``dcp.save`` (or ``dcp.async_save``) of ``state`` into ``folder/dcp``; the future resolves to the records of
-    the files this rank wrote (checksummed while written), plus the writer's timings under ``"_timer"``."""
+    the files this rank wrote (checksummed while written), plus the writer's timings under ``"_timer"``.
+    ``on_written`` is called once this rank's data files are written."""
     import inspect
 
     import torch.distributed.checkpoint as dcp
 
-    writer = _dcp_writer_class()(folder / "dcp", step=step)
+    writer = _dcp_writer_class()(folder / "dcp", on_written=on_written)
     kwargs = {"storage_writer": writer, "process_group": process_group}
     finished_records: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -445,12 +445,14 @@ def wait_pending(backend) -> None:
                           "checkpoint is intact")
 
 
-def save(root: Path, step: int, backend, trainer_state: dict, keep_last: int, async_: bool = False) -> Path:
+def save(root: Path, step: int, backend, trainer_state: dict, keep_last: int, async_: bool = False,
+         on_written: Optional[Callable[[], None]] = None) -> Path:
     """Write a checkpoint for ``step`` atomically (all ranks call); prune to the last ``keep_last``.
 
     ``async_``: return once the state is copied to host memory; the write completes in the background (see the
-    module docstring). Weights holding NaN/inf are never saved: the save is refused with an error and earlier
-    checkpoints stay."""
+    module docstring). ``on_written``: called once this rank's data files are written (the loop's
+    ``checkpoint_written`` hook). Weights holding NaN/inf are never saved: the save is refused with an error and
+    earlier checkpoints stay."""
     from hfdist.distributed.watchdog import watchdog
 
     final = root / step_folder_name(step)
@@ -474,7 +476,7 @@ def save(root: Path, step: int, backend, trainer_state: dict, keep_last: int, as
             write_file(tmp, f"rng_rank{backend.rank}.pt", torch_bytes(rng_state()), small, backend.rank)
             if backend.is_main:
                 write_file(tmp, TRAINER_STATE, (json.dumps(trainer_state, indent=2) + "\n").encode(), small, 0)
-            records_future = backend.save_checkpoint(tmp, step=step, async_=async_)
+            records_future = backend.save_checkpoint(tmp, async_=async_, on_written=on_written)
             if async_:
                 executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfdist-ckpt")
                 future = executor.submit(_complete, root, final, tmp, keep_last, backend, records_future, small,

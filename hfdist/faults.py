@@ -1,4 +1,4 @@
-"""Fault-injection hooks for tests (never set them in a real run), and the torchrun restart count.
+"""Fault injection for tests (never set it in a real run): a concern attached to the training loop's hooks.
 
 The hooks inject real faults into a training run through environment variables, so that a test can launch
 the real CLI under the real launcher and watch what the job does:
@@ -19,24 +19,21 @@ the real CLI under the real launcher and watch what the job does:
 
 Steps count from 1, as in ``metrics.jsonl``.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
+from hfdist.distributed.env import restart_count
 from hfdist.errors import HfdistError
+from hfdist.hooks import LoopHooks
 
 logger = logging.getLogger(__name__)
-
-
-def restart_count() -> int:
-    """How many times torchrun (``--max-restarts``) has restarted this job's workers; 0 outside torchrun."""
-    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return int(value) if value.isdigit() else 0
 
 
 def _steps(name: str) -> frozenset[int]:
@@ -52,85 +49,72 @@ def _steps(name: str) -> frozenset[int]:
     return frozenset(steps)
 
 
-class Faults:
-    """The hooks that apply to this rank (all inert unless an HFDIST_FAULT_* variable is set)."""
+def _die(message: str, *args) -> None:
+    logger.warning(message, *args)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hang(message: str, *args) -> None:
+    logger.warning(message, *args)
+    while True:
+        time.sleep(60)
+
+
+class FaultInjection(LoopHooks):
+    """The faults the HFDIST_FAULT_* variables ask of this rank (inert when none is set), at the loop's points."""
 
     def __init__(self, rank: int):
         target = os.environ.get("HFDIST_FAULT_RANK", "").strip()
         mine = not target or target == str(rank)
         first_attempt = restart_count() == 0
+        once = mine and first_attempt  # kills and hangs happen on the first attempt of a job only
         self.rank = rank
-        self.kill_at = _steps("HFDIST_FAULT_KILL_AT_STEP") if mine and first_attempt else frozenset()
-        self.hang_at = _steps("HFDIST_FAULT_HANG_AT_STEP") if mine and first_attempt else frozenset()
+        self.kill_at = _steps("HFDIST_FAULT_KILL_AT_STEP") if once else frozenset()
+        self.hang_at = _steps("HFDIST_FAULT_HANG_AT_STEP") if once else frozenset()
         self.nan_at = _steps("HFDIST_FAULT_NAN_AT_STEP") if mine else frozenset()
+        self.kill_in_checkpoint = _steps("HFDIST_FAULT_KILL_IN_CHECKPOINT") if once else frozenset()
+        self.hang_in_checkpoint = _steps("HFDIST_FAULT_HANG_IN_CHECKPOINT") if once else frozenset()
         self._nan_now = False
-        self._hook = None
+        self._finished_step = 0  # the last optimizer step this process finished (read by an async checkpoint)
 
-    def install(self, lm) -> None:
+    def begin(self, lm, state, total_steps) -> None:
         """Hook the model's input embedding (only when NaN steps are asked for)."""
-        if self.nan_at and self._hook is None:
-            self._hook = lm.get_input_embeddings().register_forward_hook(self._poison)
+        if self.nan_at:
+            lm.get_input_embeddings().register_forward_hook(self._poison)
 
     def _poison(self, module, args, output):
         return output * float("nan") if self._nan_now else output
 
-    @contextmanager
-    def step(self, step: int) -> Iterator[None]:
-        """Around the forward/backward passes of optimizer step ``step``."""
+    def before_step(self, state) -> None:
+        step = state.step + 1
         self._nan_now = step in self.nan_at
         if self._nan_now:
             logger.warning("fault injection: rank %d makes the loss of step %d NaN", self.rank, step)
-        try:
-            yield
-        finally:
-            self._nan_now = False
 
-    def after_step(self, step: int) -> None:
-        """Right after optimizer step ``step``: die or hang when asked to."""
-        _progress["step"] = step
+    def after_step(self, state) -> None:
+        """Right after optimizer step ``state.step``: die or hang when asked to."""
+        step = state.step
+        self._nan_now = False
+        self._finished_step = step
         if step in self.kill_at:
-            logger.warning("fault injection: rank %d kills itself (SIGKILL) after step %d", self.rank, step)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            _die("fault injection: rank %d kills itself (SIGKILL) after step %d", self.rank, step)
         if step in self.hang_at:
-            logger.warning("fault injection: rank %d hangs after step %d", self.rank, step)
-            while True:
-                time.sleep(60)
+            _hang("fault injection: rank %d hangs after step %d", self.rank, step)
 
-
-_progress = {"step": 0}  # the last optimizer step this process finished (for HFDIST_FAULT_KILL_IN_CHECKPOINT)
-
-
-def _mine() -> bool:
-    import torch.distributed as dist
-
-    target = os.environ.get("HFDIST_FAULT_RANK", "").strip()
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return not target or target == str(rank)
-
-
-def checkpoint_written(step: int) -> None:
-    """Called by the checkpoint writer once this rank's data files of step ``step`` are written."""
-    if restart_count() != 0 or not _mine():
-        return
-    if step in _steps("HFDIST_FAULT_HANG_IN_CHECKPOINT"):
-        logger.warning("fault injection: hangs while writing the checkpoint of step %d", step)
-        while True:
-            time.sleep(60)
-    if step not in _steps("HFDIST_FAULT_KILL_IN_CHECKPOINT"):
-        return
-    deadline = time.monotonic() + 60
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():  # an asynchronous checkpoint
-        while _progress["step"] <= step and time.monotonic() < deadline:
-            time.sleep(0.01)
-    logger.warning("fault injection: kills itself (SIGKILL) while writing the checkpoint of step %d, training at step "
-                   "%d", step, _progress["step"])
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    def checkpoint_written(self, step: int) -> None:
+        """This rank's data files of the checkpoint of ``step`` are written: hang or die when asked to."""
+        if step in self.hang_in_checkpoint:
+            _hang("fault injection: hangs while writing the checkpoint of step %d", step)
+        if step not in self.kill_in_checkpoint:
+            return
+        if threading.current_thread() is not threading.main_thread():  # an asynchronous checkpoint
+            deadline = time.monotonic() + 60  # let training run on past the step, beside the write
+            while self._finished_step <= step and time.monotonic() < deadline:
+                time.sleep(0.01)
+        _die("fault injection: kills itself (SIGKILL) while writing the checkpoint of step %d, training at step %d",
+             step, self._finished_step)
 
 
 def fault_env_set() -> Optional[str]:

@@ -10,17 +10,18 @@ sequences (loss, perplexity, entropy, top-k mass) and by greedy generation from 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
 import resource
-import sys
 import time
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -28,10 +29,12 @@ import torch
 from hfdist import checkpoint
 from hfdist.config import Config, OptimConfig, run_path, save_config
 from hfdist.data import BatchPrefetcher, StepSampler, build_data
+from hfdist.distributed.env import restart_count
 from hfdist.distributed.perf import model_flops_per_token, rank_metrics
 from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
-from hfdist.faults import Faults, fault_env_set, restart_count
+from hfdist.faults import FaultInjection, fault_env_set
+from hfdist.hooks import Hooks, ProgressBar, WatchdogMarks
 from hfdist.io import atomic_write_json
 from hfdist.models import HyperfitModel, check_seq_len, load_model, load_tokenizer
 from hfdist.monitor import MetricsLogger
@@ -218,7 +221,75 @@ def choose_start(backend, run_dir: Path, resume: Optional[str],
     return start, marker_content
 
 
+@dataclass
+class TrainingState:
+    """Where the loop is and what it has counted: all that a checkpoint restores besides the backend's state (model,
+    optimizer, LR schedule) and the RNG states (torchtitan's stateful trainer). Saved as trainer_state.json."""
+    step: int = 0  # optimizer steps taken, skipped ones included
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps taken in the current epoch: the data position within it
+    epoch_loss_sum: float = 0.0  # over the current epoch's applied steps
+    epoch_entropy_sum: float = 0.0
+    epoch_steps: int = 0  # the current epoch's applied steps
+    evaluated_step: int = -1  # the step of the last evaluation
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient norm), in total
+    bad_steps_in_row: int = 0  # ... in a row, up to the latest step
+
+    VERSION: ClassVar[int] = 1
+
+    def state_dict(self) -> dict:
+        return {"version": self.VERSION, **asdict(self)}
+
+    def load_state_dict(self, saved: dict, source: Path) -> None:
+        """Restore from ``state_dict()``'s output; a checkpoint of hfdist 0.1 (the same fields, no ``version``) too."""
+        version = saved.get("version", 1)
+        fields = {f.name for f in dataclasses.fields(self)}
+        values = {k: v for k, v in saved.items() if k != "version"}
+        if version != self.VERSION or set(values) != fields:
+            raise HfdistError(f"{source}: trainer state of another format (version {version}, fields "
+                              f"{sorted(values)}); this hfdist resumes version {self.VERSION} with fields "
+                              f"{sorted(fields)}: resume it with the hfdist that wrote it, or start afresh")
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def count_step(self, loss: float, entropy: float, applied: bool) -> None:
+        """One more optimizer step; the epoch's mean loss is over the steps that trained."""
+        self.step += 1
+        self.step_in_epoch += 1
+        if applied:
+            self.bad_steps_in_row = 0
+            self.epoch_loss_sum += loss
+            self.epoch_entropy_sum += entropy
+            self.epoch_steps += 1
+        else:
+            self.skipped_steps += 1
+            self.bad_steps_in_row += 1
+
+    def end_epoch(self) -> tuple[float, float]:
+        """Close the epoch: its mean train loss and entropy (NaN when every step was skipped: never meets a target)."""
+        steps = self.epoch_steps or float("nan")
+        means = (self.epoch_loss_sum / steps, self.epoch_entropy_sum / steps)
+        self.epoch += 1
+        self.step_in_epoch, self.epoch_loss_sum, self.epoch_entropy_sum, self.epoch_steps = 0, 0.0, 0.0, 0
+        return means
+
+    def epoch_position(self, steps_per_epoch: int) -> float:
+        """Epochs done, with the current one's fraction (the x axis of metrics.jsonl's records)."""
+        return self.epoch + self.step_in_epoch / steps_per_epoch
+
+
+class StepOutcome(NamedTuple):
+    loss: float  # the global mean next-token loss (nats/token)
+    entropy: float  # the global mean next-token entropy (nats)
+    grad_norm: float  # before clipping
+    applied: bool  # False: the update was skipped (non-finite loss or gradient norm)
+    position: tuple[int, int]  # (epoch, step in epoch) of the batch
+    seconds: float  # wall-clock time of the step
+
+
 class Trainer:
+    """The hyperfitting loop over one backend: ``Trainer(config, run_dir).run()`` (see the module docstring)."""
+
     def __init__(self, config: Config, run_dir: Path, resume: Optional[str] = None, progress: bool = True):
         from hfdist.distributed import build_backend
 
@@ -226,7 +297,6 @@ class Trainer:
         self.run_dir = run_dir
         self.checkpoint_root = run_path(run_dir, "checkpoint.dir", config.checkpoint.dir)
         self.backend = build_backend(config)
-        self.faults = Faults(self.backend.rank)
         start, job_marker = choose_start(self.backend, run_dir, resume, self.checkpoint_root)
         self.accumulation = self.backend.gradient_accumulation_steps()
         seed_everything(config.train.seed)
@@ -250,158 +320,162 @@ class Trainer:
 
         build_model(self.backend, config, self.total_steps)
         self.flops_per_token = model_flops_per_token(self.backend.unwrapped_lm(), config.data.seq_len)
-        self.progress = progress and self.backend.is_main
-        self.faults.install(self.backend.unwrapped_lm())
-        self.state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "epoch_loss_sum": 0.0, "epoch_entropy_sum": 0.0,
-                      "epoch_steps": 0, "evaluated_step": -1, "skipped_steps": 0, "bad_steps_in_row": 0}
+        # The loop's concerns, in the order each point reaches them: a fault (a test hook) happens before the watchdog
+        # records the next position, so a hung rank is reported where it hung.
+        concerns = [FaultInjection(self.backend.rank), WatchdogMarks()]
+        if progress and self.backend.is_main:
+            concerns.append(ProgressBar())
+        self.hooks = Hooks(*concerns)
+        self.state = TrainingState()
         if start not in (None, FRESH):
             folder = Path(start)
-            self.state.update(checkpoint.load(folder, self.backend))
-            logger.info("resumed from %s at step %d", folder, self.state["step"])
+            self.state.load_state_dict(checkpoint.load(folder, self.backend), folder / checkpoint.TRAINER_STATE)
+            logger.info("resumed from %s at step %d", folder, self.state.step)
         # On resume, records logged after the checkpoint (by the run that stopped) are dropped first; a restarted
         # job with no checkpoint drops all of the failed attempt's records.
-        resume_step = -1 if start == FRESH else None if start is None else self.state["step"]
+        resume_step = -1 if start == FRESH else None if start is None else self.state.step
         self.metrics = MetricsLogger(run_dir, enabled=self.backend.is_main, resume_step=resume_step)
         # Start-up is over (rendezvous, weight loading, a resume's verification): collectives now wait timeout_s.
         watchdog.set_timeout(config.distributed.timeout_s, "distributed.timeout_s")
         if fault_env_set() and self.backend.is_main:
             logger.warning("fault injection (testing hooks) is on: %s", fault_env_set())
 
-    # -------------------------------------------------------------------------------------------------
+    # ---- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
-        config, backend, state = self.config, self.backend, self.state
-        seq_len = config.data.seq_len
-        if state["step"] == 0:
-            self._evaluate()
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=state["step"], desc="hyperfit", unit="step", file=sys.stderr,
-                       dynamic_ncols=True)
-        stopped_by = None
+        """Evaluate, train step by step until a stop rule holds, then evaluate, export and summarise."""
+        if self.state.step == 0:
+            self.evaluate()
+        self.hooks.begin(self.backend.unwrapped_lm(), self.state, self.total_steps)
+        stopped_by = self.stop_rule()
         while stopped_by is None:
-            if state["epoch"] >= config.train.epochs:
-                stopped_by = "epochs"
-                break
-            if state["step"] >= self.total_steps:
-                stopped_by = "max_steps"
-                break
-            started = time.perf_counter()
-            watchdog.mark(f"training step {state['step'] + 1}")
-            batch_position = (state["epoch"], state["step_in_epoch"])
-            loss_value, entropy_value, grad_norm, applied = self._train_step(*batch_position)
-            state["step"] += 1
-            state["step_in_epoch"] += 1
-            self.faults.after_step(state["step"])
-            watchdog.mark(f"bookkeeping after training step {state['step']}")
-            if applied:
-                state["bad_steps_in_row"] = 0
-            else:
-                self._skipped_step(*batch_position, loss_value, grad_norm)
-            if state["step"] % config.train.log_every_steps == 0 or state["step"] == self.total_steps or not applied:
-                elapsed = time.perf_counter() - started
-                tokens_per_s = config.train.global_batch_size * seq_len / elapsed
-                # All ranks take part: per-rank peak memory is gathered, then MFU (CUDA) from the global rate.
-                per_rank = rank_metrics(peak_memory_gib(backend.device), tokens_per_s, self.flops_per_token,
-                                        backend.device)
-                self.metrics.log("step", state["step"], {
-                    "train/loss": loss_value, "train/entropy": entropy_value,
-                    "train/grad_norm": grad_norm, "train/lr": backend.current_lr(),
-                    "train/skipped_steps": state["skipped_steps"],
-                    "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": elapsed, **per_rank},
-                    epoch=state["epoch"] + state["step_in_epoch"] / self.sampler.steps_per_epoch)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:.0f}")
-            if state["bad_steps_in_row"] > config.train.max_bad_steps_in_row:
-                raise HfdistError(
-                    f"step {state['step']} (epoch {batch_position[0] + 1}): {state['bad_steps_in_row']} consecutive "
-                    f"steps with a non-finite loss or gradient norm, more than train.max_bad_steps_in_row="
-                    f"{config.train.max_bad_steps_in_row}; stopping (those steps did not change the weights; the "
-                    "checkpoints are intact)")
-            if applied:  # the epoch's mean loss is over the steps that trained
-                state["epoch_loss_sum"] += loss_value
-                state["epoch_entropy_sum"] += entropy_value
-                state["epoch_steps"] += 1
-            if bar is not None:
-                bar.update(1)
-            if state["step_in_epoch"] == self.sampler.steps_per_epoch and self._end_epoch():
-                stopped_by = "target_loss"
-            # Saved last, after the epoch's bookkeeping, so that a resumed run logs nothing twice.
-            if config.checkpoint.every_steps and state["step"] % config.checkpoint.every_steps == 0:
-                watchdog.mark(f"checkpoint at step {state['step']}")
-                checkpoint.save(self.checkpoint_root, state["step"], backend, dict(state), config.checkpoint.keep_last,
-                                async_=config.checkpoint.async_)
-        checkpoint.wait_pending(backend)  # an asynchronous checkpoint still being written is completed first
-        if bar is not None:
-            bar.close()
-        if state["evaluated_step"] != state["step"]:
-            self._evaluate()
-        if config.checkpoint.save_final_model:
+            step = self.train_step()
+            self.record(step)
+            self.maybe_log(step)
+            self.stop_on_bad_steps(step)
+            target_reached = self.maybe_end_epoch()
+            self.maybe_checkpoint()  # last, after the epoch's bookkeeping, so that a resumed run logs nothing twice
+            stopped_by = "target_loss" if target_reached else self.stop_rule()
+        return self.finish(stopped_by)
+
+    def stop_rule(self) -> Optional[str]:
+        """Why training stops before the next step (``epochs``, ``max_steps``), or None. The third rule,
+        ``target_loss``, is checked at each epoch's end (``maybe_end_epoch``)."""
+        if self.state.epoch >= self.config.train.epochs:
+            return "epochs"
+        if self.state.step >= self.total_steps:
+            return "max_steps"
+        return None
+
+    def train_step(self) -> StepOutcome:
+        """One optimizer step over this rank's micro-batches of the next global batch."""
+        state = self.state
+        position = (state.epoch, state.step_in_epoch)
+        following = (state.epoch, state.step_in_epoch + 1)
+        if following[1] == self.sampler.steps_per_epoch:
+            following = (state.epoch + 1, 0)
+        last = state.step + 1 >= self.total_steps or following[0] >= self.config.train.epochs
+        self.hooks.before_step(state)
+        started = time.perf_counter()
+        micro_batches = self.prefetcher.get(position, None if last else following)
+        loss, entropy, grad_norm, applied = train_step(self.backend, micro_batches, self.config.optim.max_grad_norm)
+        return StepOutcome(loss, entropy, grad_norm, applied, position, time.perf_counter() - started)
+
+    def record(self, step: StepOutcome) -> None:
+        """Count the step in the state; a skipped step (non-finite loss or gradient norm) is reported with its batch."""
+        self.state.count_step(step.loss, step.entropy, step.applied)
+        self.hooks.after_step(self.state)
+        if not step.applied and self.backend.is_main:
+            state, (epoch, step_in_epoch) = self.state, step.position
+            indices = self.sampler.global_batch(epoch, step_in_epoch).tolist()
+            logger.warning("step %d (epoch %d, batch %d of %d): non-finite loss (%s) or gradient norm (%s): the "
+                           "optimizer step is skipped, the batch consumed (%d in a row, %d in total); its training "
+                           "sequences (rows of data/train_token_ids.npy): %s", state.step, epoch + 1,
+                           step_in_epoch + 1, self.sampler.steps_per_epoch, step.loss, step.grad_norm,
+                           state.bad_steps_in_row, state.skipped_steps, indices)
+
+    def maybe_log(self, step: StepOutcome) -> None:
+        """Every ``train.log_every_steps`` steps, the last one and every skipped one: metrics.jsonl and TensorBoard.
+        All ranks take part (per-rank peak memory is gathered, then MFU on CUDA from the global rate)."""
+        state, config = self.state, self.config
+        if state.step % config.train.log_every_steps and state.step != self.total_steps and step.applied:
+            return
+        tokens_per_s = config.train.global_batch_size * config.data.seq_len / step.seconds
+        per_rank = rank_metrics(peak_memory_gib(self.backend.device), tokens_per_s, self.flops_per_token,
+                                self.backend.device)
+        values = {"train/loss": step.loss, "train/entropy": step.entropy, "train/grad_norm": step.grad_norm,
+                  "train/lr": self.backend.current_lr(), "train/skipped_steps": state.skipped_steps,
+                  "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": step.seconds, **per_rank}
+        self.metrics.log("step", state.step, values, epoch=state.epoch_position(self.sampler.steps_per_epoch))
+        self.hooks.after_log(state, values)
+
+    def stop_on_bad_steps(self, step: StepOutcome) -> None:
+        """More than ``train.max_bad_steps_in_row`` skipped steps in a row end the run (the weights are untouched)."""
+        state, limit = self.state, self.config.train.max_bad_steps_in_row
+        if state.bad_steps_in_row > limit:
+            raise HfdistError(
+                f"step {state.step} (epoch {step.position[0] + 1}): {state.bad_steps_in_row} consecutive steps with a "
+                f"non-finite loss or gradient norm, more than train.max_bad_steps_in_row={limit}; stopping (those "
+                "steps did not change the weights; the checkpoints are intact)")
+
+    def maybe_end_epoch(self) -> bool:
+        """At an epoch's end: log its mean train loss and entropy, evaluate when due; True if the mean loss reached
+        ``train.target_loss``."""
+        state, config = self.state, self.config
+        if state.step_in_epoch != self.sampler.steps_per_epoch:
+            return False
+        epoch_loss, epoch_entropy = state.end_epoch()
+        self.hooks.after_epoch(state)
+        self.backend.monitored_barrier()  # cheap once an epoch; on gloo it names a rank that fell behind
+        self.metrics.log("epoch", state.step, {"train/loss": epoch_loss, "train/entropy": epoch_entropy},
+                         epoch=state.epoch)
+        if config.eval.every_epochs and state.epoch % config.eval.every_epochs == 0:
+            self.evaluate()
+        return bool(config.train.target_loss) and epoch_loss <= config.train.target_loss
+
+    def maybe_checkpoint(self) -> None:
+        """Every ``checkpoint.every_steps`` steps (see hfdist.checkpoint)."""
+        state, every = self.state, self.config.checkpoint.every_steps
+        if not every or state.step % every:
+            return
+        self.hooks.before_checkpoint(state)
+        step = state.step
+        checkpoint.save(self.checkpoint_root, step, self.backend, state.state_dict(),
+                        self.config.checkpoint.keep_last, async_=self.config.checkpoint.async_,
+                        on_written=lambda: self.hooks.checkpoint_written(step))
+
+    def finish(self, stopped_by: str) -> dict:
+        """After the last step: complete an asynchronous checkpoint, evaluate (unless the last step was), export."""
+        checkpoint.wait_pending(self.backend)
+        self.hooks.end()
+        if self.state.evaluated_step != self.state.step:
+            self.evaluate()
+        if self.config.checkpoint.save_final_model:
             self.export(self.run_dir / "model")
         summary = self._summary(stopped_by)
         self.metrics.close()
         return summary
 
-    def _end_epoch(self) -> bool:
-        """Log the epoch's mean train loss and entropy, evaluate when due; True if the target loss is reached."""
-        state, config = self.state, self.config
-        # An epoch whose every step was skipped has no mean loss (NaN: never meets the target).
-        steps = state["epoch_steps"] or float("nan")
-        epoch_loss = state["epoch_loss_sum"] / steps
-        state["epoch"] += 1
-        watchdog.mark(f"end of epoch {state['epoch']}")
-        self.backend.monitored_barrier()  # cheap once an epoch; on gloo it names a rank that fell behind
-        self.metrics.log("epoch", state["step"], {
-            "train/loss": epoch_loss, "train/entropy": state["epoch_entropy_sum"] / steps}, epoch=state["epoch"])
-        state.update(step_in_epoch=0, epoch_loss_sum=0.0, epoch_entropy_sum=0.0, epoch_steps=0)
-        if config.eval.every_epochs and state["epoch"] % config.eval.every_epochs == 0:
-            self._evaluate()
-        return bool(config.train.target_loss) and epoch_loss <= config.train.target_loss
-
+    # ---- the pieces the loop calls ----------------------------------------------------------------------------
     def _host_batches(self, position: tuple[int, int]) -> list[torch.Tensor]:
         return [self.data.train[indices] for indices in self.sampler.micro_batches(*position)]
 
-    def _train_step(self, epoch: int, step_in_epoch: int) -> tuple[float, float, float, bool]:
-        following = (epoch, step_in_epoch + 1)
-        if following[1] == self.sampler.steps_per_epoch:
-            following = (epoch + 1, 0)
-        last = self.state["step"] + 1 >= self.total_steps or following[0] >= self.config.train.epochs
-        micro_batches = self.prefetcher.get((epoch, step_in_epoch), None if last else following)
-        with self.faults.step(self.state["step"] + 1):
-            return train_step(self.backend, micro_batches, self.config.optim.max_grad_norm)
-
-    def _skipped_step(self, epoch: int, step_in_epoch: int, loss: float, grad_norm: float) -> None:
-        """Count a step whose update was skipped (NaN/inf loss or gradient norm) and say which batch it was."""
+    def evaluate(self) -> None:
+        """Held-out measures of the model now (see ``evaluate``), logged under ``eval/``."""
         state = self.state
-        state["skipped_steps"] += 1
-        state["bad_steps_in_row"] += 1
+        self.hooks.before_evaluation(state)
+        values = evaluate(self.backend.unwrapped_lm(), self.data.validation, self.data.contexts, self.config,
+                          self.backend.device)
+        self.metrics.log("eval", state.step, values, epoch=state.epoch_position(self.sampler.steps_per_epoch))
+        state.evaluated_step = state.step
         if self.backend.is_main:
-            indices = self.sampler.global_batch(epoch, step_in_epoch).tolist()
-            logger.warning("step %d (epoch %d, batch %d of %d): non-finite loss (%s) or gradient norm (%s): the "
-                           "optimizer step is skipped, the batch consumed (%d in a row, %d in total); its training "
-                           "sequences (rows of data/train_token_ids.npy): %s", state["step"], epoch + 1,
-                           step_in_epoch + 1, self.sampler.steps_per_epoch, loss, grad_norm,
-                           state["bad_steps_in_row"], state["skipped_steps"], indices)
-
-    def _evaluate(self) -> None:
-        watchdog.mark(f"evaluation at step {self.state['step']}")
-        lm = self.backend.unwrapped_lm()
-        values = evaluate(lm, self.data.validation, self.data.contexts, self.config, self.backend.device)
-        state = self.state
-        self.metrics.log("eval", state["step"], values,
-                         epoch=state["epoch"] + state["step_in_epoch"] / self.sampler.steps_per_epoch)
-        state["evaluated_step"] = state["step"]
-        if self.backend.is_main:
-            logger.info("eval at step %d: %s", state["step"],
-                        ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+            logger.info("eval at step %d: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
 
     def export(self, folder: Path) -> None:
         """Save the final model (safetensors shards in ``export.dtype``, every rank writing its own part) and the
         tokenizer, atomically; never NaN/inf weights. See hfdist.export."""
         from hfdist.export import export_model
 
-        watchdog.mark("export of the final model")
+        self.hooks.before_export()
         checkpoint.wait_pending(self.backend)
         bad = checkpoint.nonfinite_parameters(self.backend)
         if bad:
@@ -414,8 +488,8 @@ class Trainer:
     def _summary(self, stopped_by: str) -> dict:
         from hfdist.monitor import read_metrics
 
-        summary = {"stopped_by": stopped_by, "steps": self.state["step"], "epochs": self.state["epoch"],
-                   "skipped_steps": self.state["skipped_steps"]}
+        summary = {"stopped_by": stopped_by, "steps": self.state.step, "epochs": self.state.epoch,
+                   "skipped_steps": self.state.skipped_steps}
         if self.backend.is_main:
             records = read_metrics(self.run_dir / "metrics.jsonl")
             evals = [r for r in records if r["kind"] == "eval"]

@@ -169,7 +169,7 @@ def test_checksum_cost_against_the_write(tmp_path):
     _train_one_step(backend)
     ratios = []
     for step in (1, 2, 3):
-        future = backend.save_checkpoint(_fresh(tmp_path / f"s{step}"), step=step)
+        future = backend.save_checkpoint(_fresh(tmp_path / f"s{step}"))
         timer = future.result()["_timer"]
         ratios.append(timer["checksum_s"] / timer["write_s"])
         print(f"write {timer['write_s']:.3f} s, checksums {timer['checksum_s']:.4f} s ({100 * ratios[-1]:.1f}%)")

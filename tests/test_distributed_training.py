@@ -71,13 +71,14 @@ def deepspeed_run(setup):
 def test_fsdp_two_processes_match_single(single_run, fsdp_run):
     assert_matches(fsdp_run, single_run)
     # The shards FSDP2 built on the gloo ranks are those `hfdist plan` builds on the meta device.
+    from hfdist.distributed.layout import Layout
     from hfdist.distributed.plan import fsdp_shard_numels, meta_model
     from transformers import AutoConfig
 
     topology = json.loads((fsdp_run / "checkpoints" / "step_00000008" / "topology.json").read_text())
     meta = meta_model(AutoConfig.from_pretrained(fsdp_run / "model"), torch.float32)
     assert topology["world_size"] == 2
-    assert topology["params_per_rank0"] == fsdp_shard_numels(meta, 2)["rank0"]
+    assert topology["params_per_rank0"] == fsdp_shard_numels(meta, Layout(world_size=2, ranks_per_node=2))["rank0"]
 
 
 def test_deepspeed_zero3_two_processes_match_single(single_run, deepspeed_run):

@@ -19,6 +19,7 @@ from hfdist import checkpoint
 from hfdist.cli import main
 from hfdist.config import load_config
 from hfdist.errors import HfdistError
+from hfdist.hooks import LoopHooks
 from hfdist.monitor import read_metrics
 from hfdist.trainer import Trainer, train
 
@@ -132,7 +133,7 @@ def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_00000001"]
     assert checkpoint.verify(tmp_path / "ckpt" / "step_00000001") is None
     with pytest.raises(HfdistError, match="refusing to export non-finite weights"):
-        Trainer.export(types.SimpleNamespace(backend=backend, tokenizer=None), tmp_path / "model")
+        Trainer.export(types.SimpleNamespace(backend=backend, tokenizer=None, hooks=LoopHooks()), tmp_path / "model")
     assert not (tmp_path / "model").exists()
 
 
@@ -179,12 +180,10 @@ def test_deepspeed_step_follows_the_engines_own_skip(applied, norm, loss, outcom
 def test_fsdp_nan_on_one_rank_is_skipped_on_every_rank(tmp_path, monkeypatch):
     """Rank 1 alone produces NaN at step 3: the all-reduced loss and the global gradient norm are NaN on both
     ranks, both skip, and the run continues to the same numbers as a single process with the same fault."""
-    from test_distributed_training import CONFIG, LOSS_RTOL, WEIGHT_ATOL, exported_weights, launch_env, step_records
-    from hfdist.testing import tiny_model_folder
+    from launch_helpers import LOSS_RTOL, WEIGHT_ATOL, exported_weights, launch_env, step_records, tiny_run_setup
+    from test_distributed_training import CONFIG
 
-    model = tiny_model_folder(tmp_path / "tiny-model")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(CONFIG.format(model=model))
+    config = tiny_run_setup(tmp_path, CONFIG)["config"]
     env = launch_env(HFDIST_FAULT_NAN_AT_STEP="3", HFDIST_FAULT_RANK="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend",
                            "c10d", "--rdzv-endpoint", f"127.0.0.1:{env['MASTER_PORT']}", "-m", "hfdist.cli",

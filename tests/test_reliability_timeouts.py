@@ -61,7 +61,7 @@ def test_rank_stuck_in_a_checkpoint_ends_the_job_within_the_checkpoint_timeout(s
 
 def test_rendezvous_times_out_naming_the_setting(setup, tmp_path):  # noqa: F811
     """A rank whose peers never come: init_process_group gives up after distributed.startup_timeout_s."""
-    from test_distributed_training import free_port
+    from launch_helpers import free_port
 
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     started = time.monotonic()

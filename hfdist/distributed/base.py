@@ -178,11 +178,11 @@ class Backend(ABC):
 
     # ---- state ---------------------------------------------------------------------------------------
     @abstractmethod
-    def save_checkpoint(self, folder: Path, step: int = 0, async_: bool = False):
+    def save_checkpoint(self, folder: Path, async_: bool = False, on_written: Optional[Callable[[], None]] = None):
         """Write model, optimizer and scheduler state into ``folder`` (all ranks call; the folder is temporary and
         made atomic by hfdist.checkpoint). Returns a ``concurrent.futures.Future`` of the records (size, checksum,
         rank) of the files this rank wrote, done once they are written; with ``async_`` the state is copied and
-        written in the background."""
+        written in the background. ``on_written`` is called once this rank's data files are written."""
 
     @abstractmethod
     def load_checkpoint(self, folder: Path) -> None:

@@ -196,7 +196,7 @@ class DeepSpeedBackend(Backend):
         dist.barrier()
 
     # ---- state ---------------------------------------------------------------------------------------
-    def save_checkpoint(self, folder: Path, step: int = 0, async_: bool = False):
+    def save_checkpoint(self, folder: Path, async_: bool = False, on_written=None):
         """DeepSpeed's own checkpoint; the files this rank's engine writes are hashed right after they are written
         (from the page cache, every rank its own at the same time). ``async_`` is refused by the config check."""
         from hfdist import checkpoint
@@ -214,6 +214,8 @@ class DeepSpeedBackend(Backend):
             self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
         finally:
             del self.engine.checkpoint_engine.save  # the engine's own method again
+        if on_written is not None:
+            on_written()
         records = checkpoint.record_written_files(folder, paths, self.rank)
         if self.is_main:
             topology = {"backend": self.name, "world_size": self.world_size, "params_per_rank0": self.params_per_rank}

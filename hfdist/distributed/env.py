@@ -137,6 +137,12 @@ def discover() -> LaunchEnv:
     return LaunchEnv()
 
 
+def restart_count() -> int:
+    """How many times torchrun (``--max-restarts``) has restarted this job's workers; 0 outside torchrun."""
+    value = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
+
+
 def restart_store(env: LaunchEnv, timeout_s: int):
     """On a torchrun restart whose workers share the agent's store: that store, under a prefix of this attempt.
 
@@ -147,8 +153,6 @@ def restart_store(env: LaunchEnv, timeout_s: int):
     the fix is ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in the launcher's environment (launchers/torchrun.sh
     sets it), which gives each attempt a store of its own; this function then returns None.
     """
-    from hfdist.faults import restart_count
-
     attempt = restart_count()
     if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None

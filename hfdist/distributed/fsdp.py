@@ -207,7 +207,7 @@ class FSDPBackend(Backend):
         return {"model": get_model_state_dict(self.model, options=options),
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options)}
 
-    def save_checkpoint(self, folder: Path, step: int = 0, async_: bool = False):
+    def save_checkpoint(self, folder: Path, async_: bool = False, on_written=None):
         from hfdist import checkpoint
 
         small: dict = {}
@@ -216,7 +216,7 @@ class FSDPBackend(Backend):
             topology = {"backend": self.name, "world_size": self.world_size, "params_per_rank0": self.params_per_rank,
                         "mesh": dict(zip(self.mesh.mesh_dim_names, self.mesh.shape))}
             checkpoint.write_file(folder, "topology.json", (json.dumps(topology) + "\n").encode(), small, 0)
-        written = checkpoint.save_dcp(self._state(), folder, self.rank, step=step, async_=async_,
+        written = checkpoint.save_dcp(self._state(), folder, self.rank, async_=async_, on_written=on_written,
                                       process_group=self.checkpoint_group if async_ else None)
         return checkpoint.merged(written, small)
 

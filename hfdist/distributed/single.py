@@ -46,12 +46,12 @@ class SingleBackend(Backend):
         return {"model": get_model_state_dict(self.model, options=options),
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options)}
 
-    def save_checkpoint(self, folder: Path, step: int = 0, async_: bool = False):
+    def save_checkpoint(self, folder: Path, async_: bool = False, on_written=None):
         from hfdist import checkpoint
 
         scheduler: dict = {}
         checkpoint.write_file(folder, "scheduler.pt", checkpoint.torch_bytes(self.scheduler.state_dict()), scheduler, 0)
-        written = checkpoint.save_dcp(self._state(), folder, 0, step=step, async_=async_, no_dist=True)
+        written = checkpoint.save_dcp(self._state(), folder, 0, async_=async_, no_dist=True, on_written=on_written)
         return checkpoint.merged(written, scheduler)
 
     def load_checkpoint(self, folder: Path) -> None:

@@ -344,7 +344,11 @@ class Suite:
         self.meta["seconds"] = round(self.elapsed(), 1)
         report = {"meta": self.meta, "steps": self.records, "rows": self.rows}
         _write_atomic(self.out / "suite.json", json.dumps(report, indent=1) + "\n")
-        _write_atomic(self.out / "tables.md", tables(report))
+        try:
+            text = tables(report)
+        except Exception as exc:  # a row of an unexpected shape must not end an unattended run: say so, go on
+            text = f"# tables.md could not be made: {type(exc).__name__}: {exc}\n(suite.json has every row)\n"
+        _write_atomic(self.out / "tables.md", text)
 
     def close(self) -> None:
         self.rows_file.close()

@@ -160,3 +160,25 @@ def test_gpu_plan_fits_one_eight_minute_call(tmp_path):
                      "scale_check"]
     with pytest.raises(SystemExit, match="no such step"):
         gpu_suite.select(steps, "nonsense")
+
+
+def test_pytest_lines_become_rows_with_and_without_xdist(tmp_path):
+    """The kernel_tests step reads outcomes off pytest -v lines: plain, pytest-xdist's (the GPU run uses -n 4
+    where xdist is installed), the short summary's repeats of failures (counted once) and the final line."""
+    gpu_suite = load_suite()
+    suite = gpu_suite.Suite(tmp_path / "out", tmp_path, {"mode": "gpu"}, 60)
+    step = gpu_suite.Step("kernel_tests", 10, 1, [], parse="pytest")
+    seen = set()
+    for line in ["tests/test_kernels_sampling.py::test_batch_invariance[torch] PASSED      [ 80%]",
+                 "[gw1] [ 12%] FAILED tests/test_kernels_cross_entropy.py::test_row_offsets_past_int32[triton] ",
+                 "[gw0] [ 13%] SKIPPED tests/test_kernels_sampling.py::test_wide_rows[streamed] ",
+                 "SKIPPED [1] tests/test_kernels_sampling.py:178: the compiled resident block is fixed",
+                 "FAILED tests/test_kernels_cross_entropy.py::test_row_offsets_past_int32[triton] - AssertionError",
+                 "============ 1 failed, 1 passed, 1 skipped in 61.20s (0:01:01) ============"]:
+        suite.handle(step, line, seen)
+    suite.close()
+    assert [{k: v for k, v in r.items() if k != "step"} for r in suite.rows] == [
+        {"test": "tests/test_kernels_sampling.py::test_batch_invariance[torch]", "outcome": "passed"},
+        {"test": "tests/test_kernels_cross_entropy.py::test_row_offsets_past_int32[triton]", "outcome": "failed"},
+        {"test": "tests/test_kernels_sampling.py::test_wide_rows[streamed]", "outcome": "skipped"},
+        {"summary": "1 failed, 1 passed, 1 skipped", "seconds": 61.2}]

@@ -153,7 +153,7 @@ def test_gpu_plan_fits_one_eight_minute_call(tmp_path):
     gpu_suite = load_suite()
     steps = gpu_suite.select(gpu_suite.plan(False, tmp_path), None)
     assert "scale_check" not in {s.name for s in steps}
-    assert gpu_suite.budget_total(steps) <= gpu_suite.GPU_LIMIT_S <= 480 - 30
+    assert gpu_suite.budget_total(steps) <= gpu_suite.GPU_LIMIT_S <= 480 - 30  # 480 s: the device call's timeout_s
     assert all(0 < s.estimate_s < s.budget_s for s in steps)
     names = [s.name for s in gpu_suite.select(gpu_suite.plan(False, tmp_path), "train_4x2048,scale")]
     assert names == ["install", "env", "train_4x2048_plain", "train_4x2048_hfdist", "train_4x2048_hfdist-compile",

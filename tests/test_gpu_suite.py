@@ -112,7 +112,9 @@ def test_dry_run_runs_every_step(dry_run):
         assert set(speed) == {(s, i) for s in ("greedy", "top-p") for i in IMPLS}
         assert all(r["batch"] == batch and r["new_tokens"] == 4 and r["tokens_per_s"] > 0 for r in speed.values())
         same = {r["impl"]: r["equals_hf_greedy"] for r in rows if "equals_hf_greedy" in r}
-        assert same == {impl: True for impl in IMPLS - {"hf"}}  # fp32 on a CPU: token for token
+        assert set(same) == IMPLS - {"hf"} and all(isinstance(v, bool) for v in same.values())
+        assert same["hfdist"] is True  # the same dynamic cache and fp32 arithmetic as HF: token for token
+        # (the static-cache rows attend over padded slots: equal so far, but a near-tie may flip on another CPU)
 
     tables = (out / "tables.md").read_text()
     for title in ("## Steps", "## Compile check", "## Kernel tests", "## Fused linear cross-entropy",

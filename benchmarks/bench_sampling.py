@@ -2,7 +2,8 @@
 
 Compares hfdist.kernels.sample (Triton on CUDA, or on a CPU inside the Triton interpreter when
 TRITON_INTERPRET=1; the torch reference too; both with ``on_invalid="flag"``, the no-sync path decoding uses)
-with Hugging Face's way (``TopPLogitsWarper`` + softmax + ``torch.multinomial``) and FlashInfer's
+with plain torch (sort, softmax, cumulative-mass cut, ``torch.multinomial``), Hugging Face's way
+(``TopPLogitsWarper`` + softmax + ``torch.multinomial``) and FlashInfer's
 ``top_p_sampling_from_probs`` (softmax included) where installed. Each Triton row records the resolve path
 its rows took (``resolve_paths``: rows per path, from one extra call with the kernel's diagnostics). The
 logits are made on the device once per batch size. Writes ``bench_sampling_<device>.json`` and ``.md`` into
@@ -70,6 +71,13 @@ def methods(device):
                                                             on_invalid="flag")
     found["hfdist-torch-reference"] = lambda x, p, seeds: sample(x, top_p=p, seed=seeds, backend="torch",
                                                                  on_invalid="flag")
+
+    def sort_multinomial(x, p, seeds):  # the textbook way: sort the row, cut the cumulative mass, multinomial
+        values, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(values, -1)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > p, 0.0)  # keep the shortest prefix reaching p
+        return order.gather(1, torch.multinomial(probs, 1)).squeeze(1)
+    found["torch-sort-multinomial"] = sort_multinomial
     try:
         from transformers.generation.logits_process import TopPLogitsWarper
 

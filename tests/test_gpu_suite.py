@@ -95,7 +95,7 @@ def test_dry_run_runs_every_step(dry_run):
     assert cells == {(b, p) for b in (1, 2) for p in (0.5, 0.9, 0.95)}
     for batch, top_p in cells:
         found = {r["method"]: r for r in sampling if (r["batch"], r["top_p"]) == (batch, top_p)}
-        assert {"hfdist-triton", "hfdist-torch-reference", "hf-topp-multinomial"} <= set(found)
+        assert {"hfdist-triton", "hfdist-torch-reference", "torch-sort-multinomial", "hf-topp-multinomial"} <= set(found)
         assert all(r["status"] == "ok" and r["time_s"] > 0 for r in found.values())
         paths = dict(found["hfdist-triton"]["resolve_paths"])
         assert paths.pop("chunks_per_row") >= 1 and sum(paths.values()) == batch  # every row took one path

@@ -5,9 +5,14 @@ the default, ``grad_accumulation="weight_dtype"``; "hfdist-fp32") with torch eag
 the full logits), torch.compile of the same, and Liger-Kernel's fused linear cross-entropy when installed.
 Each hfdist row records the accumulation path that actually ran (``accumulation``: e.g. "bfloat16
 accumulator, addmm" or, for fp32 on a GPU whose mixed-dtype addmm fails, the fallback and why).
-Writes ``bench_cross_entropy_<device>.json`` and ``.md`` into ``--out``.
+With ``--entropy`` every method that can also returns the per-token entropy (hfdist: ``return_entropy=True``,
+as training calls it; eager and torch.compile: from the fp32 logits under ``no_grad``; Liger has no entropy
+output and runs loss-only): each row says ``entropy`` true or false.
+The inputs are made on the device once per N and shared by the methods (gradients reset in between).
+Writes ``bench_cross_entropy_<device>.json`` and ``.md`` into ``--out``, and prints each row as a JSON line.
 
   python benchmarks/bench_cross_entropy.py --device cuda                  # Llama 3 8B head, N = 4K..32K
+  python benchmarks/bench_cross_entropy.py --device cuda --entropy --n 16384 4096 8192   # as the GPU suite
   python benchmarks/bench_cross_entropy.py --device cpu                   # N=8192, H=1024, V=32000, fp32
   python benchmarks/bench_cross_entropy.py --device cpu --quick           # seconds: checks the script runs
 
@@ -43,10 +48,11 @@ def gpu_peak_flops():
 
 
 def make_inputs(n, h, v, dtype, device, seed=0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = (torch.randn(n, h, generator=gen) ).to(device, dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=gen) / h**0.5).to(device, dtype).requires_grad_()
-    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    """hidden [N, H], weight [V, H] (both requiring grad), labels [N] (every 17th ignored), made on ``device``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen, device=device, dtype=dtype) / h**0.5).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=gen, device=device)
     labels[::17] = -100
     return hidden, weight, labels
 
@@ -67,38 +73,60 @@ def accumulation_path(name, dtype, device):
     return grad_accumulation_path(HFDIST_METHODS[name][1], dtype, torch.device(device)).describe()
 
 
-def method_fn(name, device):
-    """A callable(hidden, weight, labels) -> loss for one method, or None when unavailable."""
+class Unavailable(Exception):
+    """A method that cannot run here (not installed, or not on this device); the message says why."""
+
+
+def computes_entropy(name, entropy):
+    return entropy and name != "liger"  # Liger's fused loss has no entropy output
+
+
+def method_fn(name, device, entropy=False):
+    """A callable(hidden, weight, labels) -> loss for one method; raises Unavailable when it cannot run."""
     from hfdist.kernels import fused_linear_cross_entropy
 
     def eager(hidden, weight, labels):
-        return F.cross_entropy((hidden @ weight.T).float(), labels)
+        logits = (hidden @ weight.T).float()
+        loss = F.cross_entropy(logits, labels)
+        if not entropy:
+            return loss
+        with torch.no_grad():  # a metric, as in training: -sum p log p of each predicted token, 0 where ignored
+            logp = torch.log_softmax(logits, -1)
+            token_entropy = -(logp.exp() * logp).sum(-1) * (labels != -100)
+        return loss, token_entropy
+
+    def first(fn):  # the loss, the entropy computed and dropped (as a logging step would after reading it)
+        return (lambda h, w, y: fn(h, w, y)[0]) if entropy else fn
 
     if name in HFDIST_METHODS:
         backend, accumulation = HFDIST_METHODS[name]
         backend = backend if device == "cuda" else "torch"
-        return lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend=backend, grad_accumulation=accumulation)
+        return first(lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend=backend, return_entropy=entropy,
+                                                                grad_accumulation=accumulation))
     if name == "torch-eager":
-        return eager
+        return first(eager)
     if name == "torch-compile":
-        return torch.compile(eager, dynamic=True)
+        return first(torch.compile(eager, dynamic=True))
     if name == "liger":
+        if device != "cuda":
+            raise Unavailable("skipped: needs CUDA")
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        except Exception:  # not installed, or no GPU support in this build
-            return None
-        if device != "cuda":
-            return None
+        except Exception as exc:  # not installed, or no GPU support in this build
+            raise Unavailable(f"not installed ({type(exc).__name__}: {exc})"[:200]) from None
         loss = LigerFusedLinearCrossEntropyLoss()
         return lambda h, w, y: loss(w, h, y)
     raise ValueError(name)
 
 
-def run_cuda(name, n, h, v, dtype, reps):
-    fn = method_fn(name, "cuda")
-    if fn is None:
-        return {"method": name, "status": "not installed"}
-    hidden, weight, labels = make_inputs(n, h, v, dtype, "cuda")
+def run_cuda(name, inputs, reps, entropy=False):
+    """Time one method on the shared inputs (hidden, weight, labels) of one N; their gradients are reset."""
+    try:
+        fn = method_fn(name, "cuda", entropy)
+    except Unavailable as why:
+        return {"method": name, "status": str(why)}
+    hidden, weight, labels = inputs
+    dtype = weight.dtype
     try:
         for _ in range(2):  # warm-up: compile, autotune, allocator
             fn(hidden, weight, labels).backward()
@@ -120,9 +148,10 @@ def run_cuda(name, n, h, v, dtype, reps):
             times.append(start.elapsed_time(end) / 1e3)
     except torch.cuda.OutOfMemoryError:
         return {"method": name, "status": "out of memory"}
+    except Exception as exc:  # report it and go on with the other methods (a compile or kernel failure)
+        return {"method": name, "status": f"failed: {type(exc).__name__}: {exc}"[:300]}
     finally:
         hidden.grad = weight.grad = None
-        del hidden, weight, labels
         torch.cuda.empty_cache()
     return {"method": name, "status": "ok", "time_s": statistics.median(times), "extra_bytes": extra,
             "accumulation": accumulation_path(name, dtype, "cuda")}
@@ -133,12 +162,13 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child_cpu(name, n, h, v, dtype, reps):
+def child_cpu(name, n, h, v, dtype, reps, entropy=False):
     """Runs in a fresh process: one measured call for memory, then timed calls."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    fn = method_fn(name, "cpu")
-    if fn is None:
-        return {"method": name, "status": "not installed"}
+    try:
+        fn = method_fn(name, "cpu", entropy)
+    except Unavailable as why:
+        return {"method": name, "status": str(why)}
     hidden, weight, labels = make_inputs(n, h, v, dtype, "cpu")
     if name == "torch-compile":  # compile on a small copy so that compilation is not counted as memory
         small = make_inputs(64, h, v, dtype, "cpu")
@@ -158,9 +188,11 @@ def child_cpu(name, n, h, v, dtype, reps):
             "accumulation": accumulation_path(name, dtype, "cpu")}
 
 
-def run_cpu(name, n, h, v, dtype, reps):
+def run_cpu(name, n, h, v, dtype, reps, entropy=False):
+    if name == "liger":  # GPU-only: no process started for it
+        return {"method": name, "status": "skipped: needs CUDA"}
     cmd = [sys.executable, __file__, "--child", name, "--n", str(n), "--h", str(h), "--v", str(v),
-           "--dtype", str(dtype).replace("torch.", ""), "--reps", str(reps)]
+           "--dtype", str(dtype).replace("torch.", ""), "--reps", str(reps), *(["--entropy"] if entropy else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     if out.returncode != 0:
         return {"method": name, "status": f"failed: {out.stderr.strip().splitlines()[-1:]}"}
@@ -174,7 +206,8 @@ def fmt_bytes(b):
 def write_reports(stem, meta, rows, h, v, dtype, markdown=True):
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     lines = [f"Fused linear cross-entropy, forward + backward, {meta['device']}, torch {meta['torch']}, "
-             f"H={h}, V={v}, {str(dtype).replace('torch.', '')}", "",
+             f"H={h}, V={v}, {str(dtype).replace('torch.', '')}"
+             f"{', with the per-token entropy (not Liger)' if meta.get('entropy') else ''}", "",
              "| N | method | time | TFLOP/s | of peak | extra memory | weight-gradient accumulation |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -199,6 +232,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--methods", nargs="+",
                         default=["hfdist", "hfdist-fp32", "torch-eager", "torch-compile", "liger"])
+    parser.add_argument("--entropy", action="store_true",
+                        help="also the per-token entropy (hfdist return_entropy=True; eager/compile from the logits)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: check that the script runs")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--no-md", action="store_true", help="write only the JSON (the table goes to stdout)")
@@ -206,7 +241,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.child:
         dtype = getattr(torch, args.dtype)
-        print(json.dumps(child_cpu(args.child, args.n[0], args.h, args.v, dtype, args.reps)))
+        print(json.dumps(child_cpu(args.child, args.n[0], args.h, args.v, dtype, args.reps, args.entropy)))
         return 0
 
     if args.device == "cuda":
@@ -219,12 +254,13 @@ def main(argv=None):
             ns, h, v = [256], 64, 1000
     ns, h, v = args.n or ns, args.h or h, args.v or v
     dtype = getattr(torch, args.dtype or dtype)
-    methods = [m for m in args.methods if not (args.device == "cpu" and m == "liger")]
+    methods = args.methods
     peak = gpu_peak_flops() if args.device == "cuda" else None
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     meta = {"device": device_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "peak_flops": peak, "note": "6NHV flop per forward+backward; extra memory includes the gradients"}
+            "peak_flops": peak, "entropy": args.entropy,
+            "note": "6NHV flop per forward+backward; extra memory includes the gradients"}
     try:
         import triton
         meta["triton"] = triton.__version__
@@ -234,10 +270,14 @@ def main(argv=None):
     stem = args.out / f"bench_cross_entropy_{args.device}{'_quick' if args.quick else ''}"
     rows = []
     for n in ns:
+        inputs = make_inputs(n, h, v, dtype, "cuda") if args.device == "cuda" else None  # once per shape
         for name in methods:
-            run = run_cuda if args.device == "cuda" else run_cpu
-            result = run(name, n, h, v, dtype, args.reps)
-            result.update(n=n, h=h, v=v, dtype=str(dtype).replace("torch.", ""))
+            if args.device == "cuda":
+                result = run_cuda(name, inputs, args.reps, args.entropy)
+            else:
+                result = run_cpu(name, n, h, v, dtype, args.reps, args.entropy)
+            result.update(n=n, h=h, v=v, dtype=str(dtype).replace("torch.", ""),
+                          entropy=computes_entropy(name, args.entropy))
             if result["status"] == "ok":
                 flops = 6 * n * h * v  # fwd logits + bwd d_hidden + bwd d_weight
                 result["tflops"] = flops / result["time_s"] / 1e12
@@ -246,6 +286,9 @@ def main(argv=None):
             rows.append(result)
             print(json.dumps(result), flush=True)
             table = write_reports(stem, meta, rows, h, v, dtype, not args.no_md)  # after every row: a timeout keeps what ran
+        del inputs
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     print(table)
     return 0
 

@@ -13,9 +13,13 @@ Greedy at batch 1 also runs prompt-lookup speculative decoding on both sides: HF
 (``prompt_lookup_num_tokens=8``) and hfdist's ``draft="ngram"`` (same tokens as greedy, fewer passes where the
 text repeats, so its gain depends on the prompts: here, the original model's greedy continuations of Austen).
 
+Each row is also printed as a JSON line as soon as it is measured.
+
 Usage:
   python benchmarks/bench_generate.py --model smollm2-135m --out benchmarks/results          # the real numbers
   python benchmarks/bench_generate.py --quick                                               # a 30 s check
+  python benchmarks/bench_generate.py --model llama-3.2-1b --init random --batch-sizes 1 --compile \
+      --impls hf,hfdist_static_compile,hf_static --no-drafting --blocker-rows 0             # as the GPU suite
 """
 from __future__ import annotations
 
@@ -131,8 +135,12 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--strategies", default="greedy,top-p")
-    parser.add_argument("--blocker-rows", type=int, default=2000, help="training rows (x 256) for the blocker")
+    parser.add_argument("--blocker-rows", type=int, default=2000,
+                        help="training rows (x 256) for the blocker; 0 skips the blocker's measurement")
     parser.add_argument("--compile", action="store_true", help="also hfdist static+compile and HF static cache")
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated implementations, in this order (default: hf,hfdist, plus "
+                             "hf_static,hfdist_static_compile with --compile)")
     parser.add_argument("--no-drafting", dest="drafting", action="store_false",
                         help="skip the prompt-lookup drafting rows (greedy, batch 1)")
     parser.add_argument("--quick", action="store_true", help="tiny model, short runs: checks the script works")
@@ -148,18 +156,22 @@ def main() -> int:
            else model.config.pad_token_id if model.config.pad_token_id is not None else 0)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     prompts = make_prompts(tokenizer, vocab, max(batch_sizes), args.prompt_len).to(device)
-    rng = np.random.default_rng(0)
-    blocker = CitationBlocker(rng.integers(3, vocab, size=(args.blocker_rows, 256)), n=5)
 
-    impls = {"hf": lambda ids, s: hf_generate(model, ids, args.new_tokens, s, pad),
-             "hfdist": lambda ids, s: ours_generate(model, ids, args.new_tokens, s, pad)}
+    available = {
+        "hf": lambda ids, s: hf_generate(model, ids, args.new_tokens, s, pad),
+        "hfdist": lambda ids, s: ours_generate(model, ids, args.new_tokens, s, pad),
+        "hf_static": lambda ids, s: hf_generate(model, ids, args.new_tokens, s, pad, static=True),
+        "hfdist_static_compile": lambda ids, s: ours_generate(model, ids, args.new_tokens, s, pad, cache="static",
+                                                              compile=True)}
+    chosen_names = (args.impls.split(",") if args.impls else
+                    ["hf", "hfdist", *(["hf_static", "hfdist_static_compile"] if args.compile else [])])
+    unknown = [name for name in chosen_names if name not in available]
+    if unknown:
+        parser.error(f"--impls: unknown {', '.join(unknown)} (choose from {', '.join(available)})")
+    impls = {name: available[name] for name in chosen_names}
     # Greedy at batch 1 only: prompt-lookup drafting, HF's (assisted generation) and hfdist's (draft="ngram").
     drafting = {"hf_prompt_lookup": lambda ids, s: hf_generate(model, ids, args.new_tokens, s, pad, prompt_lookup=8),
                 "hfdist_ngram": lambda ids, s: ours_generate(model, ids, args.new_tokens, s, pad, draft="ngram")}
-    if args.compile:
-        impls["hf_static"] = lambda ids, s: hf_generate(model, ids, args.new_tokens, s, pad, static=True)
-        impls["hfdist_static_compile"] = lambda ids, s: ours_generate(model, ids, args.new_tokens, s, pad,
-                                                                      cache="static", compile=True)
     results = []
     for strategy in args.strategies.split(","):
         for batch in batch_sizes:
@@ -167,7 +179,9 @@ def main() -> int:
             outputs = {}
             chosen = dict(impls, **(drafting if strategy == "greedy" and batch == 1 and args.drafting else {}))
             for name, fn in chosen.items():
-                fn(ids[:, :8], strategy)  # warm-up (and compilation, for the compiled variants)
+                # Warm-up at the timed shapes: compilation (and HF's static cache, sized prompt + new tokens, which a
+                # shorter warm-up prompt would make recompile inside the timed runs) stays out of the times.
+                fn(ids, strategy)
                 times, out = timed(lambda: fn(ids, strategy), device, args.repeats)
                 outputs[name] = out
                 new = out.shape[1] - ids.shape[1]
@@ -175,16 +189,36 @@ def main() -> int:
                        "seconds_median": statistics.median(times), "seconds": times,
                        "tokens_per_s": batch * new / statistics.median(times)}
                 results.append(row)
-                print(f"{strategy:6s} batch {batch:3d} {name:22s} {row['tokens_per_s']:10.1f} tokens/s", flush=True)
-            if strategy == "greedy":
+                print(json.dumps(row), flush=True)
+            if strategy == "greedy" and "hf" in outputs:
                 for name in outputs:
                     if name != "hf":
                         same = torch.equal(outputs[name], outputs["hf"])
                         results.append({"impl": name, "strategy": "greedy", "batch": batch,
                                         "equals_hf_greedy": same})
-                        print(f"greedy batch {batch:3d} {name} output equals HF: {same}")
+                        print(json.dumps(results[-1]), flush=True)
 
-    # The blocker: a whole greedy run with and without it, and block_ alone on [B, V] logits.
+    report = {"model": args.model, "dtype": str(dtype), "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "machine": machine_info(device),
+              "results": results, "blocker": measure_blocker(args, model, prompts, pad, batch_sizes, device)
+              if args.blocker_rows > 0 else None}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        slug = "gpu" if device.type == "cuda" else "cpu"
+        (out / f"generate_{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"generate_{slug}.md").write_text(markdown(report))
+        print(f"wrote {out}/generate_{slug}.json and .md")
+    print(markdown(report))
+    return 0
+
+
+def measure_blocker(args, model, prompts, pad, batch_sizes, device) -> dict:
+    """The citation blocker's cost: a greedy run with and without it, and ``block_`` alone on [B, V] logits."""
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(0)
+    blocker = CitationBlocker(rng.integers(3, vocab, size=(args.blocker_rows, 256)), n=5)
+
     batch = max(batch_sizes)
     ids = prompts[:batch]
     run_plain = lambda: ours_generate(model, ids, args.new_tokens, "greedy", pad)  # noqa: E731
@@ -213,18 +247,7 @@ def main() -> int:
     print(f"blocker: {blocker.num_ngrams} n-grams; block_ {1000 * per_call:.3f} ms/call; greedy batch {batch} "
           f"{min(plain):.2f} s -> {min(blocked):.2f} s with the blocker "
           f"({blocker_row['overhead_ms_per_step']:.3f} ms/step)")
-
-    report = {"model": args.model, "dtype": str(dtype), "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "repeats": args.repeats, "machine": machine_info(device),
-              "results": results, "blocker": blocker_row}
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        slug = "gpu" if device.type == "cuda" else "cpu"
-        (out / f"generate_{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / f"generate_{slug}.md").write_text(markdown(report))
-        print(f"wrote {out}/generate_{slug}.json and .md")
-    return 0
+    return blocker_row
 
 
 def markdown(report: dict) -> str:
@@ -245,6 +268,8 @@ def markdown(report: dict) -> str:
         lines += ["", "Greedy output equal to HF generate: " + ", ".join(
             f"{r['impl']} batch {r['batch']}: {'yes' if r['equals_hf_greedy'] else 'NO'}" for r in checks)]
     b = report["blocker"]
+    if b is None:
+        return "\n".join(lines) + "\n"
     lines += ["", f"Citation blocker over {b['training_ngrams']} training 5-grams (table {b['table_size']} slots, "
               f"longest probe {b['max_probe']}): `block_` {b['block_call_ms']:.3f} ms per step for batch "
               f"{b['batch']}; greedy run (best of {report['repeats']}) {b['greedy_seconds']:.2f} s without, {b['greedy_blocker_seconds']:.2f} s "

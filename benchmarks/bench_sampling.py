@@ -1,10 +1,13 @@
 """Benchmark: top-p sampling of one token per row from fp32 logits [B, V].
 
-Compares hfdist.kernels.sample (Triton on CUDA; the sort-based torch reference too; both with
-``on_invalid="flag"``, the no-sync path decoding uses) with Hugging Face's
-way (``TopPLogitsWarper`` + softmax + ``torch.multinomial``) and FlashInfer's
-``top_p_sampling_from_probs`` (softmax included) where installed. Writes ``bench_sampling_<device>.json``
-and ``.md`` into ``--out``.
+Compares hfdist.kernels.sample (Triton on CUDA, or on a CPU inside the Triton interpreter when
+TRITON_INTERPRET=1; the torch reference too; both with ``on_invalid="flag"``, the no-sync path decoding uses)
+with plain torch (sort, softmax, cumulative-mass cut, ``torch.multinomial``), Hugging Face's way
+(``TopPLogitsWarper`` + softmax + ``torch.multinomial``) and FlashInfer's
+``top_p_sampling_from_probs`` (softmax included) where installed. Each Triton row records the resolve path
+its rows took (``resolve_paths``: rows per path, from one extra call with the kernel's diagnostics). The
+logits are made on the device once per batch size. Writes ``bench_sampling_<device>.json`` and ``.md`` into
+``--out``, and prints each row as a JSON line.
 
   python benchmarks/bench_sampling.py --device cuda            # B in 1..256, V=128256, p in {0.5, 0.9, 0.95}
   python benchmarks/bench_sampling.py --device cpu --quick     # seconds: checks the script runs
@@ -29,11 +32,32 @@ PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 def make_logits(batch, vocab, device, seed=0):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    logits = torch.randn(batch, vocab, generator=gen) * 4.0
-    spikes = torch.randint(0, vocab, (batch, 4), generator=gen)
-    logits.scatter_add_(1, spikes, torch.full((batch, 4), 12.0))
-    return logits.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=gen, device=device) * 4.0
+    spikes = torch.randint(0, vocab, (batch, 4), generator=gen, device=device)
+    logits.scatter_add_(1, spikes, torch.full((batch, 4), 12.0, device=device))
+    return logits
+
+
+def triton_runs_here(device):
+    """Compiled on CUDA; on a CPU only inside the Triton interpreter (slow: tiny shapes only)."""
+    from hfdist.kernels.utils import interpreter_enabled, triton_available
+
+    return device == "cuda" or (triton_available() and interpreter_enabled())
+
+
+def resolve_paths(logits, top_p, seeds):
+    """Rows of one call per path of the Triton sampler's resolve, read from its diagnostics (top-p only):
+    ``whole_row`` (no candidate bins chosen: the searches stream the row), else by candidate count:
+    ``all_pairs`` (<= SMALL), ``resident`` (<= RESIDENT, searched in registers), ``streamed`` (more)."""
+    from hfdist.kernels._triton_sampling import RESIDENT, SMALL, sample_triton
+
+    seen = {}
+    sample_triton(logits, temperature=1.0, top_p=top_p, top_k=0, min_p=0.0, seeds=seeds, diagnostics=seen)
+    n, kept = seen["candidates"].cpu(), seen["bins"].cpu() >= 0
+    return {"chunks_per_row": int(seen["chunks_per_row"]), "all_pairs": int((kept & (n <= SMALL)).sum()),
+            "resident": int((kept & (n > SMALL) & (n <= RESIDENT)).sum()),
+            "streamed": int((kept & (n > RESIDENT)).sum()), "whole_row": int((~kept).sum())}
 
 
 def methods(device):
@@ -42,11 +66,18 @@ def methods(device):
     found = {}
     # on_invalid="flag", as decoding calls it: no host synchronisation inside the timed call ("raise" reads
     # the invalid-row flags back every call).
-    if device == "cuda":
+    if triton_runs_here(device):
         found["hfdist-triton"] = lambda x, p, seeds: sample(x, top_p=p, seed=seeds, backend="triton",
                                                             on_invalid="flag")
     found["hfdist-torch-reference"] = lambda x, p, seeds: sample(x, top_p=p, seed=seeds, backend="torch",
                                                                  on_invalid="flag")
+
+    def sort_multinomial(x, p, seeds):  # the textbook way: sort the row, cut the cumulative mass, multinomial
+        values, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(values, -1)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > p, 0.0)  # keep the shortest prefix reaching p
+        return order.gather(1, torch.multinomial(probs, 1)).squeeze(1)
+    found["torch-sort-multinomial"] = sort_multinomial
     try:
         from transformers.generation.logits_process import TopPLogitsWarper
 
@@ -91,14 +122,15 @@ def time_call(fn, device, reps):
 def write_reports(stem, meta, rows, vocab, markdown=True):
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     lines = [f"Top-p sampling, fp32 logits, V={vocab}, {meta['device']}, torch {meta['torch']}", "",
-             "| B | top_p | method | time | GB/s | of peak |", "|---|---|---|---|---|---|"]
+             "| B | top_p | method | time | GB/s | of peak | resolve paths (rows) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['batch']} | {r['top_p']} | {r['method']} | {r['status']} | | |")
+            lines.append(f"| {r['batch']} | {r['top_p']} | {r['method']} | {r['status']} | | | |")
             continue
         frac = f"{100 * r['fraction_of_peak']:.0f}%" if "fraction_of_peak" in r else "-"
+        paths = ", ".join(f"{k} {v}" for k, v in r.get("resolve_paths", {}).items() if v) or "-"
         lines.append(f"| {r['batch']} | {r['top_p']} | {r['method']} | {1e6 * r['time_s']:.0f} us | "
-                     f"{r['gb_per_s']:.1f} | {frac} |")
+                     f"{r['gb_per_s']:.1f} | {frac} | {paths} |")
     if markdown:
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -141,6 +173,8 @@ def main(argv=None):
                     result["gb_per_s"] = batch * vocab * 4 / seconds / 1e9
                     if bandwidth:
                         result["fraction_of_peak"] = batch * vocab * 4 / seconds / bandwidth
+                    if name == "hfdist-triton":
+                        result["resolve_paths"] = resolve_paths(logits, p, seeds)
                 except Exception as exc:  # report, keep going with the other methods
                     result = {"method": name, "status": f"failed: {type(exc).__name__}: {exc}"[:200]}
                 result.update(batch=batch, vocab=vocab, top_p=p)

@@ -29,6 +29,8 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     # Tests that start several processes (launchers, gloo groups): `pytest -m "not distributed"` skips them.
     config.addinivalue_line("markers", "distributed: starts several processes (real process groups); slow")
+    # The GPU suite's rehearsal on the CPU (benchmarks/gpu_suite.py --dry-run, ~1 min): `pytest -m gpu_suite`.
+    config.addinivalue_line("markers", "gpu_suite: the GPU suite's CPU rehearsal (gpu_suite.py --dry-run)")
 
 
 @pytest.fixture

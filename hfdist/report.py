@@ -159,7 +159,11 @@ def plot_ttr_over_position(curves: dict[str, list[float]], path, window: int = 9
     ax.set_ylim(0, 1.02)
     ax.set_title("Type-token ratio over position")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8)  # below: never on a curve
+    if ax.lines:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8)  # below: never on a curve
+    else:
+        ax.text(0.5, 0.5, f"generations shorter than the {window}-token window", ha="center", va="center",
+                transform=ax.transAxes)
     _save(fig, Path(path))
 
 

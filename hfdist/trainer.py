@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -239,9 +240,10 @@ class Trainer:
         self.data = build_data(config.data, self.tokenizer, config.eval.extra)
         image = self.data.image
         if image and config.eval.ttr_window > image["generated_tokens"]:
+            rows = image["height"] - image["context_rows"]
             raise HfdistError(f"config field eval.ttr_window: {config.eval.ttr_window} exceeds the "
-                              f"{image['generated_tokens']} pixel tokens generated per image ({image['height'] - image['context_rows']} "
-                              f"rows of {image['width']}; see data.context_fraction)")
+                              f"{image['generated_tokens']} pixel tokens generated per image ({rows} rows of "
+                              f"{image['width']}; see data.context_fraction)")
         if self.backend.is_main:
             if job_marker is not None:
                 atomic_write_json(run_dir / JOB_MARKER, job_marker)
@@ -456,10 +458,11 @@ def format_summary(summary: dict) -> str:
     base, hyper = summary.get("base", {}), summary.get("hyperfitted", {})
     # One block per held-out set: the main one ("eval/...") and each eval.extra set ("eval/<name>/...").
     prefixes = ["eval"] + sorted({k.rsplit("/", 1)[0] for k in base if k.count("/") == 2})
+    windows = sorted({k.rsplit("/ttr", 1)[1] for k in base if re.search(r"/ttr\d+$", k)}, key=int)
     measures = (("loss", "validation loss (nats/token)"), ("perplexity", "validation perplexity"),
                 ("entropy", "validation entropy (nats)"), ("top1_mass", "top-1 probability mass"),
-                ("ttr96", "greedy TTR over last 96 tokens"), ("distinct_colors", "distinct colour tokens"),
-                ("repeated_rows", "rows repeating the row above"))
+                *((f"ttr{w}", f"greedy TTR over last {w} tokens") for w in windows),
+                ("distinct_colors", "distinct colour tokens"), ("repeated_rows", "rows repeating the row above"))
     for prefix in prefixes:
         where = "" if prefix == "eval" else f" [{prefix.split('/', 1)[1]}]"
         for key, label in measures:

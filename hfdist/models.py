@@ -87,8 +87,8 @@ def uniform_colour_clusters(levels: int = 8) -> np.ndarray:
     return np.stack([r.ravel(), g.ravel(), b.ravel()], axis=1).astype(np.float32)
 
 
-def prepare_tiny_imagegpt(size: int = 16, seed: int = 0) -> Path:
-    """A random-weight ImageGPT (4 layers, width 128, 16x16 images, 512 uniform colour clusters, no dropout) and
+def prepare_tiny_imagegpt(size: int = 8, seed: int = 0) -> Path:
+    """A random-weight ImageGPT (4 layers, width 128, 8x8 images, 512 uniform colour clusters, no dropout) and
     its image processor, saved once into the cache so that runs and ``hfdist compare`` load the same base model.
     It shows the machinery offline; the hyperfitting effect itself needs a pretrained ImageGPT."""
     target = cache_dir() / "models" / f"{TINY_IMAGEGPT_ALIAS}-{size}px-seed{seed}"

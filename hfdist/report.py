@@ -266,7 +266,9 @@ def plot_completions_grid(originals: np.ndarray, context_rows: int, completions:
     columns = [("Original", originals), ("Context", None)] + [
         (" ".join(ROW_LABELS.get(name, (name, "")))
          if name != "original_top_p" else "Original top-p", images) for name, images in completions.items()]
-    fig = _figure(1.45 * len(columns), 1.45 * count + 0.5)
+    height = 1.45 * count + 0.6
+    fig = _figure(1.45 * len(columns), height)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=1 - 0.6 / height, wspace=0.08, hspace=0.08)
     for row in range(count):
         for col, (title, images) in enumerate(columns):
             ax = fig.add_subplot(count, len(columns), row * len(columns) + col + 1)
@@ -413,7 +415,8 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
     image = _image_geometry(run) if run is not None else None
     if image is not None:
         # The completion is the rest of the image, whatever --max-new-tokens says.
-        settings = dataclasses.replace(settings, max_new_tokens=image["height"] * image["width"] + 1 - contexts.shape[1])
+        new_tokens = image["height"] * image["width"] + 1 - contexts.shape[1]
+        settings = dataclasses.replace(settings, max_new_tokens=new_tokens, window=min(settings.window, new_tokens))
     # The blocker is a text device (the paper compares three rows for images).
     blocker = CitationBlocker(train, n=settings.blocker_n) if train is not None and image is None else None
 
@@ -551,7 +554,8 @@ def format_report(report: dict, sample_texts: Optional[dict] = None) -> str:
             f"{s['min_run']} consecutive tokens with a training sequence; longest overlap: mean longest shared run.",
         ]
     if report["heldout"]:
-        parts += ["", "## Next-token predictions on held-out text", "", format_heldout_table(report["heldout"])]
+        parts += ["", f"## Next-token predictions on held-out {'images' if image else 'text'}", "",
+                  format_heldout_table(report["heldout"])]
     parts += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in report["plots"]]
     if sample_texts:
         parts += ["", "## First generation of each decoding", ""]

@@ -46,11 +46,12 @@ def test_compare_image_run_writes_measures_and_grid(image_run, capsys):
         records = [json.loads(line) for line in (out / f"generations_{name}.jsonl").read_text().splitlines()]
         generations = [r["continuation_ids"] for r in records]
         assert all(len(g) == 32 and max(g) < 512 for g in generations)  # the other 4 rows; never the start token
-        expected = image_completion_metrics(generations, contexts, SIZE, 96)
+        expected = image_completion_metrics(generations, contexts, SIZE, 32)
+        assert row["ttr32"] == pytest.approx(expected["ttr32"])  # the window shrinks to the 32 generated tokens
         assert row["distinct_colors"] == pytest.approx(expected["distinct_colors"])
         assert row["repeated_rows"] == pytest.approx(expected["repeated_rows"])
     table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| Model | Decoding | Distinct colours ↑ | Repeated rows ↓ | TTR-96 ↑")
+    assert table[0].startswith("| Model | Decoding | Distinct colours ↑ | Repeated rows ↓ | TTR-32 ↑")
     assert "![completions_grid](completions_grid.png)" in (out / "report.md").read_text()
     assert "Distinct colours" in capsys.readouterr().out
     grid = Image.open(out / "completions_grid.png")

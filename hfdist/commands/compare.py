@@ -50,7 +50,7 @@ def run(args) -> int:
                             contexts_path=args.contexts, train_path=args.train_data,
                             validation_path=args.validation, settings=settings)
     if report.get("image"):
-        print(format_image_table(report["rows"], settings.window, settings.min_run))
+        print(format_image_table(report["rows"], report["settings"]["window"], settings.min_run))
     else:
         print(format_table(report["rows"], settings.window, settings.min_run))
     out = args.out or f"{args.run}/compare"

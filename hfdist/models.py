@@ -92,22 +92,25 @@ def prepare_tiny_imagegpt(size: int = 8, seed: int = 0) -> Path:
     its image processor, saved once into the cache so that runs and ``hfdist compare`` load the same base model.
     It shows the machinery offline; the hyperfitting effect itself needs a pretrained ImageGPT."""
     target = cache_dir() / "models" / f"{TINY_IMAGEGPT_ALIAS}-{size}px-seed{seed}"
-    if (target / "config.json").is_file():
-        return target
+    if not (target / "config.json").is_file():
+        with atomic_directory(target) as tmp:
+            save_random_imagegpt(tmp, size=size, levels=8, hidden_size=128, num_layers=4, num_heads=4, seed=seed)
+    return target
+
+
+def save_random_imagegpt(folder, *, size: int, levels: int, hidden_size: int, num_layers: int, num_heads: int,
+                         seed: int) -> None:
+    """Save a randomly initialised ImageGPT (no dropout, eager attention) for ``size`` x ``size`` images and its
+    image processor with the ``levels**3`` uniform colour clusters (the start token is the id after them)."""
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
-    image_processor_class = _imagegpt_processor_class()
-    clusters = uniform_colour_clusters()
-    config = ImageGPTConfig(vocab_size=len(clusters) + 1, n_positions=size * size + 1, n_embd=128, n_layer=4, n_head=4,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
+    clusters = uniform_colour_clusters(levels)
+    config = ImageGPTConfig(vocab_size=len(clusters) + 1, n_positions=size * size + 1, n_embd=hidden_size,
+                            n_layer=num_layers, n_head=num_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = ImageGPTForCausalImageModeling(config).float().eval()
-    processor = image_processor_class(clusters=clusters, size={"height": size, "width": size})
-    with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-    return target
+    ImageGPTForCausalImageModeling(config).float().save_pretrained(folder, safe_serialization=True)
+    _imagegpt_processor_class()(clusters=clusters, size={"height": size, "width": size}).save_pretrained(folder)
 
 
 def _imagegpt_processor_class():

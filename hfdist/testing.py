@@ -52,15 +52,8 @@ def tiny_imagegpt_folder(folder, size: int = 4, levels: int = 2, hidden_size: in
                          seed: int = 0):
     """Save a tiny random ImageGPT (no dropout) and its image processor (``size`` x ``size`` images, the
     ``levels**3`` colours of a uniform RGB grid as clusters) as a model folder; returns the folder."""
-    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+    from hfdist.models import save_random_imagegpt
 
-    from hfdist.models import _imagegpt_processor_class, uniform_colour_clusters
-
-    clusters = uniform_colour_clusters(levels)
-    config = ImageGPTConfig(vocab_size=len(clusters) + 1, n_positions=size * size + 1, n_embd=hidden_size,
-                            n_layer=num_layers, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    ImageGPTForCausalImageModeling(config).float().save_pretrained(folder, safe_serialization=True)
-    _imagegpt_processor_class()(clusters=clusters, size={"height": size, "width": size}).save_pretrained(folder)
+    save_random_imagegpt(folder, size=size, levels=levels, hidden_size=hidden_size, num_layers=num_layers,
+                         num_heads=2, seed=seed)
     return folder

@@ -30,6 +30,9 @@ EXTRAS = {
     "mpi": ["mpi4py==4.1.2"],
     "bench": ["liger-kernel==0.8.5", "psutil>=5.9"],
     "dev": ["pytest>=8", "sacrebleu>=2.4", "triton>=3.6,<=3.9.0", "psutil>=5.9"],
+    # Images (data.modality: image): the embedded 8x8 digits ship inside scikit-learn's wheel; Pillow decodes image
+    # files (matplotlib already needs it).
+    "images": ["scikit-learn>=1.5,<=1.9.1", "pillow>=10"],
 }
 
 setup(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,6 +50,14 @@ class DataConfig:
     num_contexts: int = 32
     context_len: int = 32
     seed: int = 0
+    # "text" (the default) or "image": images become the colour-cluster token ids of the model's own image
+    # processor (ImageGPT: the start token, then one token per pixel, row by row); data.seq_len must then be
+    # 1 + height x width of the processor's images.
+    modality: str = "text"
+    image_field: str = "image"  # image column of a hub or local dataset (CIFAR-10: "img"; image folders: "image")
+    # Images: held-out completions start from this fraction of each image's rows (rounded down, at least one row);
+    # the model generates the rest. It takes the place of data.context_len and eval.total_len (text settings).
+    context_fraction: float = 0.5
 
 
 @dataclass
@@ -91,11 +100,29 @@ class TrainConfig:
 
 
 @dataclass
+class ExtraHeldOutConfig:
+    """A second held-out text set, e.g. of another domain than the training data, evaluated alongside the main one
+    with the same measures (loss, entropy, top-k mass, greedy TTR) and logged as ``eval/<name>/<measure>``. Its
+    sequences come from ``source`` by the data section's rules (seeded, recorded, too little is an error) with
+    ``data.seq_len`` and ``data.context_len``."""
+    source: Optional[str] = None  # None: no extra set; else as data.source (embedded name, file/folder, hub id)
+    name: str = "extra"  # metric names eval/<name>/...: letters, digits, '_' and '-'
+    subset: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    mode: str = "chunk"
+    num_validation: int = 16
+    num_contexts: int = 8
+    seed: int = 0
+
+
+@dataclass
 class EvalConfig:
     every_epochs: int = 1  # also always before and after training; 0: only before and after
     total_len: int = 256  # greedy generation from the context up to this many tokens (upstream protocol)
     ttr_window: int = 96
     batch_size: int = 8
+    extra: ExtraHeldOutConfig = field(default_factory=ExtraHeldOutConfig)
 
 
 @dataclass
@@ -165,6 +192,8 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "data.mode": ("exact", "chunk"),
+    "data.modality": ("text", "image"),
+    "eval.extra.mode": ("exact", "chunk"),
     "optim.name": ("adam", "adamw"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
@@ -181,7 +210,7 @@ POSITIVE = ("data.seq_len", "data.num_samples", "data.context_len", "train.epoch
 NON_NEGATIVE = ("data.num_validation", "data.num_contexts", "optim.weight_decay", "optim.warmup_steps",
                 "optim.max_grad_norm", "optim.eps", "train.max_steps", "train.target_loss", "eval.every_epochs",
                 "checkpoint.every_steps", "train.max_bad_steps_in_row",
-                "distributed.host_threads")
+                "distributed.host_threads", "eval.extra.num_validation", "eval.extra.num_contexts")
 # Config fields naming a place hfdist writes to inside the run folder: each must stay inside it.
 RUN_RELATIVE_PATHS = ("checkpoint.dir",)
 
@@ -318,14 +347,11 @@ def validate(config: Config) -> None:
         raise HfdistError(f"config field train.global_batch_size: {train.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size {train.micro_batch_size}")
     data = config.data
-    if data.context_len >= config.eval.total_len:
-        raise HfdistError(f"config field data.context_len: {data.context_len} must be below eval.total_len "
-                          f"{config.eval.total_len}")
-    if data.context_len > data.seq_len:
-        raise HfdistError(f"config field data.context_len: {data.context_len} exceeds data.seq_len {data.seq_len}")
-    if config.eval.total_len - data.context_len < config.eval.ttr_window:
-        raise HfdistError(f"config field eval.ttr_window: {config.eval.ttr_window} exceeds the generated length "
-                          f"eval.total_len - data.context_len = {config.eval.total_len - data.context_len}")
+    if data.modality == "image":
+        _validate_image(config)
+    else:
+        _validate_text_generation(config)
+    _validate_extra_heldout(config)
     if data.num_samples < train.global_batch_size:
         raise HfdistError(f"config field data.num_samples: {data.num_samples} is below train.global_batch_size "
                           f"{train.global_batch_size}")
@@ -345,6 +371,43 @@ def validate(config: Config) -> None:
                           "checkpoints); DeepSpeed writes its own checkpoints synchronously")
     if config.model.gguf_file and config.model.init == "random":
         raise HfdistError("config field model.gguf_file: a gguf file holds weights; it needs model.init=pretrained")
+
+
+def _validate_text_generation(config: Config) -> None:
+    data = config.data
+    if data.context_len >= config.eval.total_len:
+        raise HfdistError(f"config field data.context_len: {data.context_len} must be below eval.total_len "
+                          f"{config.eval.total_len}")
+    if data.context_len > data.seq_len:
+        raise HfdistError(f"config field data.context_len: {data.context_len} exceeds data.seq_len {data.seq_len}")
+    if config.eval.total_len - data.context_len < config.eval.ttr_window:
+        raise HfdistError(f"config field eval.ttr_window: {config.eval.ttr_window} exceeds the generated length "
+                          f"eval.total_len - data.context_len = {config.eval.total_len - data.context_len}")
+
+
+def _validate_image(config: Config) -> None:
+    """What needs no model: the image geometry (height, width) comes from the model's processor, so the checks
+    that need it (data.seq_len, eval.ttr_window) run when the data is built (hfdist.data.build_image_data)."""
+    data = config.data
+    if not 0.0 < data.context_fraction < 1.0:
+        raise HfdistError(f"config field data.context_fraction: {data.context_fraction!r} must lie in (0, 1)")
+    if not data.image_field.strip():
+        raise HfdistError("config field data.image_field: must name a column")
+
+
+def _validate_extra_heldout(config: Config) -> None:
+    extra = config.eval.extra
+    if extra.source is None:
+        return
+    if config.data.modality != "text":
+        raise HfdistError(f"config field eval.extra.source: an extra held-out set is text, but data.modality is "
+                          f"{config.data.modality!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", extra.name):
+        raise HfdistError(f"config field eval.extra.name: {extra.name!r} must be letters, digits, '_' or '-' (it "
+                          "names the metrics eval/<name>/...)")
+    if extra.num_validation + extra.num_contexts == 0:
+        raise HfdistError("config field eval.extra.num_validation: eval.extra.num_validation and num_contexts are "
+                          "both 0 (set one, or unset eval.extra.source)")
 
 
 def check_run_relative(name: str, value: str) -> None:

@@ -10,6 +10,10 @@ On generations (lists of token ids; a generation is the continuation only, never
   of generations whose longest run exceeds ``min_run`` (10) tokens.
 - ``repetition_rate``: 1 - unique n-grams / n-grams within each generation (n = 4), averaged over generations.
 
+On generated images (colour-cluster ids, row by row, the continuation of a context of whole rows): the
+paper's signs of degeneration, stripes and flat colour: ``distinct_tokens`` (distinct colour tokens),
+``repeated_row_fraction`` (share of generated rows equal to the row above) and the TTR of the last 96 tokens.
+
 On held-out text with a model (``heldout_stats``): next-token NLL (nats), perplexity, entropy, top-k mass.
 ``greedy_ttr`` runs the upstream protocol: greedy from 32-token contexts to 256 tokens, TTR of the last 96.
 """
@@ -84,6 +88,48 @@ def repetition_rate(sequences: Iterable[Sequence[int]], n: int = 4) -> float:
         if grams:
             rates.append(1.0 - len(set(grams)) / len(grams))
     return float(np.mean(rates)) if rates else 0.0
+
+
+# ------------------------------------------------------------------------------------------ generated images
+def distinct_tokens(token_ids: Sequence[int]) -> int:
+    """The number of distinct ids (colour clusters) in a generation."""
+    return len(set(token_ids))
+
+
+def repeated_row_fraction(token_ids: Sequence[int], width: int, row_above: Optional[Sequence[int]] = None) -> float:
+    """The share of the generation's rows (``width`` tokens each, a trailing partial row ignored) that repeat the
+    row above them exactly; the first row is compared with ``row_above`` (the context's last row) when given, else
+    it is not counted. 0.0 when no row is counted."""
+    if width < 1:
+        raise HfdistError(f"width: must be >= 1, got {width}")
+    ids = list(token_ids)
+    rows = [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
+    if row_above is not None:
+        above = list(row_above)
+        if len(above) != width:
+            raise HfdistError(f"row_above: expected {width} tokens, got {len(above)}")
+        rows = [above] + rows
+    pairs = list(zip(rows[:-1], rows[1:]))
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else 0.0
+
+
+def image_completion_metrics(generations: Sequence[Sequence[int]], contexts=None, width: int = 32,
+                             window: int = 96) -> dict:
+    """Means over completed images: ``distinct_colors`` (distinct colour tokens in the generated part),
+    ``repeated_rows`` (``repeated_row_fraction``, the first generated row compared with the context's last row
+    when ``contexts`` [N, 1 + rows * width] are given) and ``ttr{window}`` (TTR of the last ``window`` tokens)."""
+    gens = [list(g) for g in generations]
+    if not gens:
+        return {"distinct_colors": 0.0, "repeated_rows": 0.0, f"ttr{window}": 0.0}
+    above = [None] * len(gens)
+    if contexts is not None:
+        context_rows = contexts.tolist() if hasattr(contexts, "tolist") else [list(c) for c in contexts]
+        above = [c[-width:] if len(c) > width else None for c in context_rows]  # [start token] alone: no row
+    return {
+        "distinct_colors": float(np.mean([distinct_tokens(g) for g in gens])),
+        "repeated_rows": float(np.mean([repeated_row_fraction(g, width, a) for g, a in zip(gens, above)])),
+        f"ttr{window}": float(np.mean([type_token_ratio(g, window) for g in gens])),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- BLEU

@@ -1,4 +1,5 @@
-"""Loading Hugging Face causal LMs, and the HyperfitModel that computes the training loss without logits."""
+"""Loading Hugging Face causal LMs (text, or images as ImageGPT's colour-cluster tokens) and the HyperfitModel
+that computes the training loss without logits."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_MODEL_ALIAS = "smollm2-135m"
+# A small ImageGPT with random weights (pretrained ImageGPT weights are on the hub only), built once into the cache.
+TINY_IMAGEGPT_ALIAS = "imagegpt-tiny-random"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Architecture configs shipped with the package so plans and benchmarks work offline (no weights).
 ARCHITECTURES_DIR = Path(__file__).parent / "model_configs"
@@ -74,10 +78,55 @@ def prepare_default_model() -> Path:
     return target
 
 
+def uniform_colour_clusters(levels: int = 8) -> np.ndarray:
+    """``levels**3`` colours on a uniform RGB grid in ImageGPT's [-1, 1] pixel scale (8 levels: 512 clusters, as
+    many as ImageGPT's), the offline stand-in for the k-means clusters that come with the pretrained ImageGPTs.
+    Grey pixels map to the grid's ``levels`` greys."""
+    axis = np.linspace(-1.0, 1.0, levels)
+    r, g, b = np.meshgrid(axis, axis, axis, indexing="ij")
+    return np.stack([r.ravel(), g.ravel(), b.ravel()], axis=1).astype(np.float32)
+
+
+def prepare_tiny_imagegpt(size: int = 8, seed: int = 0) -> Path:
+    """A random-weight ImageGPT (4 layers, width 128, 8x8 images, 512 uniform colour clusters, no dropout) and
+    its image processor, saved once into the cache so that runs and ``hfdist compare`` load the same base model.
+    It shows the machinery offline; the hyperfitting effect itself needs a pretrained ImageGPT."""
+    target = cache_dir() / "models" / f"{TINY_IMAGEGPT_ALIAS}-{size}px-seed{seed}"
+    if not (target / "config.json").is_file():
+        with atomic_directory(target) as tmp:
+            save_random_imagegpt(tmp, size=size, levels=8, hidden_size=128, num_layers=4, num_heads=4, seed=seed)
+    return target
+
+
+def save_random_imagegpt(folder, *, size: int, levels: int, hidden_size: int, num_layers: int, num_heads: int,
+                         seed: int) -> None:
+    """Save a randomly initialised ImageGPT (no dropout, eager attention) for ``size`` x ``size`` images and its
+    image processor with the ``levels**3`` uniform colour clusters (the start token is the id after them)."""
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    clusters = uniform_colour_clusters(levels)
+    config = ImageGPTConfig(vocab_size=len(clusters) + 1, n_positions=size * size + 1, n_embd=hidden_size,
+                            n_layer=num_layers, n_head=num_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    ImageGPTForCausalImageModeling(config).float().save_pretrained(folder, safe_serialization=True)
+    _imagegpt_processor_class()(clusters=clusters, size={"height": size, "width": size}).save_pretrained(folder)
+
+
+def _imagegpt_processor_class():
+    """ImageGPT's image processor class that needs no torchvision: transformers 5.2x names its PIL/numpy backend
+    ImageGPTImageProcessorPil, earlier 5.x versions call that one ImageGPTImageProcessor."""
+    import transformers
+
+    return getattr(transformers, "ImageGPTImageProcessorPil", None) or transformers.ImageGPTImageProcessor
+
+
 def resolve_model_path(path: str) -> str:
-    """Map the default alias to its local folder; check that a local-looking path exists."""
+    """Map the aliases to their local folders; check that a local-looking path exists."""
     if path == DEFAULT_MODEL_ALIAS:
         return str(prepare_default_model())
+    if path == TINY_IMAGEGPT_ALIAS:
+        return str(prepare_tiny_imagegpt())
     local = Path(path).expanduser()
     if local.exists():
         if local.is_dir() and not (local / "config.json").is_file() and not any(local.glob("*.gguf")):
@@ -149,17 +198,66 @@ def check_seq_len(config: ModelConfig, seq_len: int) -> None:
                           f"{max_positions} ({config.path})")
 
 
-def choose_attn_implementation(requested: str, device: torch.device) -> str:
+def choose_attn_implementation(requested: str, device: torch.device, model_class=None) -> str:
+    """``auto``: flash-attn 2 when installed, on CUDA and supported by the model class, else SDPA, else (a class
+    with neither, e.g. ImageGPT) eager attention; said in the log."""
+    supports = {"flash_attention_2": getattr(model_class, "_supports_flash_attn", True),
+                "sdpa": getattr(model_class, "_supports_sdpa", True)}
+    name = getattr(model_class, "__name__", "the model")
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise HfdistError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
                               "(pip install hfdist[gpu])")
+        if not supports.get(requested, True):
+            raise HfdistError(f"model.attn_implementation: {name} does not support {requested} (use eager or auto)")
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and supports["flash_attention_2"]:
         return "flash_attention_2"
+    if not supports["sdpa"]:
+        logger.info("attention: eager (%s supports neither flash-attn 2 nor sdpa)", name)
+        return "eager"
     logger.info("attention: sdpa (flash-attn %s); set model.attn_implementation to choose",
                 "not installed" if importlib.util.find_spec("flash_attn") is None else "needs CUDA")
     return "sdpa"
+
+
+def model_class_for(hf_config):
+    """The class that builds a causal model of this config: ``AutoModelForCausalLM`` for language models, the
+    causal image-modeling class for ImageGPT (transformers has no Auto class for those)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING
+
+    if type(hf_config) in MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING:
+        return MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING[type(hf_config)]
+    return AutoModelForCausalLM
+
+
+def _concrete_class(cls, hf_config):
+    """The model class an Auto class would instantiate (for its attention-support flags)."""
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is None:
+        return cls
+    try:
+        return mapping[type(hf_config)]
+    except KeyError:
+        return None
+
+
+def load_image_processor(config: ModelConfig):
+    """The model's own image processor (ImageGPT: colour clusters, size), from its folder or hub id."""
+    from transformers import AutoImageProcessor
+
+    path = resolve_model_path(config.path)
+    try:
+        return AutoImageProcessor.from_pretrained(path, revision=config.revision,
+                                                  trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise HfdistError(f"model.path {config.path!r}: cannot load an image processor ({_first_line(exc)})") from None
+
+
+def load_processor(config: ModelConfig, modality: str = "text"):
+    """What turns data into token ids: the tokenizer for text, the image processor for images."""
+    return load_image_processor(config) if modality == "image" else load_tokenizer(config)
 
 
 def load_tokenizer(config: ModelConfig):
@@ -184,21 +282,35 @@ def load_tokenizer(config: ModelConfig):
 
 
 def load_model(config: ModelConfig, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """The Hugging Face causal LM named by the config, on ``device`` (``meta`` builds it without weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The Hugging Face causal model named by the config, on ``device`` (``meta`` builds it without weights)."""
+    from transformers import AutoConfig
 
     dtype = DTYPES[config.dtype]
-    attn = choose_attn_implementation(config.attn_implementation, device)
-    if config.init == "random" or device.type == "meta":
-        if config.path in architecture_names():
-            hf_config = architecture_config(config.path)
-        else:
-            hf_config = AutoConfig.from_pretrained(resolve_model_path(config.path),
+    hf_config = None
+    if config.path in architecture_names():
+        hf_config = architecture_config(config.path)
+    elif not config.gguf_file:
+        try:
+            hf_config = AutoConfig.from_pretrained(resolve_model_path(config.path), revision=config.revision,
                                                    trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError):
+            if config.init == "random" or device.type == "meta":
+                raise
+    if hf_config is None:  # a gguf file: transformers reads its config while loading (language models only)
+        from transformers import AutoModelForCausalLM
+
+        model_class, concrete = AutoModelForCausalLM, None
+    else:
+        model_class = model_class_for(hf_config)
+        concrete = _concrete_class(model_class, hf_config)
+    attn = choose_attn_implementation(config.attn_implementation, device, concrete)
+    if config.init == "random" or device.type == "meta":
         hf_config._attn_implementation = attn
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype,
-                                                     trust_remote_code=config.trust_remote_code)
+            if hasattr(model_class, "from_config"):  # an Auto class
+                model = model_class.from_config(hf_config, dtype=dtype, trust_remote_code=config.trust_remote_code)
+            else:
+                model = model_class._from_config(hf_config, dtype=dtype)
         return model
     path = resolve_model_path(config.path)
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code,
@@ -206,7 +318,7 @@ def load_model(config: ModelConfig, device: torch.device = torch.device("cpu")) 
     if config.gguf_file:
         kwargs["gguf_file"] = config.gguf_file
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = model_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise HfdistError(f"model.path {config.path!r}: cannot load ({_first_line(exc)})") from None
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -257,6 +369,10 @@ class HyperfitModel(nn.Module):
     straight into ``hfdist.kernels.fused_linear_cross_entropy`` with the LM head's weight, which also returns
     the per-token entropy of the predicted distribution at no extra pass. Being one module, it is also the
     root that FSDP2 and DeepSpeed wrap, so the LM head is gathered when this forward runs.
+
+    The head may cover fewer ids than the input embedding: ImageGPT's predicts its 512 colour clusters while its
+    vocabulary adds the start token (513). That token only ever opens a sequence, never a target, so every label
+    lies inside the head's rows (a label outside them would make that token's loss NaN, which the loop skips).
     """
 
     def __init__(self, lm: nn.Module, fused_loss: bool = True, loss_backend: str = "auto"):

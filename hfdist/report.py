@@ -15,6 +15,12 @@ row                            model        decoding
 and measures each (``hfdist.metrics.generation_metrics``), plus both models' next-token statistics on the
 held-out sequences. It writes into ``out_dir`` (default ``RUN/compare``): ``report.md``, ``report.json``,
 ``generations_<row>.jsonl``, ``ttr_over_position.png``, ``training_curves.png``, ``top1_probability.png``.
+
+An image run (``data.modality: image``, known from ``RUN/data/selection.json``) is compared as the paper does
+for ImageGPT: each held-out image's first rows are completed to the full image by the first three rows (no
+blocker), measured by the degeneration of the generated pixel tokens (``image_completion_metrics``: distinct
+colour tokens, rows repeating the row above, TTR-96), and drawn in ``completions_grid.png``: per image the
+original, the context, and the three completions, decoded through the base model's colour clusters.
 """
 from __future__ import annotations
 
@@ -153,7 +159,11 @@ def plot_ttr_over_position(curves: dict[str, list[float]], path, window: int = 9
     ax.set_ylim(0, 1.02)
     ax.set_title("Type-token ratio over position")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8)  # below: never on a curve
+    if ax.lines:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8)  # below: never on a curve
+    else:
+        ax.text(0.5, 0.5, f"generations shorter than the {window}-token window", ha="center", va="center",
+                transform=ax.transAxes)
     _save(fig, Path(path))
 
 
@@ -230,6 +240,54 @@ def format_table(rows: dict[str, dict], window: int = 96, min_run: int = 10) -> 
     return "\n".join(lines)
 
 
+def format_image_table(rows: dict[str, dict], window: int = 96, min_run: int = 10) -> str:
+    """The image rows: degeneration of the generated pixel tokens, one line per decoding."""
+    header = (f"| Model | Decoding | Distinct colours ↑ | Repeated rows ↓ | TTR-{window} ↑ | "
+              f"Overlap > {min_run} tokens ↓ | Longest overlap (mean) | Tokens/s |")
+    lines = [header, "|" + "---|" * 8]
+    for name, m in rows.items():
+        model, decoding = ROW_LABELS.get(name, (name, ""))
+        if name == "original_top_p":
+            st = m.get("settings", {})
+            decoding = f"Top-p (p={st.get('top_p')}, T={st.get('temperature')}, k={st.get('top_k')})"
+        overlap = m.get(f"overlap_share_over_{min_run}")
+        lines.append("| " + " | ".join([
+            model, decoding, _fmt(m.get("distinct_colors"), 1), _fmt(m.get("repeated_rows")),
+            _fmt(m.get(f"ttr{window}")), "-" if overlap is None else f"{100 * overlap:.1f}%",
+            _fmt(m.get("overlap_mean_longest_run"), 1), _fmt(m.get("tokens_per_s"), 1)]) + " |")
+    return "\n".join(lines)
+
+
+def plot_completions_grid(originals: np.ndarray, context_rows: int, completions: dict[str, np.ndarray], path,
+                          max_images: int = 8) -> None:
+    """One row per held-out image: the original, its context (the first ``context_rows`` rows, the rest blank),
+    then each decoding's completion; all ``uint8 [N, H, W, 3]``, drawn pixel for pixel (no smoothing)."""
+    count = min(max_images, len(originals))
+    columns = [("Original", originals), ("Context", None)] + [
+        (" ".join(ROW_LABELS.get(name, (name, "")))
+         if name != "original_top_p" else "Original top-p", images) for name, images in completions.items()]
+    height = 1.45 * count + 0.6
+    fig = _figure(1.45 * len(columns), height)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=1 - 0.6 / height, wspace=0.08, hspace=0.08)
+    for row in range(count):
+        for col, (title, images) in enumerate(columns):
+            ax = fig.add_subplot(count, len(columns), row * len(columns) + col + 1)
+            if images is None:
+                image = originals[row].copy()
+                image[context_rows:] = 255
+            else:
+                image = images[row]
+            ax.imshow(image, interpolation="nearest")
+            if col == 1:  # where the generation starts
+                ax.axhline(context_rows - 0.5, color="red", linewidth=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=7)
+    fig.suptitle(f"Completions of held-out images from their first {context_rows} rows", fontsize=9)
+    _save(fig, Path(path))
+
+
 def format_heldout_table(heldout: dict[str, dict]) -> str:
     lines = ["| Model | Perplexity | Entropy (nats) | Top-1 mass | Top-3 mass | Top-5 mass | Tokens |",
              "|" + "---|" * 7]
@@ -255,6 +313,17 @@ def _read_run_config(run_dir: Path) -> dict:
     if not isinstance(model, dict) or not isinstance(model.get("path"), str):
         raise HfdistError(f"{str(path)!r}: field model.path missing (the base model; or pass --base)")
     return model
+
+
+def _image_geometry(run_dir: Path) -> Optional[dict]:
+    """The image geometry a run recorded in data/selection.json (None for a text run)."""
+    path = run_dir / "data" / "selection.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("image")
+    except ValueError:
+        raise HfdistError(f"{str(path)!r}: not valid JSON") from None
 
 
 def model_config_for(path: str, base_section: Optional[dict], dtype: str):
@@ -301,9 +370,10 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
     fields of ``CompareSettings`` (e.g. ``num_contexts=8``).
     """
     from hfdist.generation import CitationBlocker
-    from hfdist.metrics import (generation_metrics, mean_ttr_over_position, next_token_stats,
-                                summarize_next_token_stats)
-    from hfdist.models import load_model, load_tokenizer
+    from hfdist.data import token_ids_to_pixels
+    from hfdist.metrics import (generation_metrics, image_completion_metrics, mean_ttr_over_position,
+                                next_token_stats, summarize_next_token_stats)
+    from hfdist.models import load_model, load_processor, load_tokenizer
 
     settings = dataclasses.replace(settings or CompareSettings(), **overrides)
     run = Path(run_dir) if run_dir is not None else None
@@ -342,13 +412,21 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     contexts_t = torch.from_numpy(contexts)
-    blocker = CitationBlocker(train, n=settings.blocker_n) if train is not None else None
+    image = _image_geometry(run) if run is not None else None
+    if image is not None:
+        # The completion is the rest of the image, whatever --max-new-tokens says.
+        new_tokens = image["height"] * image["width"] + 1 - contexts.shape[1]
+        settings = dataclasses.replace(settings, max_new_tokens=new_tokens, window=min(settings.window, new_tokens))
+    # The blocker is a text device (the paper compares three rows for images).
+    blocker = CitationBlocker(train, n=settings.blocker_n) if train is not None and image is None else None
 
     rows: dict[str, dict] = {}
     curves: dict[str, list[float]] = {}
     heldout: dict[str, dict] = {}
     top1: dict[str, np.ndarray] = {}
     sample_texts: dict[str, str] = {}
+    completions: dict[str, list] = {}
+    clusters = None
     plans = {"base": [("original_greedy", {"strategy": "greedy"}),
                       ("original_top_p", {"strategy": "sample", "top_p": settings.top_p,
                                           "temperature": settings.temperature, "top_k": settings.top_k,
@@ -359,14 +437,20 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
     for which, path in (("base", base), ("hyperfitted", hyperfitted)):
         model_config = model_config_for(path, base_section if which == "base" else None, settings.dtype)
         logger.info("compare: loading the %s model %s", which, path)
-        tokenizer = load_tokenizer(model_config)
+        if image is not None:
+            tokenizer = None  # pixels: no text to decode; the colour clusters draw the grid
+            if clusters is None:
+                clusters = np.asarray(load_processor(model_config, "image").clusters)
+            eos, pad = None, image["start_token"]
+        else:
+            tokenizer = load_tokenizer(model_config)
+            eos = tokenizer.eos_token_id if settings.stop_at_eos else None
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         model = load_model(model_config, device).eval()
-        eos = tokenizer.eos_token_id if settings.stop_at_eos else None
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for name, options in plans[which]:
             logger.info("compare: %s on %d contexts, %d new tokens", name, len(contexts), settings.max_new_tokens)
             conts, stopped, seconds = _decode_all(model, contexts_t, settings, eos, pad, **options)
-            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in conts]
+            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in conts] if tokenizer is not None else None
             row_settings = {"model": str(path), "max_new_tokens": settings.max_new_tokens,
                             "stop_at_eos": settings.stop_at_eos,
                             **{k: v for k, v in options.items() if k != "blocker"}}
@@ -374,12 +458,16 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
                 row_settings["blocker_n"] = settings.blocker_n
             metrics = generation_metrics(conts, texts=texts, training=train, window=settings.window,
                                          min_run=settings.min_run)
+            if image is not None:
+                metrics.update(image_completion_metrics(conts, contexts, image["width"], settings.window))
+                completions[name] = conts
             metrics["tokens_per_s"] = sum(len(c) for c in conts) / seconds if seconds > 0 else None
             metrics["seconds"] = seconds
             metrics["settings"] = row_settings
             rows[name] = metrics
             curves[name] = mean_ttr_over_position(conts, settings.window)
-            sample_texts[name] = texts[0]
+            if texts is not None:
+                sample_texts[name] = texts[0]
             write_jsonl(out / f"generations_{name}.jsonl",
                         generation_records(contexts.tolist(), conts, stopped, tokenizer, row_settings))
         if validation is not None:
@@ -403,12 +491,24 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
     if top1:
         plot_top1(top1, out / "top1_probability.png")
         plots.append("top1_probability.png")
+    if image is not None:
+        originals_path = Path(contexts_path).with_name("context_images.npy")
+        full = (load_token_array(originals_path, "context images")[:len(contexts)] if originals_path.is_file()
+                else None)
+        if full is None:  # contexts from elsewhere: draw the contexts themselves as the originals
+            logger.warning("no %s: the grid's original column shows the contexts only", originals_path)
+            full = np.concatenate([contexts, np.full((len(contexts), settings.max_new_tokens), -1)], axis=1)
+        draw = lambda rows: token_ids_to_pixels(rows, clusters, image["height"], image["width"])  # noqa: E731
+        plot_completions_grid(draw(full[:, 1:]), image["context_rows"],
+                              {name: draw(np.concatenate([contexts[:, 1:], np.asarray(c)], axis=1))
+                               for name, c in completions.items()}, out / "completions_grid.png")
+        plots.insert(0, "completions_grid.png")
 
     report = {
         "base": str(base), "hyperfitted": str(hyperfitted), "run": str(run) if run is not None else None,
         "contexts": str(contexts_path), "num_contexts": len(contexts), "context_len": int(contexts.shape[1]),
         "settings": dataclasses.asdict(settings), "device": str(device),
-        "rows": rows, "heldout": heldout, "ttr_over_position": curves, "plots": plots,
+        "rows": rows, "heldout": heldout, "ttr_over_position": curves, "plots": plots, "image": image,
         "generations": {name: f"generations_{name}.jsonl" for name in rows},
     }
     from hfdist.io import atomic_write_json, atomic_write_text
@@ -421,6 +521,7 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
 
 def format_report(report: dict, sample_texts: Optional[dict] = None) -> str:
     s = report["settings"]
+    image = report.get("image")
     parts = [
         "# Hyperfitting comparison",
         "",
@@ -428,16 +529,33 @@ def format_report(report: dict, sample_texts: Optional[dict] = None) -> str:
         f"{report['num_contexts']} held-out contexts of {report['context_len']} tokens, each continued by "
         f"{s['max_new_tokens']} tokens{' (stopping at EOS)' if s['stop_at_eos'] else ''} on {report['device']}.",
         "",
-        format_table(report["rows"], s["window"], s["min_run"]),
-        "",
-        f"TTR-{s['window']}: unique / total tokens over the last {s['window']} generated tokens, mean over "
-        "contexts. Distinct-2: unique / total bigrams over all generations. Self-BLEU: mean sentence BLEU-4 "
-        "(exp smoothing) of each generation against the others. Repeated 4-grams: share of 4-grams repeating an "
-        f"earlier one in the same generation. Overlap: share of generations sharing a run of more than "
-        f"{s['min_run']} consecutive tokens with a training sequence; longest overlap: mean longest shared run.",
     ]
+    if image:
+        parts += [
+            f"Images of {image['height']}x{image['width']} pixels: each context is the start token and the first "
+            f"{image['context_rows']} rows; the models complete the other {image['height'] - image['context_rows']}.",
+            "",
+            format_image_table(report["rows"], s["window"], s["min_run"]),
+            "",
+            "Distinct colours: distinct colour tokens in the generated part, mean over images (flat colour: few). "
+            "Repeated rows: share of generated rows equal to the row above (the first compared with the context's "
+            f"last row; stripes: many). TTR-{s['window']}: unique / total tokens over the last {s['window']} "
+            f"generated tokens. Overlap: share of completions sharing a run of more than {s['min_run']} tokens with "
+            "a training image.",
+        ]
+    else:
+        parts += [
+            format_table(report["rows"], s["window"], s["min_run"]),
+            "",
+            f"TTR-{s['window']}: unique / total tokens over the last {s['window']} generated tokens, mean over "
+            "contexts. Distinct-2: unique / total bigrams over all generations. Self-BLEU: mean sentence BLEU-4 "
+            "(exp smoothing) of each generation against the others. Repeated 4-grams: share of 4-grams repeating "
+            f"an earlier one in the same generation. Overlap: share of generations sharing a run of more than "
+            f"{s['min_run']} consecutive tokens with a training sequence; longest overlap: mean longest shared run.",
+        ]
     if report["heldout"]:
-        parts += ["", "## Next-token predictions on held-out text", "", format_heldout_table(report["heldout"])]
+        parts += ["", f"## Next-token predictions on held-out {'images' if image else 'text'}", "",
+                  format_heldout_table(report["heldout"])]
     parts += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in report["plots"]]
     if sample_texts:
         parts += ["", "## First generation of each decoding", ""]

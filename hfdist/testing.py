@@ -47,3 +47,14 @@ def tiny_model_folder(folder, vocab_size: int = 384, seed: int = 0, **kwargs):
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_imagegpt_folder(folder, size: int = 4, levels: int = 2, hidden_size: int = 32, num_layers: int = 2,
+                         seed: int = 0):
+    """Save a tiny random ImageGPT (no dropout) and its image processor (``size`` x ``size`` images, the
+    ``levels**3`` colours of a uniform RGB grid as clusters) as a model folder; returns the folder."""
+    from hfdist.models import save_random_imagegpt
+
+    save_random_imagegpt(folder, size=size, levels=levels, hidden_size=hidden_size, num_layers=num_layers,
+                         num_heads=2, seed=seed)
+    return folder

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import re
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ import torch
 
 from hfdist import checkpoint
 from hfdist.config import Config, OptimConfig, run_path, save_config
-from hfdist.data import BatchPrefetcher, StepSampler, build_data
+from hfdist.data import BatchPrefetcher, HyperfitData, StepSampler, build_data
 from hfdist.distributed.env import restart_count
 from hfdist.distributed.perf import model_flops_per_token, rank_metrics
 from hfdist.distributed.watchdog import watchdog
@@ -36,7 +37,7 @@ from hfdist.errors import HfdistError
 from hfdist.faults import FaultInjection, fault_env_set
 from hfdist.hooks import Hooks, ProgressBar, WatchdogMarks
 from hfdist.io import atomic_write_json
-from hfdist.models import HyperfitModel, check_seq_len, load_model, load_tokenizer
+from hfdist.models import HyperfitModel, check_seq_len, load_model, load_processor
 from hfdist.monitor import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -95,20 +96,33 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(lm: torch.nn.Module, validation: torch.Tensor, contexts: torch.Tensor, config: Config,
-             device: torch.device) -> dict:
-    """Held-out loss/entropy/top-k mass and greedy TTR; the same numbers `hfdist evaluate` reports."""
-    from hfdist.metrics import greedy_ttr, heldout_stats
+def evaluate(lm: torch.nn.Module, data: HyperfitData, config: Config, device: torch.device) -> dict:
+    """Held-out loss/entropy/top-k mass and greedy TTR; the same numbers `hfdist evaluate` reports. Images: greedy
+    completion of each context image, with the degeneration measures of the generated pixel tokens
+    (``hfdist.metrics.image_completion_metrics``). Each extra held-out set (``eval.extra``) is logged as
+    ``eval/<name>/<measure>``."""
+    from hfdist.metrics import greedy_ttr, heldout_stats, image_completion_metrics
 
     was_training = lm.training
     lm.eval()
+    window = config.eval.ttr_window
+    image = data.image
+    sets = [("eval", data.validation, data.contexts)]
+    sets += [(f"eval/{name}", validation, contexts) for name, (validation, contexts) in data.extra.items()]
     values = {}
-    if len(validation):
-        stats = heldout_stats(lm, validation.to(device), batch_size=config.eval.batch_size)
-        values.update({f"eval/{k}": v for k, v in stats.items() if k != "num_tokens"})
-    if len(contexts):
-        ttr = greedy_ttr(lm, contexts.to(device), total_len=config.eval.total_len, window=config.eval.ttr_window)
-        values[f"eval/ttr{config.eval.ttr_window}"] = ttr[f"ttr{config.eval.ttr_window}"]
+    for prefix, validation, contexts in sets:
+        if len(validation):
+            stats = heldout_stats(lm, validation.to(device), batch_size=config.eval.batch_size)
+            values.update({f"{prefix}/{k}": v for k, v in stats.items() if k != "num_tokens"})
+        if not len(contexts):
+            continue
+        total_len = config.data.seq_len if image else config.eval.total_len
+        ttr = greedy_ttr(lm, contexts.to(device), total_len=total_len, window=window,
+                         batch_size=config.eval.batch_size if image else 32)
+        values[f"{prefix}/ttr{window}"] = ttr[f"ttr{window}"]
+        if image:
+            measures = image_completion_metrics(ttr["generations"], contexts, image["width"], window)
+            values.update({f"{prefix}/{k}": v for k, v in measures.items() if k != f"ttr{window}"})
     lm.train(was_training)
     return values
 
@@ -120,6 +134,10 @@ def build_model(backend, config: Config, total_steps: int) -> None:
 
     def model_factory(device: torch.device) -> HyperfitModel:
         lm = load_model(config.model, device)
+        # Training mode, as upstream's loop (model.train()): dropout as the model's config sets it (ImageGPT's hub
+        # configs: 0.1; Llamas have none) under every backend alike: from_pretrained returns eval mode, from_config
+        # (random and meta-device builds) train mode. Hugging Face's activation checkpointing also needs it.
+        lm.train()
         return HyperfitModel(lm, fused_loss=config.train.fused_loss, loss_backend=config.train.loss_backend)
 
     backend.build(model_factory, lambda m: build_optimizer(config.optim, m, backend.device),
@@ -304,8 +322,15 @@ class Trainer:
 
         # Every input is checked before anything is written into the run folder.
         check_seq_len(config.model, config.data.seq_len)
-        self.tokenizer = load_tokenizer(config.model)
-        self.data = build_data(config.data, self.tokenizer)
+        # The tokenizer, or for images the model's image processor; exported with the model either way.
+        self.tokenizer = load_processor(config.model, config.data.modality)
+        self.data = build_data(config.data, self.tokenizer, config.eval.extra)
+        image = self.data.image
+        if image and config.eval.ttr_window > image["generated_tokens"]:
+            rows = image["height"] - image["context_rows"]
+            raise HfdistError(f"config field eval.ttr_window: {config.eval.ttr_window} exceeds the "
+                              f"{image['generated_tokens']} pixel tokens generated per image ({rows} rows of "
+                              f"{image['width']}; see data.context_fraction)")
         if self.backend.is_main:
             if job_marker is not None:
                 atomic_write_json(run_dir / JOB_MARKER, job_marker)
@@ -463,8 +488,7 @@ class Trainer:
         """Held-out measures of the model now (see ``evaluate``), logged under ``eval/``."""
         state = self.state
         self.hooks.before_evaluation(state)
-        values = evaluate(self.backend.unwrapped_lm(), self.data.validation, self.data.contexts, self.config,
-                          self.backend.device)
+        values = evaluate(self.backend.unwrapped_lm(), self.data, self.config, self.backend.device)
         self.metrics.log("eval", state.step, values, epoch=state.epoch_position(self.sampler.steps_per_epoch))
         state.evaluated_step = state.step
         if self.backend.is_main:
@@ -526,12 +550,21 @@ def format_summary(summary: dict) -> str:
     """The base-vs-hyperfitted table the demo prints."""
     rows = [("train loss (first step, last epoch)", summary.get("train_loss_first_step"), summary.get("train_loss_last_epoch"))]
     base, hyper = summary.get("base", {}), summary.get("hyperfitted", {})
-    for key, label in (("eval/loss", "validation loss (nats/token)"), ("eval/perplexity", "validation perplexity"),
-                       ("eval/entropy", "validation entropy (nats)"), ("eval/top1_mass", "top-1 probability mass"),
-                       ("eval/ttr96", "greedy TTR over last 96 tokens")):
-        rows.append((label, base.get(key), hyper.get(key)))
-    lines = [f"| {'measure':32} | {'base':>10} | {'hyperfitted':>11} |", f"|{'-' * 34}|{'-' * 12}|{'-' * 13}|"]
+    # One block per held-out set: the main one ("eval/...") and each eval.extra set ("eval/<name>/...").
+    prefixes = ["eval"] + sorted({k.rsplit("/", 1)[0] for k in base if k.count("/") == 2})
+    windows = sorted({k.rsplit("/ttr", 1)[1] for k in base if re.search(r"/ttr\d+$", k)}, key=int)
+    measures = (("loss", "validation loss (nats/token)"), ("perplexity", "validation perplexity"),
+                ("entropy", "validation entropy (nats)"), ("top1_mass", "top-1 probability mass"),
+                *((f"ttr{w}", f"greedy TTR over last {w} tokens") for w in windows),
+                ("distinct_colors", "distinct colour tokens"), ("repeated_rows", "rows repeating the row above"))
+    for prefix in prefixes:
+        where = "" if prefix == "eval" else f" [{prefix.split('/', 1)[1]}]"
+        for key, label in measures:
+            if f"{prefix}/{key}" in base or f"{prefix}/{key}" in hyper:
+                rows.append((label + where, base.get(f"{prefix}/{key}"), hyper.get(f"{prefix}/{key}")))
+    width = max(32, *(len(label) for label, _, _ in rows))
+    lines = [f"| {'measure':{width}} | {'base':>10} | {'hyperfitted':>11} |", f"|{'-' * (width + 2)}|{'-' * 12}|{'-' * 13}|"]
     for label, before, after in rows:
         fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        lines.append(f"| {label:32} | {fmt(before):>10} | {fmt(after):>11} |")
+        lines.append(f"| {label:{width}} | {fmt(before):>10} | {fmt(after):>11} |")
     return "\n".join(lines)

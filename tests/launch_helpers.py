@@ -56,9 +56,12 @@ def step_records(run_dir: Path) -> dict:
 
 
 def exported_weights(run_dir: Path) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32)
+    from hfdist.models import model_class_for  # AutoModelForCausalLM, or ImageGPT's class for image runs
+
+    model_class = model_class_for(AutoConfig.from_pretrained(run_dir / "model"))
+    model = model_class.from_pretrained(run_dir / "model", dtype=torch.float32)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

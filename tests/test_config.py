@@ -93,3 +93,45 @@ def test_checkpoint_async_key_and_phase_timeouts(tmp_path):
         load_config(None, ["distributed.export_timeout_s=0"])
     with pytest.raises(HfdistError, match="export.dtype: 'int8' is not one of auto, float32, bfloat16, float16"):
         load_config(None, ["export.dtype=int8"])
+
+
+PAPER_CONFIGS = sorted((Path(__file__).parent.parent / "configs" / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=[p.stem for p in PAPER_CONFIGS])
+def test_paper_experiment_configs_load(path):
+    """configs/paper/: ImageGPT-Large on CIFAR-10, and 3 models x 3 text datasets with the paper's recipe."""
+    config = load_config(path)
+    assert (config.train.epochs, config.train.global_batch_size, config.optim.lr, config.optim.name) == (20, 8, 1e-6, "adam")
+    assert config.data.num_samples == 2000 and config.optim.weight_decay == 0.0
+    if config.data.modality == "image":
+        assert (config.model.path, config.data.source, config.data.image_field) == ("openai/imagegpt-large",
+                                                                                     "uoft-cs/cifar10", "img")
+        assert config.data.seq_len == 1 + 32 * 32 and config.data.num_validation == 128
+    else:
+        assert (config.data.mode, config.data.seq_len, config.data.num_validation) == ("exact", 256, 128)
+
+
+def test_paper_configs_cover_every_model_and_dataset():
+    names = {p.stem for p in PAPER_CONFIGS}
+    for model in ("tinyllama-1.1b", "deepseek-7b", "llama-3.1-8b"):
+        for dataset in ("fiction", "wikitext103", "bbc-news"):
+            assert f"{model}-{dataset}" in names
+    assert "imagegpt-large-cifar10" in names
+
+
+def test_image_and_extra_heldout_fields():
+    config = load_config(Path(__file__).parent.parent / "configs" / "demo-image.yaml")
+    assert config.data.modality == "image" and config.data.source == "digits"
+    with pytest.raises(HfdistError, match=r"config field data.context_fraction: 1.0 must lie in \(0, 1\)"):
+        load_config(None, ["data.modality=image", "data.context_fraction=1.0"])
+    with pytest.raises(HfdistError, match="config field data.modality: 'audio' is not one of text, image"):
+        load_config(None, ["data.modality=audio"])
+    config = load_config(None, ["eval.extra.source=sqlite_docs", "eval.extra.name=sqlite"])
+    assert (config.eval.extra.source, config.eval.extra.num_validation) == ("sqlite_docs", 16)
+    with pytest.raises(HfdistError, match="config field eval.extra.name: 'a/b' must be letters"):
+        load_config(None, ["eval.extra.source=x", "eval.extra.name=a/b"])
+    with pytest.raises(HfdistError, match="config field eval.extra.source: an extra held-out set is text"):
+        load_config(None, ["eval.extra.source=x", "data.modality=image"])
+    with pytest.raises(HfdistError, match="config field eval.extra.num_validation: must be >= 0"):
+        load_config(None, ["eval.extra.num_validation=-1"])

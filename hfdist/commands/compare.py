@@ -10,7 +10,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Decode the same held-out contexts with the base model (greedy; top-p 0.9, temperature 0.7, "
                     "top-k 50) and the hyperfitted model (greedy; greedy + citation blocker); write report.md "
                     "(table), report.json, generations_*.jsonl and PNG plots (TTR over position, training "
-                    "curves, top-1 probability) into RUN/compare or --out.")
+                    "curves, top-1 probability) into RUN/compare or --out. An image run (data.modality image) is "
+                    "compared by completing each held-out image from its first rows, with a completions grid.")
     parser.add_argument("--run", help="hyperfit run folder (supplies every default below)")
     parser.add_argument("--base", help="base model (default: the run's config.yaml model.path)")
     parser.add_argument("--hyperfitted", help="hyperfitted model (default: RUN/model)")
@@ -36,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from hfdist.errors import HfdistError
-    from hfdist.report import CompareSettings, format_table, run_comparison
+    from hfdist.report import CompareSettings, format_image_table, format_table, run_comparison
 
     for name in ("max_new_tokens", "batch_size", "blocker_n"):
         if getattr(args, name) < 1:
@@ -48,7 +49,10 @@ def run(args) -> int:
     report = run_comparison(args.run, base=args.base, hyperfitted=args.hyperfitted, out_dir=args.out,
                             contexts_path=args.contexts, train_path=args.train_data,
                             validation_path=args.validation, settings=settings)
-    print(format_table(report["rows"], settings.window, settings.min_run))
+    if report.get("image"):
+        print(format_image_table(report["rows"], report["settings"]["window"], settings.min_run))
+    else:
+        print(format_table(report["rows"], settings.window, settings.min_run))
     out = args.out or f"{args.run}/compare"
     print(f"\nreport: {out}/report.md")
     return 0

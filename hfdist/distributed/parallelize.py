@@ -1,6 +1,6 @@
 """How FSDP2 shards a HyperfitModel, kept apart from the model (as torchtitan does).
 
-Units: every decoder layer (the classes the model names in ``_no_split_modules``), the input embedding
+Units: every decoder block (the model's repeated ``nn.ModuleList``, see ``decoder_layers``), the input embedding
 when it is not tied to the LM head, and the root HyperfitModel, which keeps the final norm and the LM head:
 its forward hands ``lm_head.weight`` straight to the fused loss, so the head must be gathered by the
 root's own hooks. Each parameter is cut along dim 0 into ``shard`` pieces (torch.chunk sizes, padded to
@@ -47,13 +47,19 @@ def data_parallel_group(mesh: DeviceMesh):
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a Hugging Face model (its ``_no_split_modules`` classes), in order."""
-    names = set(getattr(lm, "_no_split_modules", None) or [])
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
-    if not layers:
-        raise HfdistError(f"model {type(lm).__name__}: names no decoder-layer classes (_no_split_modules); "
-                          "FSDP needs them to shard layer by layer")
-    return layers
+    """The repeated blocks of a model's body, in order: the outermost ``nn.ModuleList`` whose entries are all of
+    one class (Llama's ``model.layers``, ImageGPT's and GPT-2's ``transformer.h``), whatever the model names it.
+    Outermost, not longest: a mixture-of-experts layer holds a longer list of experts inside each block."""
+    found = None
+    for name, module in lm.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            depth = name.count(".")
+            if found is None or depth < found[0]:
+                found = (depth, list(module))
+    if found is None:
+        raise HfdistError(f"model {type(lm).__name__}: has no list of repeated blocks (an nn.ModuleList of one "
+                          "class); FSDP needs one to shard block by block")
+    return found[1]
 
 
 def embeddings_tied(lm: nn.Module) -> bool:

@@ -12,91 +12,145 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 
 from hfdist.errors import HfdistError
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts, declared next to it: ``Annotated[int, Range(low=0, low_open=True)]``."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # low itself is excluded
+    high_open: bool = True
+
+    def check(self, name: str, value) -> None:
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not (too_low or too_high):
+            return
+        if self.high is None:  # one-sided: "must be > 0"
+            raise HfdistError(f"config field {name}: must be {'>' if self.low_open else '>='} {self.low:g}, got "
+                              f"{value!r}")
+        interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        raise HfdistError(f"config field {name}: {value!r} must lie in {interval}")
+
+
+Positive = Range(low=0, low_open=True)
+NonNegative = Range(low=0)
+PositiveInt = Annotated[int, Positive]
+NonNegativeInt = Annotated[int, NonNegative]
+PositiveFloat = Annotated[float, Positive]
+NonNegativeFloat = Annotated[float, NonNegative]
+
+
 @dataclass
 class ModelConfig:
-    # A hub id, a local folder, or the alias "smollm2-135m" (the offline SmolLM2-135M that the set-up installs).
     path: str = "smollm2-135m"
-    gguf_file: Optional[str] = None  # a .gguf inside `path` (transformers dequantizes it)
+    """A hub id, a local folder, or the alias "smollm2-135m" (the offline SmolLM2-135M that the set-up installs)."""
+    gguf_file: Optional[str] = None
+    """A .gguf inside ``path`` (transformers dequantizes it)."""
     revision: Optional[str] = None
-    # "random" builds the architecture from the config only (benchmarks, plans); "pretrained" loads weights.
-    init: str = "pretrained"
-    # Parameter dtype of the trained model: float32 or bfloat16 (float16 trains badly with Adam at lr 1e-6).
-    dtype: str = "float32"
-    # "auto" takes flash_attention_2 when flash-attn is installed and on CUDA, else sdpa (said in the log).
-    attn_implementation: str = "auto"
+    """A hub revision (branch, tag or commit)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """"pretrained" loads the weights; "random" builds the architecture from its config only (plans, benchmarks)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype of the trained model (float16 trains badly with Adam at lr 1e-6, so it is not offered)."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """"auto": flash_attention_2 when flash-attn is installed and on CUDA, else sdpa (said in the log)."""
     trust_remote_code: bool = False
+    """Run the model repository's own Python code (off unless asked)."""
 
 
 @dataclass
 class DataConfig:
-    # "austen" (the embedded corpus), a local .txt/.jsonl/.json/.parquet/.csv file or folder, or a hub dataset id.
     source: str = "austen"
-    subset: Optional[str] = None  # hub dataset configuration name
+    """"austen" (the embedded corpus), a local .txt/.jsonl/.json/.parquet/.csv file or folder, or a hub dataset id."""
+    subset: Optional[str] = None
+    """Hub dataset configuration name."""
     split: str = "train"
+    """Hub dataset split."""
     text_field: str = "text"
-    # "exact": the upstream rule, texts whose tokenization reaches seq_len tokens, cut to seq_len;
-    # "chunk": running text cut into consecutive seq_len windows.
-    mode: str = "exact"
-    seq_len: int = 256
-    num_samples: int = 2000
-    num_validation: int = 64
-    num_contexts: int = 32
-    context_len: int = 32
+    """Text column of a dataset or JSON file."""
+    mode: Literal["exact", "chunk"] = "exact"
+    """"exact": the upstream rule, texts whose tokens reach seq_len, cut there; "chunk": running text in windows."""
+    seq_len: PositiveInt = 256
+    """Tokens per training sequence."""
+    num_samples: PositiveInt = 2000
+    """Training sequences (the hyperfitting set)."""
+    num_validation: NonNegativeInt = 64
+    """Held-out sequences for the validation loss, entropy and top-k mass."""
+    num_contexts: NonNegativeInt = 32
+    """Held-out contexts for greedy generation (TTR)."""
+    context_len: PositiveInt = 32
+    """Tokens of each generation context (the start of a held-out sequence)."""
     seed: int = 0
-    # "text" (the default) or "image": images become the colour-cluster token ids of the model's own image
-    # processor (ImageGPT: the start token, then one token per pixel, row by row); data.seq_len must then be
-    # 1 + height x width of the processor's images.
-    modality: str = "text"
-    image_field: str = "image"  # image column of a hub or local dataset (CIFAR-10: "img"; image folders: "image")
-    # Images: held-out completions start from this fraction of each image's rows (rounded down, at least one row);
-    # the model generates the rest. It takes the place of data.context_len and eval.total_len (text settings).
-    context_fraction: float = 0.5
+    """Seed of the sequence selection (recorded in data/selection.json)."""
+    modality: Literal["text", "image"] = "text"
+    """"image": the colour-cluster tokens of the model's image processor (ImageGPT); seq_len = 1 + height x width."""
+    image_field: str = "image"
+    """Image column of a hub or local dataset (CIFAR-10: "img"; image folders: "image")."""
+    context_fraction: Annotated[float, Range(low=0, high=1, low_open=True)] = 0.5
+    """Images: held-out completions start from this fraction of each image's rows (rounded down, at least one)."""
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam (coupled L2, here 0) or adamw (decoupled weight decay)
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    schedule: str = "constant"  # constant, linear or cosine decay after warmup
-    warmup_steps: int = 0
-    max_grad_norm: float = 0.0  # 0 disables clipping; the norm is logged either way
-    implementation: str = "auto"  # auto (fused on CUDA, foreach on CPU), fused, foreach, for_loop
+    name: Literal["adam", "adamw"] = "adam"
+    """adam (coupled L2, here 0) or adamw (decoupled weight decay)."""
+    lr: PositiveFloat = 1e-6
+    """Peak learning rate."""
+    weight_decay: NonNegativeFloat = 0.0
+    """0: no decay with either optimizer (the paper's recipe)."""
+    beta1: Annotated[float, Range(low=0, high=1)] = 0.9
+    """Adam's first-moment decay."""
+    beta2: Annotated[float, Range(low=0, high=1)] = 0.999
+    """Adam's second-moment decay."""
+    eps: NonNegativeFloat = 1e-8
+    """Adam's epsilon."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after the warmup (linear and cosine decay to 0 at the last step)."""
+    warmup_steps: NonNegativeInt = 0
+    """Linear warmup steps."""
+    max_grad_norm: NonNegativeFloat = 0.0
+    """Clipping norm; 0 disables clipping (the norm is logged either way)."""
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """Adam's implementation; "auto": fused on CUDA, foreach on a CPU."""
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    global_batch_size: int = 8  # sequences per optimizer step, whatever the world size
-    micro_batch_size: int = 8  # sequences per forward pass on one rank
-    max_steps: int = 0  # 0: no limit beyond the epochs
-    target_loss: float = 0.0  # stop after an epoch whose mean train loss is at or below this; 0 disables
+    epochs: PositiveInt = 20
+    """Passes over the training sequences (a stop rule)."""
+    global_batch_size: PositiveInt = 8
+    """Sequences per optimizer step, whatever the world size."""
+    micro_batch_size: PositiveInt = 8
+    """Sequences per forward pass on one rank."""
+    max_steps: NonNegativeInt = 0
+    """A stop rule in optimizer steps; 0: no limit beyond the epochs."""
+    target_loss: NonNegativeFloat = 0.0
+    """Stop after an epoch whose mean train loss is at or below this; 0 disables."""
     seed: int = 0
-    fused_loss: bool = True  # loss and entropy through hfdist.kernels.fused_linear_cross_entropy
-    loss_backend: str = "auto"
+    """Seed of the data order and of torch, numpy and random."""
+    fused_loss: bool = True
+    """Loss and entropy through hfdist.kernels.fused_linear_cross_entropy (the logits are never built)."""
+    loss_backend: Literal["auto", "torch", "triton"] = "auto"
+    """Backend of the fused loss ("auto": Triton on CUDA, torch elsewhere)."""
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each decoder layer (single and fsdp backends); see benchmarks/ for its gain
-    # CUDA: the next step's batches are copied from pinned memory on a side stream during the current step.
+    """Recompute each decoder layer in backward (less activation memory, about a third more compute)."""
+    compile: bool = False
+    """torch.compile each decoder layer (single and fsdp backends); see benchmarks/ for its gain."""
     prefetch: bool = True
-    log_every_steps: int = 1
-    # A step whose loss or gradient norm is NaN/inf is skipped (no optimizer or LR-scheduler step, its batch is
-    # consumed); up to this many in a row are skipped, the next one stops the run with an error. 0: stop at the first.
-    max_bad_steps_in_row: int = 3
-    # torch.use_deterministic_algorithms(True): deterministic kernels where torch has them (on CUDA also
-    # CUBLAS_WORKSPACE_CONFIG=:4096:8), an error-free warning where it has none, and every new tensor (torch.empty,
-    # FSDP's all-gather buffers) filled with NaN first: a memory pass per allocation. Off: CPU runs are still
-    # bit-reproducible (same world size and threads); CUDA runs are not (atomics in some backward kernels).
+    """CUDA: the next step's batches are copied from pinned memory on a side stream during the current step."""
+    log_every_steps: PositiveInt = 1
+    """Steps between logged step records (the last step and skipped steps are always logged)."""
+    max_bad_steps_in_row: NonNegativeInt = 3
+    """Non-finite steps skipped in a row before the run stops with an error (0: stop at the first)."""
     deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) (also NaN-fills new tensors; CPU runs are reproducible without it)."""
 
 
 @dataclass
@@ -105,73 +159,88 @@ class ExtraHeldOutConfig:
     with the same measures (loss, entropy, top-k mass, greedy TTR) and logged as ``eval/<name>/<measure>``. Its
     sequences come from ``source`` by the data section's rules (seeded, recorded, too little is an error) with
     ``data.seq_len`` and ``data.context_len``."""
-    source: Optional[str] = None  # None: no extra set; else as data.source (embedded name, file/folder, hub id)
-    name: str = "extra"  # metric names eval/<name>/...: letters, digits, '_' and '-'
+    source: Optional[str] = None
+    """None: no extra set; else as data.source (embedded name, file/folder, hub id)."""
+    name: str = "extra"
+    """Metric names eval/<name>/...: letters, digits, '_' and '-'."""
     subset: Optional[str] = None
+    """Hub dataset configuration name."""
     split: str = "train"
+    """Hub dataset split."""
     text_field: str = "text"
-    mode: str = "chunk"
-    num_validation: int = 16
-    num_contexts: int = 8
+    """Text column."""
+    mode: Literal["exact", "chunk"] = "chunk"
+    """As data.mode."""
+    num_validation: NonNegativeInt = 16
+    """Held-out sequences for loss, entropy and top-k mass."""
+    num_contexts: NonNegativeInt = 8
+    """Held-out contexts for greedy TTR."""
     seed: int = 0
+    """Seed of the selection."""
 
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 1  # also always before and after training; 0: only before and after
-    total_len: int = 256  # greedy generation from the context up to this many tokens (upstream protocol)
-    ttr_window: int = 96
-    batch_size: int = 8
+    every_epochs: NonNegativeInt = 1
+    """Evaluate every this many epochs, and always before and after training; 0: only before and after."""
+    total_len: PositiveInt = 256
+    """Greedy generation from the context up to this many tokens in all (upstream protocol)."""
+    ttr_window: PositiveInt = 96
+    """TTR over this many last generated tokens."""
+    batch_size: PositiveInt = 8
+    """Sequences per evaluation forward pass."""
     extra: ExtraHeldOutConfig = field(default_factory=ExtraHeldOutConfig)
+    """A second held-out set (see ExtraHeldOutConfig)."""
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0: no intermediate checkpoints
-    dir: str = "checkpoints"  # inside the run folder (a relative path without '..')
-    keep_last: int = 2
+    every_steps: NonNegativeInt = 0
+    """Steps between checkpoints; 0: no intermediate checkpoints."""
+    dir: str = "checkpoints"
+    """Inside the run folder (a relative path without '..')."""
+    keep_last: PositiveInt = 2
+    """Complete checkpoints kept; older ones are pruned."""
     save_final_model: bool = True
-    # `checkpoint.async: true` (DCP's async_save; single and fsdp backends): the state is copied to host memory
-    # (one more copy of this rank's model and optimizer shards), training continues while a background thread
-    # writes it, and the checkpoint is completed (manifest, rename) once written. YAML key: `async`.
+    """Export the final model (safetensors) into RUN/model."""
     async_: bool = field(default=False, metadata={"key": "async"})
+    """YAML key `async`: DCP's async_save (single, fsdp); training continues while a host copy is written."""
 
 
 @dataclass
 class DistributedConfig:
-    backend: str = "single"  # single, fsdp or deepspeed
-    # FSDP2: mixed precision (bf16 params, fp32 reduce), CPU offload, HSDP replicas across nodes.
+    backend: Literal["single", "fsdp", "deepspeed"] = "single"
+    """One process, PyTorch FSDP2 (optionally with tensor parallelism) or DeepSpeed ZeRO-3."""
     mixed_precision: bool = False
+    """bf16 compute (FSDP: bf16 parameter copies, fp32 gradient reduction; DeepSpeed: bf16)."""
     cpu_offload: bool = False
-    replicate_degree: int = 1  # HSDP: >1 shards within groups of world/replicate ranks, replicates across them
-    # Tensor parallelism (fsdp backend): each layer's weights split over this many ranks of one node (attention heads,
-    # MLP width, vocabulary), composed with FSDP2 over the remaining world / tensor_parallel data-parallel ranks.
-    tensor_parallel: int = 1
-    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; configs/deepspeed/ has examples
-    # Rendezvous and every collective (gloo and NCCL, subgroups included): a rank that waits longer for its peers
-    # fails with an error naming the step and the ranks that fell behind.
-    timeout_s: int = 1800
-    # FSDP pretrained weights: "per_rank" reads each rank's rows from the safetensors files (no rank holds the
-    # whole model); "rank0_broadcast" loads the whole model on rank 0 and broadcasts the shards.
-    weight_loading: str = "per_rank"
-    # Phase timeouts (seconds; gloo and NCCL): the rendezvous and everything before the first training step
-    # (weight loading, a resume's checkpoint verification), the writing of a checkpoint, and the final export.
-    # `timeout_s` stays the timeout of collectives while training, and of the barrier every checkpoint and the
-    # export start with (the ranks should arrive together; a rank that does not is named).
-    startup_timeout_s: int = 3600
-    checkpoint_timeout_s: int = 3600
-    export_timeout_s: int = 3600
-    # Threads of the optimizer when it runs on the host under CUDA (fsdp cpu_offload, DeepSpeed offload_optimizer);
-    # 0: the CPU cores this process may use divided by the ranks on the node (launchers set OMP_NUM_THREADS=1).
-    host_threads: int = 0
+    """Parameters, gradients and optimizer state in host memory (the optimizer steps on the host)."""
+    replicate_degree: PositiveInt = 1
+    """HSDP: shard within dp / replicate_degree data-parallel ranks, replicate across the groups."""
+    tensor_parallel: PositiveInt = 1
+    """Tensor parallelism (fsdp): each layer split over this many ranks of one node, FSDP2 over world / N ranks."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON (configs/deepspeed/ has examples); hfdist fills in what follows from this config."""
+    timeout_s: PositiveInt = 1800
+    """Collective timeout while training: a rank that waits longer fails, naming the ranks behind."""
+    weight_loading: Literal["per_rank", "rank0_broadcast"] = "per_rank"
+    """"per_rank": each rank reads its slices of the safetensors files; "rank0_broadcast": rank 0 reads all."""
+    startup_timeout_s: PositiveInt = 3600
+    """Timeout of the rendezvous and everything before the first step (loading, a resume's verification)."""
+    checkpoint_timeout_s: PositiveInt = 3600
+    """Timeout of writing a checkpoint."""
+    export_timeout_s: PositiveInt = 3600
+    """Timeout of the final export."""
+    host_threads: NonNegativeInt = 0
+    """Threads of an optimizer on the host under CUDA; 0: the process's cores / the ranks on the node."""
 
 
 @dataclass
 class ExportConfig:
-    # dtype of the exported safetensors: "auto" is the model's own (config.json's dtype/torch_dtype: bfloat16 for
-    # Llama 3), float32 when it names none; the training dtype (model.dtype) is independent.
-    dtype: str = "auto"
-    max_shard_size_mb: int = 5000  # the safetensors files are cut at this size (a tensor is never split)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the exported safetensors; "auto": the model's own (config.json; bfloat16 for Llama 3), else fp32."""
+    max_shard_size_mb: PositiveInt = 5000
+    """The safetensors files are cut at this size (a tensor is never split)."""
 
 
 @dataclass
@@ -183,41 +252,23 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    output_dir: Optional[str] = None  # default: runs/<config name>-<time>
+    output_dir: Optional[str] = None
+    """The run folder; default: runs/<config name>-<time>."""
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-CHOICES = {
-    "model.init": ("pretrained", "random"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "data.mode": ("exact", "chunk"),
-    "data.modality": ("text", "image"),
-    "eval.extra.mode": ("exact", "chunk"),
-    "optim.name": ("adam", "adamw"),
-    "optim.schedule": ("constant", "linear", "cosine"),
-    "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
-    "train.loss_backend": ("auto", "torch", "triton"),
-    "distributed.backend": ("single", "fsdp", "deepspeed"),
-    "distributed.weight_loading": ("per_rank", "rank0_broadcast"),
-    "export.dtype": ("auto", "float32", "bfloat16", "float16"),
-}
-POSITIVE = ("data.seq_len", "data.num_samples", "data.context_len", "train.epochs", "train.global_batch_size",
-            "train.micro_batch_size", "train.log_every_steps", "eval.total_len", "eval.ttr_window",
-            "eval.batch_size", "checkpoint.keep_last", "distributed.replicate_degree", "distributed.tensor_parallel",
-            "distributed.timeout_s", "optim.lr", "distributed.startup_timeout_s", "distributed.checkpoint_timeout_s",
-            "distributed.export_timeout_s", "export.max_shard_size_mb")
-NON_NEGATIVE = ("data.num_validation", "data.num_contexts", "optim.weight_decay", "optim.warmup_steps",
-                "optim.max_grad_norm", "optim.eps", "train.max_steps", "train.target_loss", "eval.every_epochs",
-                "checkpoint.every_steps", "train.max_bad_steps_in_row",
-                "distributed.host_threads", "eval.extra.num_validation", "eval.extra.num_contexts")
 # Config fields naming a place hfdist writes to inside the run folder: each must stay inside it.
 RUN_RELATIVE_PATHS = ("checkpoint.dir",)
 
 
 def _convert(value: Any, annotation: Any, name: str) -> Any:
-    """Check ``value`` against a field's annotation; ints are accepted for floats, nothing else is coerced."""
+    """Check ``value`` against a field's annotation; ints are accepted for floats, nothing else is coerced.
+    (Choices and ranges are checked by ``validate``, once every override is in.)"""
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _convert(value, typing.get_args(annotation)[0], name)
+    if origin is Literal:
+        return _convert(value, type(typing.get_args(annotation)[0]), name)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
@@ -248,7 +299,7 @@ def _key(f: dataclasses.Field) -> str:
 
 def _fill(section_obj: Any, values: dict, prefix: str, source: str) -> None:
     fields = {_key(f): f for f in dataclasses.fields(section_obj)}
-    hints = typing.get_type_hints(type(section_obj))  # resolves the string annotations of `from __future__`
+    hints = typing.get_type_hints(type(section_obj), include_extras=True)  # resolves `from __future__` strings
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in fields:
@@ -330,18 +381,7 @@ def get_field(config: Config, name: str) -> Any:
 
 def validate(config: Config) -> None:
     """Checks that need no model, data or process group. World-size checks live in the backends."""
-    for name, allowed in CHOICES.items():
-        value = get_field(config, name)
-        if value not in allowed:
-            raise HfdistError(f"config field {name}: {value!r} is not one of {', '.join(allowed)}")
-    for name in POSITIVE:
-        if not get_field(config, name) > 0:
-            raise HfdistError(f"config field {name}: must be > 0, got {get_field(config, name)!r}")
-    for name in NON_NEGATIVE:
-        if get_field(config, name) < 0:
-            raise HfdistError(f"config field {name}: must be >= 0, got {get_field(config, name)!r}")
-    if not (0.0 <= config.optim.beta1 < 1.0 and 0.0 <= config.optim.beta2 < 1.0):
-        raise HfdistError("config fields optim.beta1/optim.beta2: must lie in [0, 1)")
+    _check_declared(config, "")
     train = config.train
     if train.global_batch_size % train.micro_batch_size:
         raise HfdistError(f"config field train.global_batch_size: {train.global_batch_size} is not a multiple of "
@@ -373,6 +413,22 @@ def validate(config: Config) -> None:
         raise HfdistError("config field model.gguf_file: a gguf file holds weights; it needs model.init=pretrained")
 
 
+def _check_declared(section: Any, prefix: str) -> None:
+    """The choices (``Literal``) and ranges (``Range``) the fields declare, in field order, sections included."""
+    hints = typing.get_type_hints(type(section), include_extras=True)
+    for f in dataclasses.fields(section):
+        name, value = f"{prefix}{_key(f)}", getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_declared(value, f"{name}.")
+            continue
+        annotation = hints[f.name]
+        if typing.get_origin(annotation) is Annotated:
+            for bound in typing.get_args(annotation)[1:]:
+                bound.check(name, value)
+        elif typing.get_origin(annotation) is Literal and value not in typing.get_args(annotation):
+            raise HfdistError(f"config field {name}: {value!r} is not one of {', '.join(typing.get_args(annotation))}")
+
+
 def _validate_text_generation(config: Config) -> None:
     data = config.data
     if data.context_len >= config.eval.total_len:
@@ -389,8 +445,6 @@ def _validate_image(config: Config) -> None:
     """What needs no model: the image geometry (height, width) comes from the model's processor, so the checks
     that need it (data.seq_len, eval.ttr_window) run when the data is built (hfdist.data.build_image_data)."""
     data = config.data
-    if not 0.0 < data.context_fraction < 1.0:
-        raise HfdistError(f"config field data.context_fraction: {data.context_fraction!r} must lie in (0, 1)")
     if not data.image_field.strip():
         raise HfdistError("config field data.image_field: must name a column")
 

@@ -38,8 +38,10 @@ from hfdist.errors import HfdistError
 logger = logging.getLogger(__name__)
 
 EMBEDDED = {"austen": Path(__file__).parent / "data_files" / "austen.jsonl.gz",
-            # Out-of-domain held-out text: SQLite's documentation essays (public domain); scripts/build_sqlite_docs.py
-            "sqlite_docs": Path(__file__).parent / "data_files" / "sqlite_docs.jsonl.gz"}
+            # Out-of-domain held-out texts: SQLite's documentation essays (public domain; scripts/build_sqlite_docs.py)
+            # and the King James Proverbs and Ecclesiastes (expired copyright; scripts/build_kjv_wisdom.py).
+            "sqlite_docs": Path(__file__).parent / "data_files" / "sqlite_docs.jsonl.gz",
+            "kjv_wisdom": Path(__file__).parent / "data_files" / "kjv_wisdom.jsonl.gz"}
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
             ".gz": "json", ".arrow": "arrow"}
 # Image sources that need no network: scikit-learn's 8x8 handwritten digits (1,797 images in its wheel).

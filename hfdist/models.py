@@ -2,6 +2,7 @@
 that computes the training loss without logits."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -401,3 +402,16 @@ class HyperfitModel(nn.Module):
             loss, entropy = cross_entropy(logits, targets, reduction="sum", return_entropy=True, backend="torch")
         num_tokens = (targets != -100).sum()
         return loss, entropy.sum(), num_tokens
+
+
+def model_config_for(path: str, base_section: Optional[dict], dtype: str):
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: v for k, v in (base_section or {}).items() if k in known}
+    values.update(path=str(path), init="pretrained", dtype=dtype)
+    return ModelConfig(**values)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

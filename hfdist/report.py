@@ -36,6 +36,9 @@ import numpy as np
 import torch
 
 from hfdist.errors import HfdistError
+from hfdist.io import generation_records, load_token_array, write_jsonl
+from hfdist.models import model_config_for, resolve_device
+from hfdist.plots import plot_completions_grid, plot_top1, plot_training_curves, plot_ttr_over_position
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,12 @@ ROW_LABELS = {
     "hyperfitted_greedy": ("Hyperfitted", "Greedy"),
     "hyperfitted_greedy_blocker": ("Hyperfitted", "Greedy + citation blocker"),
 }
+
+
+def row_title(name: str) -> str:
+    """A row's name in the plots: "Original greedy", "Original top-p", "Hyperfitted greedy + citation blocker"."""
+    model, decoding = ROW_LABELS.get(name, (name, ""))
+    return f"{model} {decoding.lower()}".strip()
 
 
 @dataclass
@@ -63,152 +72,6 @@ class CompareSettings:
     stop_at_eos: bool = False  # the protocol generates a fixed number of tokens
     device: str = "auto"
     dtype: str = "float32"
-
-
-# ------------------------------------------------------------------------------------------- file formats
-def load_token_array(path, what: str) -> np.ndarray:
-    """A 2-D integer ``.npy`` array of token ids (int64), or an HfdistError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise HfdistError(f"{what} {str(path)!r}: no such file")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise HfdistError(f"{what} {str(path)!r}: not a .npy array ({exc})") from None
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise HfdistError(f"{what} {str(path)!r}: expected a 2-D integer array of token ids, got "
-                          f"shape {array.shape} dtype {array.dtype}")
-    return array.astype(np.int64)
-
-
-def write_jsonl(path, records: list[dict]) -> None:
-    from hfdist.io import atomic_write_text
-
-    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in records))
-
-
-def read_generations(path) -> list[dict]:
-    """The records of a generations file (``hfdist generate``/``compare``); each needs ``continuation_ids``."""
-    path = Path(path)
-    if not path.is_file():
-        raise HfdistError(f"generations file {str(path)!r}: no such file")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise HfdistError(f"generations file {str(path)!r} line {number}: not JSON") from None
-        ids = record.get("continuation_ids") if isinstance(record, dict) else None
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise HfdistError(f"generations file {str(path)!r} line {number}: field 'continuation_ids' missing "
-                              "or not a list of token ids")
-        records.append(record)
-    if not records:
-        raise HfdistError(f"generations file {str(path)!r}: no records")
-    return records
-
-
-def generation_records(prompts: list[list[int]], continuations: list[list[int]], stopped: list[bool],
-                       tokenizer, settings: dict) -> list[dict]:
-    """One JSON record per prompt: prompt and continuation, as ids and text, and the decoding settings."""
-    records = []
-    for i, (prompt, cont, stop) in enumerate(zip(prompts, continuations, stopped)):
-        record = {"index": i, "prompt_ids": list(map(int, prompt)), "continuation_ids": list(map(int, cont))}
-        if tokenizer is not None:
-            record["prompt_text"] = tokenizer.decode(prompt, skip_special_tokens=True)
-            record["continuation_text"] = tokenizer.decode(cont, skip_special_tokens=True)
-        record["num_new_tokens"] = len(cont)
-        record["stopped_at_eos"] = bool(stop)
-        record["settings"] = settings
-        records.append(record)
-    return records
-
-
-# -------------------------------------------------------------------------------------------------- plots
-def _figure(width: float = 7.0, height: float = 4.0):
-    # Figure + Agg canvas directly: no pyplot, so no global backend state and no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    tmp.replace(path)
-
-
-def plot_ttr_over_position(curves: dict[str, list[float]], path, window: int = 96) -> None:
-    """Mean sliding-window TTR against the position (in generated tokens) where each window ends."""
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    for name, curve in curves.items():
-        if curve:
-            model, decoding = ROW_LABELS.get(name, (name, ""))
-            ax.plot(np.arange(window, window + len(curve)), curve, label=f"{model} {decoding.lower()}".strip())
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("generated tokens (end of window)")
-    ax.set_ylabel(f"TTR over the last {window} tokens")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Type-token ratio over position")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8)  # below: never on a curve
-    else:
-        ax.text(0.5, 0.5, f"generations shorter than the {window}-token window", ha="center", va="center",
-                transform=ax.transAxes)
-    _save(fig, Path(path))
-
-
-def plot_training_curves(records: list[dict], path) -> None:
-    """Per-epoch mean training loss (log scale) and entropy, with the held-out evaluations beside them."""
-    epochs = [r for r in records if r.get("kind") == "epoch"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    fig = _figure(10, 4)
-    for col, (metric, label) in enumerate((("loss", "loss (nats/token)"), ("entropy", "entropy (nats)"))):
-        ax = fig.add_subplot(1, 2, col + 1)
-        for rows, prefix, style in ((epochs, "train", "o-"), (evals, "eval", "s--")):
-            points = [(r.get("epoch", 0), r[f"{prefix}/{metric}"]) for r in rows
-                      if isinstance(r.get(f"{prefix}/{metric}"), (int, float))]
-            if points:
-                x, y = zip(*points)
-                ax.plot(x, y, style, markersize=3, label=f"{prefix} {metric}")
-        if metric == "loss" and ax.has_data():
-            ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no records in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("Hyperfitting: loss and entropy per epoch")
-    _save(fig, Path(path))
-
-
-def plot_top1(top1: dict[str, np.ndarray], path) -> None:
-    """Histogram of the top-1 next-token probability on held-out tokens, one per model."""
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    bins = np.linspace(0, 1, 41)
-    for name, values in top1.items():
-        if len(values):
-            label = {"base": "Original", "hyperfitted": "Hyperfitted"}.get(name, name)
-            ax.hist(values, bins=bins, alpha=0.55, density=True,
-                    label=f"{label} (mean {float(np.mean(values)):.2f})")
-    ax.set_xlabel("probability of the most probable next token")
-    ax.set_ylabel("density")
-    ax.set_title("Top-1 probability on held-out text")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, Path(path))
 
 
 # -------------------------------------------------------------------------------------------------- tables
@@ -258,36 +121,6 @@ def format_image_table(rows: dict[str, dict], window: int = 96, min_run: int = 1
     return "\n".join(lines)
 
 
-def plot_completions_grid(originals: np.ndarray, context_rows: int, completions: dict[str, np.ndarray], path,
-                          max_images: int = 8) -> None:
-    """One row per held-out image: the original, its context (the first ``context_rows`` rows, the rest blank),
-    then each decoding's completion; all ``uint8 [N, H, W, 3]``, drawn pixel for pixel (no smoothing)."""
-    count = min(max_images, len(originals))
-    columns = [("Original", originals), ("Context", None)] + [
-        (" ".join(ROW_LABELS.get(name, (name, "")))
-         if name != "original_top_p" else "Original top-p", images) for name, images in completions.items()]
-    height = 1.45 * count + 0.6
-    fig = _figure(1.45 * len(columns), height)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=1 - 0.6 / height, wspace=0.08, hspace=0.08)
-    for row in range(count):
-        for col, (title, images) in enumerate(columns):
-            ax = fig.add_subplot(count, len(columns), row * len(columns) + col + 1)
-            if images is None:
-                image = originals[row].copy()
-                image[context_rows:] = 255
-            else:
-                image = images[row]
-            ax.imshow(image, interpolation="nearest")
-            if col == 1:  # where the generation starts
-                ax.axhline(context_rows - 0.5, color="red", linewidth=0.8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(title, fontsize=7)
-    fig.suptitle(f"Completions of held-out images from their first {context_rows} rows", fontsize=9)
-    _save(fig, Path(path))
-
-
 def format_heldout_table(heldout: dict[str, dict]) -> str:
     lines = ["| Model | Perplexity | Entropy (nats) | Top-1 mass | Top-3 mass | Top-5 mass | Tokens |",
              "|" + "---|" * 7]
@@ -324,21 +157,6 @@ def _image_geometry(run_dir: Path) -> Optional[dict]:
         return json.loads(path.read_text()).get("image")
     except ValueError:
         raise HfdistError(f"{str(path)!r}: not valid JSON") from None
-
-
-def model_config_for(path: str, base_section: Optional[dict], dtype: str):
-    from hfdist.config import ModelConfig
-
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    values = {k: v for k, v in (base_section or {}).items() if k in known}
-    values.update(path=str(path), init="pretrained", dtype=dtype)
-    return ModelConfig(**values)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _decode_all(model, contexts: torch.Tensor, settings: CompareSettings, eos, pad: int, **options):
@@ -479,7 +297,8 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
             torch.cuda.empty_cache()
     rows = {name: rows[name] for name in ROWS if name in rows}
 
-    plot_ttr_over_position(curves, out / "ttr_over_position.png", settings.window)
+    plot_ttr_over_position({row_title(name): curve for name, curve in curves.items()}, out / "ttr_over_position.png",
+                           settings.window)
     metrics_path = run / "metrics.jsonl" if run is not None else None
     records = []
     if metrics_path is not None and metrics_path.is_file():
@@ -500,7 +319,7 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
             full = np.concatenate([contexts, np.full((len(contexts), settings.max_new_tokens), -1)], axis=1)
         draw = lambda rows: token_ids_to_pixels(rows, clusters, image["height"], image["width"])  # noqa: E731
         plot_completions_grid(draw(full[:, 1:]), image["context_rows"],
-                              {name: draw(np.concatenate([contexts[:, 1:], np.asarray(c)], axis=1))
+                              {row_title(name): draw(np.concatenate([contexts[:, 1:], np.asarray(c)], axis=1))
                                for name, c in completions.items()}, out / "completions_grid.png")
         plots.insert(0, "completions_grid.png")
 

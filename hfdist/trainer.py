@@ -315,6 +315,12 @@ class Trainer:
         self.run_dir = run_dir
         self.checkpoint_root = run_path(run_dir, "checkpoint.dir", config.checkpoint.dir)
         self.backend = build_backend(config)
+        # The loop's concerns, in the order each point reaches them: a fault (a test hook) happens before the watchdog
+        # records the next position, so a hung rank is reported where it hung.
+        concerns = [FaultInjection(self.backend.rank), WatchdogMarks()]
+        if progress and self.backend.is_main:
+            concerns.append(ProgressBar())
+        self.hooks = Hooks(*concerns)
         start, job_marker = choose_start(self.backend, run_dir, resume, self.checkpoint_root)
         self.accumulation = self.backend.gradient_accumulation_steps()
         seed_everything(config.train.seed)
@@ -345,12 +351,6 @@ class Trainer:
 
         build_model(self.backend, config, self.total_steps)
         self.flops_per_token = model_flops_per_token(self.backend.unwrapped_lm(), config.data.seq_len)
-        # The loop's concerns, in the order each point reaches them: a fault (a test hook) happens before the watchdog
-        # records the next position, so a hung rank is reported where it hung.
-        concerns = [FaultInjection(self.backend.rank), WatchdogMarks()]
-        if progress and self.backend.is_main:
-            concerns.append(ProgressBar())
-        self.hooks = Hooks(*concerns)
         self.state = TrainingState()
         if start not in (None, FRESH):
             folder = Path(start)

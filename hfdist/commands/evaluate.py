@@ -36,7 +36,8 @@ def run(args) -> int:
     from hfdist.errors import HfdistError
     from hfdist.io import atomic_write_json
     from hfdist.metrics import generation_metrics, heldout_stats
-    from hfdist.report import load_token_array, model_config_for, read_generations, resolve_device
+    from hfdist.io import load_token_array, read_generations
+    from hfdist.models import model_config_for, resolve_device
 
     if not args.generations and not args.model:
         raise HfdistError("evaluate: give generations files and/or --model with held-out data")

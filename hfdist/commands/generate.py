@@ -60,7 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def load_prompts(args, tokenizer) -> list[list[int]]:
     """Prompts as token-id lists from a text/JSONL/npy file, a run folder or a dataset."""
     from hfdist.errors import HfdistError
-    from hfdist.report import load_token_array
+    from hfdist.io import load_token_array
 
     source = Path(args.prompts).expanduser()
     if not source.exists() and source.suffix in (".txt", ".jsonl", ".json", ".npy", ".csv", ".parquet"):
@@ -121,8 +121,8 @@ def run(args) -> int:
     from hfdist.errors import HfdistError
     from hfdist.generation import CitationBlocker, continuation_ids, generate, left_pad
     from hfdist.models import load_model, load_tokenizer
-    from hfdist.report import (generation_records, load_token_array, model_config_for, resolve_device,
-                               write_jsonl)
+    from hfdist.io import generation_records, load_token_array, write_jsonl
+    from hfdist.models import model_config_for, resolve_device
 
     if args.max_new_tokens < 1:
         raise HfdistError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")

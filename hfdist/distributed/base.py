@@ -23,7 +23,6 @@ from torch import nn
 
 from hfdist.config import Config
 from hfdist.distributed.layout import accumulation_steps
-from hfdist.errors import HfdistError
 
 logger = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ The Triton kernels live in the top-level ``kernels/`` folder but install as ``hf
 top-level package named ``kernels`` would shadow the PyPI distribution of that name, which
 transformers looks for.
 """
+
 from setuptools import setup
 
 # Known-good versions (CPU build checked on Python 3.11; the GPU machine runs torch 2.11 / triton 3.6 /
@@ -29,7 +30,7 @@ EXTRAS = {
     "deepspeed": ["deepspeed==0.19.8"],
     "mpi": ["mpi4py==4.1.2"],
     "bench": ["liger-kernel==0.8.5", "psutil>=5.9"],
-    "dev": ["pytest>=8", "sacrebleu>=2.4", "triton>=3.6,<=3.9.0", "psutil>=5.9"],
+    "dev": ["pytest>=8", "sacrebleu>=2.4", "triton>=3.6,<=3.9.0", "psutil>=5.9", "ruff==0.17.6"],
     # Images (data.modality: image): the embedded 8x8 digits ship inside scikit-learn's wheel; Pillow decodes image
     # files (matplotlib already needs it).
     "images": ["scikit-learn>=1.5,<=1.9.1", "pillow>=10"],

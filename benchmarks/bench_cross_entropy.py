@@ -20,6 +20,7 @@ Writes ``bench_cross_entropy_<device>.json`` and ``.md`` into ``--out``, and pri
 hidden and weight included. On CUDA it is torch's allocator peak; on CPU each method runs in a fresh
 subprocess and the peak is the process's RSS high-water mark (getrusage) minus its RSS before the call.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,7 +91,9 @@ def method_fn(name, device, entropy=False):
         loss = F.cross_entropy(logits, labels)
         if not entropy:
             return loss
-        with torch.no_grad():  # a metric, as in training: -sum p log p of each predicted token, 0 where ignored
+        with (
+            torch.no_grad()
+        ):  # a metric, as in training: -sum p log p of each predicted token, 0 where ignored
             logp = torch.log_softmax(logits, -1)
             token_entropy = -(logp.exp() * logp).sum(-1) * (labels != -100)
         return loss, token_entropy
@@ -101,8 +104,11 @@ def method_fn(name, device, entropy=False):
     if name in HFDIST_METHODS:
         backend, accumulation = HFDIST_METHODS[name]
         backend = backend if device == "cuda" else "torch"
-        return first(lambda h, w, y: fused_linear_cross_entropy(h, w, y, backend=backend, return_entropy=entropy,
-                                                                grad_accumulation=accumulation))
+        return first(
+            lambda h, w, y: fused_linear_cross_entropy(
+                h, w, y, backend=backend, return_entropy=entropy, grad_accumulation=accumulation
+            )
+        )
     if name == "torch-eager":
         return first(eager)
     if name == "torch-compile":
@@ -153,8 +159,13 @@ def run_cuda(name, inputs, reps, entropy=False):
     finally:
         hidden.grad = weight.grad = None
         torch.cuda.empty_cache()
-    return {"method": name, "status": "ok", "time_s": statistics.median(times), "extra_bytes": extra,
-            "accumulation": accumulation_path(name, dtype, "cuda")}
+    return {
+        "method": name,
+        "status": "ok",
+        "time_s": statistics.median(times),
+        "extra_bytes": extra,
+        "accumulation": accumulation_path(name, dtype, "cuda"),
+    }
 
 
 def rss_bytes():
@@ -184,15 +195,35 @@ def child_cpu(name, n, h, v, dtype, reps, entropy=False):
         t0 = time.perf_counter()
         fn(hidden, weight, labels).backward()
         times.append(time.perf_counter() - t0)
-    return {"method": name, "status": "ok", "time_s": statistics.median(times), "extra_bytes": peak - base,
-            "accumulation": accumulation_path(name, dtype, "cpu")}
+    return {
+        "method": name,
+        "status": "ok",
+        "time_s": statistics.median(times),
+        "extra_bytes": peak - base,
+        "accumulation": accumulation_path(name, dtype, "cpu"),
+    }
 
 
 def run_cpu(name, n, h, v, dtype, reps, entropy=False):
     if name == "liger":  # GPU-only: no process started for it
         return {"method": name, "status": "skipped: needs CUDA"}
-    cmd = [sys.executable, __file__, "--child", name, "--n", str(n), "--h", str(h), "--v", str(v),
-           "--dtype", str(dtype).replace("torch.", ""), "--reps", str(reps), *(["--entropy"] if entropy else [])]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--n",
+        str(n),
+        "--h",
+        str(h),
+        "--v",
+        str(v),
+        "--dtype",
+        str(dtype).replace("torch.", ""),
+        "--reps",
+        str(reps),
+        *(["--entropy"] if entropy else []),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     if out.returncode != 0:
         return {"method": name, "status": f"failed: {out.stderr.strip().splitlines()[-1:]}"}
@@ -205,18 +236,23 @@ def fmt_bytes(b):
 
 def write_reports(stem, meta, rows, h, v, dtype, markdown=True):
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    lines = [f"Fused linear cross-entropy, forward + backward, {meta['device']}, torch {meta['torch']}, "
-             f"H={h}, V={v}, {str(dtype).replace('torch.', '')}"
-             f"{', with the per-token entropy (not Liger)' if meta.get('entropy') else ''}", "",
-             "| N | method | time | TFLOP/s | of peak | extra memory | weight-gradient accumulation |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Fused linear cross-entropy, forward + backward, {meta['device']}, torch {meta['torch']}, "
+        f"H={h}, V={v}, {str(dtype).replace('torch.', '')}"
+        f"{', with the per-token entropy (not Liger)' if meta.get('entropy') else ''}",
+        "",
+        "| N | method | time | TFLOP/s | of peak | extra memory | weight-gradient accumulation |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['n']} | {r['method']} | {r['status']} | | | | |")
             continue
         frac = f"{100 * r['fraction_of_peak']:.0f}%" if "fraction_of_peak" in r else "-"
-        lines.append(f"| {r['n']} | {r['method']} | {1e3 * r['time_s']:.1f} ms | {r['tflops']:.2f} | {frac} | "
-                     f"{fmt_bytes(r['extra_bytes'])} | {r.get('accumulation') or '-'} |")
+        lines.append(
+            f"| {r['n']} | {r['method']} | {1e3 * r['time_s']:.1f} ms | {r['tflops']:.2f} | {frac} | "
+            f"{fmt_bytes(r['extra_bytes'])} | {r.get('accumulation') or '-'} |"
+        )
     if markdown:
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -224,16 +260,22 @@ def write_reports(stem, meta, rows, h, v, dtype, markdown=True):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--n", type=int, nargs="+")
     parser.add_argument("--h", type=int)
     parser.add_argument("--v", type=int)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--methods", nargs="+",
-                        default=["hfdist", "hfdist-fp32", "torch-eager", "torch-compile", "liger"])
-    parser.add_argument("--entropy", action="store_true",
-                        help="also the per-token entropy (hfdist return_entropy=True; eager/compile from the logits)")
+    parser.add_argument(
+        "--methods", nargs="+", default=["hfdist", "hfdist-fp32", "torch-eager", "torch-compile", "liger"]
+    )
+    parser.add_argument(
+        "--entropy",
+        action="store_true",
+        help="also the per-token entropy (hfdist return_entropy=True; eager/compile from the logits)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes: check that the script runs")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--no-md", action="store_true", help="write only the JSON (the table goes to stdout)")
@@ -258,11 +300,17 @@ def main(argv=None):
     peak = gpu_peak_flops() if args.device == "cuda" else None
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    meta = {"device": device_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "peak_flops": peak, "entropy": args.entropy,
-            "note": "6NHV flop per forward+backward; extra memory includes the gradients"}
+    meta = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "peak_flops": peak,
+        "entropy": args.entropy,
+        "note": "6NHV flop per forward+backward; extra memory includes the gradients",
+    }
     try:
         import triton
+
         meta["triton"] = triton.__version__
     except ImportError:
         pass
@@ -276,8 +324,13 @@ def main(argv=None):
                 result = run_cuda(name, inputs, args.reps, args.entropy)
             else:
                 result = run_cpu(name, n, h, v, dtype, args.reps, args.entropy)
-            result.update(n=n, h=h, v=v, dtype=str(dtype).replace("torch.", ""),
-                          entropy=computes_entropy(name, args.entropy))
+            result.update(
+                n=n,
+                h=h,
+                v=v,
+                dtype=str(dtype).replace("torch.", ""),
+                entropy=computes_entropy(name, args.entropy),
+            )
             if result["status"] == "ok":
                 flops = 6 * n * h * v  # fwd logits + bwd d_hidden + bwd d_weight
                 result["tflops"] = flops / result["time_s"] / 1e12
@@ -285,7 +338,9 @@ def main(argv=None):
                     result["fraction_of_peak"] = flops / result["time_s"] / peak
             rows.append(result)
             print(json.dumps(result), flush=True)
-            table = write_reports(stem, meta, rows, h, v, dtype, not args.no_md)  # after every row: a timeout keeps what ran
+            table = write_reports(
+                stem, meta, rows, h, v, dtype, not args.no_md
+            )  # after every row: a timeout keeps what ran
         del inputs
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -15,6 +15,7 @@ logits are made on the device once per batch size. Writes ``bench_sampling_<devi
 Logits: N(0, 1) * 4 plus a few spikes, a peaked distribution like an LM's. GB/s counts one fp32 read
 of the logits; "of peak" divides by the HBM bandwidth (3.35 TB/s H100 SXM, 4.8 TB/s H200).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,13 @@ def resolve_paths(logits, top_p, seeds):
     seen = {}
     sample_triton(logits, temperature=1.0, top_p=top_p, top_k=0, min_p=0.0, seeds=seeds, diagnostics=seen)
     n, kept = seen["candidates"].cpu(), seen["bins"].cpu() >= 0
-    return {"chunks_per_row": int(seen["chunks_per_row"]), "all_pairs": int((kept & (n <= SMALL)).sum()),
-            "resident": int((kept & (n > SMALL) & (n <= RESIDENT)).sum()),
-            "streamed": int((kept & (n > RESIDENT)).sum()), "whole_row": int((~kept).sum())}
+    return {
+        "chunks_per_row": int(seen["chunks_per_row"]),
+        "all_pairs": int((kept & (n <= SMALL)).sum()),
+        "resident": int((kept & (n > SMALL) & (n <= RESIDENT)).sum()),
+        "streamed": int((kept & (n > RESIDENT)).sum()),
+        "whole_row": int((~kept).sum()),
+    }
 
 
 def methods(device):
@@ -67,16 +72,19 @@ def methods(device):
     # on_invalid="flag", as decoding calls it: no host synchronisation inside the timed call ("raise" reads
     # the invalid-row flags back every call).
     if triton_runs_here(device):
-        found["hfdist-triton"] = lambda x, p, seeds: sample(x, top_p=p, seed=seeds, backend="triton",
-                                                            on_invalid="flag")
-    found["hfdist-torch-reference"] = lambda x, p, seeds: sample(x, top_p=p, seed=seeds, backend="torch",
-                                                                 on_invalid="flag")
+        found["hfdist-triton"] = lambda x, p, seeds: sample(
+            x, top_p=p, seed=seeds, backend="triton", on_invalid="flag"
+        )
+    found["hfdist-torch-reference"] = lambda x, p, seeds: sample(
+        x, top_p=p, seed=seeds, backend="torch", on_invalid="flag"
+    )
 
     def sort_multinomial(x, p, seeds):  # the textbook way: sort the row, cut the cumulative mass, multinomial
         values, order = torch.sort(x, dim=-1, descending=True)
         probs = torch.softmax(values, -1)
         probs = probs.masked_fill(probs.cumsum(-1) - probs > p, 0.0)  # keep the shortest prefix reaching p
         return order.gather(1, torch.multinomial(probs, 1)).squeeze(1)
+
     found["torch-sort-multinomial"] = sort_multinomial
     try:
         from transformers.generation.logits_process import TopPLogitsWarper
@@ -85,6 +93,7 @@ def methods(device):
             warper = warpers.setdefault(p, TopPLogitsWarper(top_p=p))
             scores = warper(None, x)
             return torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1)
+
         found["hf-topp-multinomial"] = hf
     except ImportError:
         pass
@@ -94,6 +103,7 @@ def methods(device):
 
             def fi(x, p, seeds):
                 return flashinfer.sampling.top_p_sampling_from_probs(torch.softmax(x, -1), p)
+
             found["flashinfer"] = fi
         except ImportError:
             pass
@@ -121,16 +131,22 @@ def time_call(fn, device, reps):
 
 def write_reports(stem, meta, rows, vocab, markdown=True):
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    lines = [f"Top-p sampling, fp32 logits, V={vocab}, {meta['device']}, torch {meta['torch']}", "",
-             "| B | top_p | method | time | GB/s | of peak | resolve paths (rows) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Top-p sampling, fp32 logits, V={vocab}, {meta['device']}, torch {meta['torch']}",
+        "",
+        "| B | top_p | method | time | GB/s | of peak | resolve paths (rows) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['batch']} | {r['top_p']} | {r['method']} | {r['status']} | | | |")
             continue
         frac = f"{100 * r['fraction_of_peak']:.0f}%" if "fraction_of_peak" in r else "-"
         paths = ", ".join(f"{k} {v}" for k, v in r.get("resolve_paths", {}).items() if v) or "-"
-        lines.append(f"| {r['batch']} | {r['top_p']} | {r['method']} | {1e6 * r['time_s']:.0f} us | "
-                     f"{r['gb_per_s']:.1f} | {frac} | {paths} |")
+        lines.append(
+            f"| {r['batch']} | {r['top_p']} | {r['method']} | {1e6 * r['time_s']:.0f} us | "
+            f"{r['gb_per_s']:.1f} | {frac} | {paths} |"
+        )
     if markdown:
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -138,7 +154,9 @@ def write_reports(stem, meta, rows, vocab, markdown=True):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--batch", type=int, nargs="+")
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--top-p", type=float, nargs="+", default=[0.5, 0.9, 0.95])
@@ -156,8 +174,11 @@ def main(argv=None):
         name = torch.cuda.get_device_name()
         bandwidth = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
 
-    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "peak_bandwidth": bandwidth}
+    meta = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "peak_bandwidth": bandwidth,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench_sampling_{device}{'_quick' if args.quick else ''}"
     rows = []
@@ -180,7 +201,9 @@ def main(argv=None):
                 result.update(batch=batch, vocab=vocab, top_p=p)
                 rows.append(result)
                 print(json.dumps(result), flush=True)
-                table = write_reports(stem, meta, rows, vocab, not args.no_md)  # after every row: a timeout keeps what ran
+                table = write_reports(
+                    stem, meta, rows, vocab, not args.no_md
+                )  # after every row: a timeout keeps what ran
     print(table)
     return 0
 

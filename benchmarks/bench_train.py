@@ -20,6 +20,7 @@ N the parameters outside the input embedding, L layers, H heads, Q head dim, T s
 tokens/s x FLOPs per token / the device's dense bf16 peak.
 Usage: python benchmarks/bench_train.py --model smollm2-135m --batch 8 --seq-len 128 --out benchmarks/results
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,21 @@ import sys
 import time
 from pathlib import Path
 
+
 def machine_info() -> dict:
     import platform
 
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "platform": platform.platform()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     try:
         import transformers
+
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
@@ -48,21 +55,35 @@ def machine_info() -> dict:
         info["device"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     else:
-        info["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        info["device"] = (
+            f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        )
     return info
 
 
 # hfdist's switches, each benchmarked as an implementation of its own.
-HFDIST_VARIANTS = {"hfdist": [], "hfdist-compile": ["train.compile=true"], "hfdist-unfused": ["train.fused_loss=false"],
-                   "hfdist-ckpt": ["train.activation_checkpointing=true"], "hfdist-noprefetch": ["train.prefetch=false"]}
+HFDIST_VARIANTS = {
+    "hfdist": [],
+    "hfdist-compile": ["train.compile=true"],
+    "hfdist-unfused": ["train.fused_loss=false"],
+    "hfdist-ckpt": ["train.activation_checkpointing=true"],
+    "hfdist-noprefetch": ["train.prefetch=false"],
+}
 
 
 def _config(args):
     from hfdist.config import load_config
 
-    overrides = [f"model.path={args.model}", f"model.dtype={args.dtype}", f"model.init={args.init}",
-                 f"data.seq_len={args.seq_len}", f"train.global_batch_size={args.batch}",
-                 f"train.micro_batch_size={args.batch}", "optim.lr=1e-5", *HFDIST_VARIANTS.get(args.impl, [])]
+    overrides = [
+        f"model.path={args.model}",
+        f"model.dtype={args.dtype}",
+        f"model.init={args.init}",
+        f"data.seq_len={args.seq_len}",
+        f"train.global_batch_size={args.batch}",
+        f"train.micro_batch_size={args.batch}",
+        "optim.lr=1e-5",
+        *HFDIST_VARIANTS.get(args.impl, []),
+    ]
     return load_config(None, overrides)
 
 
@@ -94,7 +115,9 @@ def run_one(args) -> dict:
         build_model(backend, config, total)
         lm = backend.model.lm
         vocab = lm.config.vocab_size
-        batches = [torch.randint(0, vocab, (args.batch, args.seq_len), generator=generator) for _ in range(total)]
+        batches = [
+            torch.randint(0, vocab, (args.batch, args.seq_len), generator=generator) for _ in range(total)
+        ]
         prefetcher = BatchPrefetcher(lambda i: [batches[i]], device, config.train.prefetch)
         for i in range(total):
             sync()
@@ -107,7 +130,9 @@ def run_one(args) -> dict:
         lm.train()
         vocab = lm.config.vocab_size
         optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-5, weight_decay=0.0)
-        batches = [torch.randint(0, vocab, (args.batch, args.seq_len), generator=generator) for _ in range(total)]
+        batches = [
+            torch.randint(0, vocab, (args.batch, args.seq_len), generator=generator) for _ in range(total)
+        ]
         for batch in batches:
             sync()
             start = time.perf_counter()
@@ -124,8 +149,10 @@ def run_one(args) -> dict:
 
         lm = load_model(config.model, device)
         vocab = lm.config.vocab_size
-        rows = [{"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=generator)}
-                for _ in range(total * args.batch)]
+        rows = [
+            {"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=generator)}
+            for _ in range(total * args.batch)
+        ]
         rows = [dict(r, labels=r["input_ids"]) for r in rows]
 
         class Timer(TrainerCallback):
@@ -138,23 +165,41 @@ def run_one(args) -> dict:
                 step_times.append(time.perf_counter() - self.start)
 
         training_args = TrainingArguments(
-            output_dir=args.scratch, per_device_train_batch_size=args.batch, max_steps=total, learning_rate=1e-5,
-            weight_decay=0.0, optim="adamw_torch", report_to=[], save_strategy="no", logging_strategy="no",
-            dataloader_num_workers=0, use_cpu=device.type == "cpu", bf16=args.dtype == "bfloat16" and device.type == "cuda",
-            disable_tqdm=True, seed=0)
+            output_dir=args.scratch,
+            per_device_train_batch_size=args.batch,
+            max_steps=total,
+            learning_rate=1e-5,
+            weight_decay=0.0,
+            optim="adamw_torch",
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            dataloader_num_workers=0,
+            use_cpu=device.type == "cpu",
+            bf16=args.dtype == "bfloat16" and device.type == "cuda",
+            disable_tqdm=True,
+            seed=0,
+        )
         Trainer(model=lm, args=training_args, train_dataset=rows, callbacks=[Timer()]).train()
     else:
-        raise SystemExit(f"--impl {args.impl!r}: expected plain, trainer or one of {', '.join(HFDIST_VARIANTS)}")
+        raise SystemExit(
+            f"--impl {args.impl!r}: expected plain, trainer or one of {', '.join(HFDIST_VARIANTS)}"
+        )
 
-    timed = step_times[args.warmup:]
+    timed = step_times[args.warmup :]
     step_time = statistics.median(timed)
     tokens_per_s = args.batch * args.seq_len / step_time
     if device.type == "cuda":
         peak_gib = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    result = {"impl": args.impl, "step_time_s": step_time, "tokens_per_s": tokens_per_s, "peak_memory_gib": peak_gib,
-              "step_times_s": timed}
+    result = {
+        "impl": args.impl,
+        "step_time_s": step_time,
+        "tokens_per_s": tokens_per_s,
+        "peak_memory_gib": peak_gib,
+        "step_times_s": timed,
+    }
     from hfdist.distributed.perf import mfu, model_flops_per_token, peak_flops
 
     utilisation = mfu(tokens_per_s, model_flops_per_token(lm, args.seq_len), 1, peak_flops(device))
@@ -166,32 +211,48 @@ def run_one(args) -> dict:
 def summarize(runs: list[dict]) -> dict:
     def stats(key):
         values = [r[key] for r in runs if key in r]
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
+        return (
+            {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
+        )
 
-    return {key: stats(key) for key in ("tokens_per_s", "step_time_s", "peak_memory_gib", "mfu") if stats(key)}
+    return {
+        key: stats(key) for key in ("tokens_per_s", "step_time_s", "peak_memory_gib", "mfu") if stats(key)
+    }
 
 
 def markdown(results: dict) -> str:
     impls = results["implementations"]
     base, trainer = impls.get("plain"), impls.get("trainer")
-    lines = [f"Training: {results['settings']['model']}, batch {results['settings']['batch']} x seq "
-             f"{results['settings']['seq_len']}, {results['settings']['dtype']}, on {results['machine']['device']} "
-             f"(median of {results['settings']['repeats']} runs x {results['settings']['steps']} steps)", "",
-             "| implementation | tokens/s | step time (s) | peak memory (GiB) | MFU | tokens/s vs plain | memory vs plain "
-             "| tokens/s vs Trainer |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Training: {results['settings']['model']}, batch {results['settings']['batch']} x seq "
+        f"{results['settings']['seq_len']}, {results['settings']['dtype']}, on {results['machine']['device']} "
+        f"(median of {results['settings']['repeats']} runs x {results['settings']['steps']} steps)",
+        "",
+        "| implementation | tokens/s | step time (s) | peak memory (GiB) | MFU | tokens/s vs plain | memory vs plain "
+        "| tokens/s vs Trainer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, summary in impls.items():
-        tps, step, mem = summary["tokens_per_s"]["median"], summary["step_time_s"]["median"], summary["peak_memory_gib"]["median"]
+        tps, step, mem = (
+            summary["tokens_per_s"]["median"],
+            summary["step_time_s"]["median"],
+            summary["peak_memory_gib"]["median"],
+        )
         mfu = f"{summary['mfu']['median']:.1%}" if "mfu" in summary else "-"
         ratio = f"{tps / base['tokens_per_s']['median']:.2f}x" if base else "-"
         mem_ratio = f"{mem / base['peak_memory_gib']['median']:.2f}x" if base else "-"
         vs_trainer = f"{tps / trainer['tokens_per_s']['median']:.2f}x" if trainer else "-"
-        lines.append(f"| {name} | {tps:,.0f} | {step:.3f} | {mem:.2f} | {mfu} | {ratio} | {mem_ratio} | {vs_trainer} |")
+        lines.append(
+            f"| {name} | {tps:,.0f} | {step:.3f} | {mem:.2f} | {mfu} | {ratio} | {mem_ratio} | {vs_trainer} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="model path, hub id or shipped architecture name")
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="model path, hub id or shipped architecture name"
+    )
     parser.add_argument("--init", default="pretrained", choices=["pretrained", "random"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=8)
@@ -199,8 +260,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--impls", default="plain,trainer,hfdist,hfdist-compile",
-                        help=f"comma-separated: plain, trainer, {', '.join(HFDIST_VARIANTS)}")
+    parser.add_argument(
+        "--impls",
+        default="plain,trainer,hfdist,hfdist-compile",
+        help=f"comma-separated: plain, trainer, {', '.join(HFDIST_VARIANTS)}",
+    )
     parser.add_argument("--out", default="benchmarks/results", help="folder for JSON and markdown")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
     parser.add_argument("--impl", help=argparse.SUPPRESS)  # internal: run one implementation in this process
@@ -212,18 +276,34 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {}
     for repeat in range(args.repeats):
         for impl in args.impls.split(","):
-            command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--impl", impl]
+            command = [
+                sys.executable,
+                __file__,
+                *(argv if argv is not None else sys.argv[1:]),
+                "--impl",
+                impl,
+            ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"bench train: {impl} failed (exit {done.returncode})")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             runs.setdefault(impl, []).append(result)
-            print(f"{impl} run {repeat + 1}: {result['tokens_per_s']:.1f} tokens/s, "
-                  f"peak {result['peak_memory_gib']:.2f} GiB", file=sys.stderr)
-    results = {"benchmark": "train", "machine": machine_info(), "settings": {
-        k: getattr(args, k) for k in ("model", "init", "dtype", "batch", "seq_len", "steps", "warmup", "repeats")},
-        "implementations": {name: summarize(r) for name, r in runs.items()}, "runs": runs}
+            print(
+                f"{impl} run {repeat + 1}: {result['tokens_per_s']:.1f} tokens/s, "
+                f"peak {result['peak_memory_gib']:.2f} GiB",
+                file=sys.stderr,
+            )
+    results = {
+        "benchmark": "train",
+        "machine": machine_info(),
+        "settings": {
+            k: getattr(args, k)
+            for k in ("model", "init", "dtype", "batch", "seq_len", "steps", "warmup", "repeats")
+        },
+        "implementations": {name: summarize(r) for name, r in runs.items()},
+        "runs": runs,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"train_{args.tag}" if args.tag else "train"

@@ -19,11 +19,13 @@ background thread writes it (collectives on a gloo group of their own), and rank
 (manifest, rename, prune) once every rank's write is done; the next checkpoint, the export and the end of the run
 wait for it first. A crash before that leaves only the ``.tmp`` folder: the previous checkpoint stays the latest.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -36,8 +38,15 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import xxhash
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.tensor import DTensor
 
+from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
 from hfdist.io import atomic_write_json, fsync_dir
 
@@ -87,8 +96,12 @@ def torch_bytes(obj: Any) -> bytes:
 def record_written_files(folder: Path, paths, rank: int) -> dict:
     """Records of files this rank has just written by other means (DeepSpeed's engine): hashed right after the
     write, so from the page cache; every rank hashes its own files at the same time."""
-    return {str(Path(p).resolve().relative_to(folder.resolve())): record(Path(p).stat().st_size, file_checksum(Path(p)),
-                                                                        rank) for p in paths}
+    return {
+        str(Path(p).resolve().relative_to(folder.resolve())): record(
+            Path(p).stat().st_size, file_checksum(Path(p)), rank
+        )
+        for p in paths
+    }
 
 
 class _HashingStream:
@@ -144,8 +157,6 @@ class _HashingStream:
 
 def _dcp_writer_class():
     """DCP's FileSystemWriter whose file system checksums each file while it is written (per rank, in parallel)."""
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.filesystem import FileSystem
 
     class HashingFileSystem(FileSystem):
         def __init__(self, timer: dict):
@@ -180,25 +191,34 @@ def _dcp_writer_class():
             started = time.perf_counter()
             future = super().write_data(plan, planner)
             self.timer["write_s"] += time.perf_counter() - started
-            if self.on_written is not None:  # the loop's checkpoint_written hook (on the writer's thread if async)
+            if (
+                self.on_written is not None
+            ):  # the loop's checkpoint_written hook (on the writer's thread if async)
                 self.on_written()
             return future
 
         def records(self, folder: Path, rank: int) -> dict:
-            return {str(Path(p).resolve().relative_to(folder.resolve())): record(n, c, rank)
-                    for p, (n, c) in self.fs.files.items()}
+            return {
+                str(Path(p).resolve().relative_to(folder.resolve())): record(n, c, rank)
+                for p, (n, c) in self.fs.files.items()
+            }
 
     return ChecksummingWriter
 
 
-def save_dcp(state: dict, folder: Path, rank: int, *, async_: bool = False, process_group=None,
-             no_dist: bool = False, on_written: Optional[Callable[[], None]] = None) -> concurrent.futures.Future:
+def save_dcp(
+    state: dict,
+    folder: Path,
+    rank: int,
+    *,
+    async_: bool = False,
+    process_group=None,
+    no_dist: bool = False,
+    on_written: Optional[Callable[[], None]] = None,
+) -> concurrent.futures.Future:
     """``dcp.save`` (or ``dcp.async_save``) of ``state`` into ``folder/dcp``; the future resolves to the records of
     the files this rank wrote (checksummed while written), plus the writer's timings under ``"_timer"``.
     ``on_written`` is called once this rank's data files are written."""
-    import inspect
-
-    import torch.distributed.checkpoint as dcp
 
     writer = _dcp_writer_class()(folder / "dcp", on_written=on_written)
     kwargs = {"storage_writer": writer, "process_group": process_group}
@@ -295,8 +315,12 @@ def verify_across_ranks(folder: Path, backend=None) -> Optional[str]:
 def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    folders = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(folders, key=lambda p: int(p.name[len(PREFIX):]))
+    folders = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    ]
+    return sorted(folders, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_valid(root: Path, backend=None) -> Optional[Path]:
@@ -304,7 +328,9 @@ def latest_valid(root: Path, backend=None) -> Optional[Path]:
     backend, every rank calls and the files are checksummed across the ranks."""
     folders = list_checkpoints(root)
     if backend is not None:
-        folders = backend.broadcast_object(folders)  # rank 0's listing, so that every rank checks the same folder
+        folders = backend.broadcast_object(
+            folders
+        )  # rank 0's listing, so that every rank checks the same folder
     for folder in reversed(folders):
         problem = verify_across_ranks(folder, backend)
         if problem is None:
@@ -332,17 +358,21 @@ def resolve_resume(resume: str, root: Path, backend=None) -> Path:
 
 # ---- RNG states ------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(),
-            "python": torch.tensor(bytearray(json.dumps(_python_rng_state()).encode()), dtype=torch.uint8),
-            **_numpy_rng_state(),
-            **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(bytearray(json.dumps(_python_rng_state()).encode()), dtype=torch.uint8),
+        **_numpy_rng_state(),
+        **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+    }
 
 
 def _numpy_rng_state() -> dict:
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return {"numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
-            "numpy_gauss": torch.tensor(cached_gaussian, dtype=torch.float64)}
+    return {
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor(cached_gaussian, dtype=torch.float64),
+    }
 
 
 def _python_rng_state():
@@ -355,8 +385,15 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = json.loads(bytes(state["python"].tolist()).decode())
     random.setstate((version, tuple(internal), gauss))
     pos, has_gauss = state["numpy_pos"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
-                         state["numpy_gauss"].item()))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            pos,
+            has_gauss,
+            state["numpy_gauss"].item(),
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -364,7 +401,6 @@ def set_rng_state(state: dict) -> None:
 def nonfinite_parameters(backend) -> int:
     """How many parameter tensors hold a NaN or inf, summed over all ranks (each checks its own shards; every
     rank calls; one all-reduce and one host sync)."""
-    from torch.distributed.tensor import DTensor
 
     bad = torch.zeros((), device=backend.device)
     for param in backend.model.parameters():
@@ -386,7 +422,6 @@ class PendingCheckpoint:
 
 def _gather_records(records: dict, backend, group) -> list[dict]:
     """Every rank's records on rank 0 (others get []); ``group`` None: the backend's default group."""
-    import torch.distributed as dist
 
     if backend.world_size == 1:
         return [records]
@@ -397,8 +432,9 @@ def _gather_records(records: dict, backend, group) -> list[dict]:
     return gathered if backend.is_main else []
 
 
-def _complete(root: Path, final: Path, tmp: Path, keep_last: int, backend, records_future, small: dict,
-              group) -> None:
+def _complete(
+    root: Path, final: Path, tmp: Path, keep_last: int, backend, records_future, small: dict, group
+) -> None:
     """Wait for this rank's writes, hand its records to rank 0, which writes the manifest, renames and prunes."""
     records = {**records_future.result(), **small}
     timer = records.pop("_timer", None)
@@ -417,9 +453,16 @@ def _complete(root: Path, final: Path, tmp: Path, keep_last: int, backend, recor
     fsync_dir(root)
     total = sum(r["bytes"] for r in merged.values())
     if timer and timer["write_s"] > 0:
-        logger.info("checkpoint %s: %.2f GB in %d files; rank 0 wrote for %.2f s, of which %.3f s (%.1f%%) went to "
-                    "checksums", final.name, total / 1e9, len(merged), timer["write_s"], timer["checksum_s"],
-                    100 * timer["checksum_s"] / timer["write_s"])
+        logger.info(
+            "checkpoint %s: %.2f GB in %d files; rank 0 wrote for %.2f s, of which %.3f s (%.1f%%) went to "
+            "checksums",
+            final.name,
+            total / 1e9,
+            len(merged),
+            timer["write_s"],
+            timer["checksum_s"],
+            100 * timer["checksum_s"] / timer["write_s"],
+        )
     prune(root, keep_last)
 
 
@@ -441,19 +484,27 @@ def wait_pending(backend) -> None:
         pending.executor.shutdown(wait=True)
     errors = [e for e in backend.all_gather_object(error) if e is not None]
     if errors:
-        raise HfdistError(f"checkpoint {pending.final}: asynchronous write failed ({errors[0]}); the previous "
-                          "checkpoint is intact")
+        raise HfdistError(
+            f"checkpoint {pending.final}: asynchronous write failed ({errors[0]}); the previous "
+            "checkpoint is intact"
+        )
 
 
-def save(root: Path, step: int, backend, trainer_state: dict, keep_last: int, async_: bool = False,
-         on_written: Optional[Callable[[], None]] = None) -> Path:
+def save(
+    root: Path,
+    step: int,
+    backend,
+    trainer_state: dict,
+    keep_last: int,
+    async_: bool = False,
+    on_written: Optional[Callable[[], None]] = None,
+) -> Path:
     """Write a checkpoint for ``step`` atomically (all ranks call); prune to the last ``keep_last``.
 
     ``async_``: return once the state is copied to host memory; the write completes in the background (see the
     module docstring). ``on_written``: called once this rank's data files are written (the loop's
     ``checkpoint_written`` hook). Weights holding NaN/inf are never saved: the save is refused with an error and
     earlier checkpoints stay."""
-    from hfdist.distributed.watchdog import watchdog
 
     final = root / step_folder_name(step)
     tmp = root / f".{final.name}.tmp"
@@ -461,8 +512,10 @@ def save(root: Path, step: int, backend, trainer_state: dict, keep_last: int, as
     backend.monitored_barrier()  # distributed.timeout_s: on gloo, a rank that never reaches the checkpoint is named
     bad = nonfinite_parameters(backend)
     if bad:
-        raise HfdistError(f"checkpoint {final}: refusing to save non-finite weights ({bad} parameter tensors hold "
-                          "NaN or inf); the previous checkpoints are intact")
+        raise HfdistError(
+            f"checkpoint {final}: refusing to save non-finite weights ({bad} parameter tensors hold "
+            "NaN or inf); the previous checkpoints are intact"
+        )
     timeout = backend.config.distributed.checkpoint_timeout_s
     with watchdog.phase_timeout(timeout, "distributed.checkpoint_timeout_s"):
         if backend.is_main:
@@ -475,12 +528,25 @@ def save(root: Path, step: int, backend, trainer_state: dict, keep_last: int, as
             small: dict = {}
             write_file(tmp, f"rng_rank{backend.rank}.pt", torch_bytes(rng_state()), small, backend.rank)
             if backend.is_main:
-                write_file(tmp, TRAINER_STATE, (json.dumps(trainer_state, indent=2) + "\n").encode(), small, 0)
+                write_file(
+                    tmp, TRAINER_STATE, (json.dumps(trainer_state, indent=2) + "\n").encode(), small, 0
+                )
             records_future = backend.save_checkpoint(tmp, async_=async_, on_written=on_written)
             if async_:
-                executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hfdist-ckpt")
-                future = executor.submit(_complete, root, final, tmp, keep_last, backend, records_future, small,
-                                         backend.checkpoint_group)
+                executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="hfdist-ckpt"
+                )
+                future = executor.submit(
+                    _complete,
+                    root,
+                    final,
+                    tmp,
+                    keep_last,
+                    backend,
+                    records_future,
+                    small,
+                    backend.checkpoint_group,
+                )
                 backend.pending_checkpoint = PendingCheckpoint(final, future, executor)
                 return final
             _complete(root, final, tmp, keep_last, backend, records_future, small, None)
@@ -488,13 +554,14 @@ def save(root: Path, step: int, backend, trainer_state: dict, keep_last: int, as
             if backend.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
-            raise HfdistError(f"checkpoint {final}: write failed ({reason}); the previous checkpoint is intact") from None
+            raise HfdistError(
+                f"checkpoint {final}: write failed ({reason}); the previous checkpoint is intact"
+            ) from None
         backend.barrier()
     return final
 
 
 def _checkpoint_exception() -> type:
-    from torch.distributed.checkpoint.api import CheckpointException
 
     return CheckpointException
 

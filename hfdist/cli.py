@@ -1,4 +1,5 @@
 """The ``hfdist`` command: parses arguments and calls the library; nothing else lives here."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="hfdist",
         description="Hyperfit causal language models (fine-tune to near-zero loss on a tiny set, then decode "
-                    "greedily) and measure the paper's effects: hyperfit, generate, evaluate, compare, plan, bench.")
+        "greedily) and measure the paper's effects: hyperfit, generate, evaluate, compare, plan, bench.",
+    )
     parser.add_argument("--version", action="version", version=f"hfdist {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -44,10 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Under torchrun, srun or mpirun only rank 0 logs at INFO (the launcher's variable names differ).
-    rank = next((int(os.environ[k]) for k in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
-                 if os.environ.get(k, "").isdigit()), 0)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    rank = next(
+        (
+            int(os.environ[k])
+            for k in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+            if os.environ.get(k, "").isdigit()
+        ),
+        0,
+    )
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not getattr(args, "func", None):

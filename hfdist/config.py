@@ -3,6 +3,7 @@
 Every check runs before any model or data is touched, and each failure is one ``HfdistError`` whose
 message names the field (``train.global_batch_size``) or the file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,11 +18,13 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 
 from hfdist.errors import HfdistError
+from hfdist.io import atomic_write_text
 
 
 @dataclass(frozen=True)
 class Range:
     """The values a numeric field accepts, declared next to it: ``Annotated[int, Range(low=0, low_open=True)]``."""
+
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False  # low itself is excluded
@@ -33,9 +36,12 @@ class Range:
         if not (too_low or too_high):
             return
         if self.high is None:  # one-sided: "must be > 0"
-            raise HfdistError(f"config field {name}: must be {'>' if self.low_open else '>='} {self.low:g}, got "
-                              f"{value!r}")
-        interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            raise HfdistError(
+                f"config field {name}: must be {'>' if self.low_open else '>='} {self.low:g}, got {value!r}"
+            )
+        interval = (
+            f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        )
         raise HfdistError(f"config field {name}: {value!r} must lie in {interval}")
 
 
@@ -159,6 +165,7 @@ class ExtraHeldOutConfig:
     with the same measures (loss, entropy, top-k mass, greedy TTR) and logged as ``eval/<name>/<measure>``. Its
     sequences come from ``source`` by the data section's rules (seeded, recorded, too little is an error) with
     ``data.seq_len`` and ``data.context_len``."""
+
     source: Optional[str] = None
     """None: no extra set; else as data.source (embedded name, file/folder, hub id)."""
     name: str = "extra"
@@ -289,7 +296,9 @@ def _convert(value: Any, annotation: Any, name: str) -> Any:
             return value
     else:
         raise TypeError(f"unsupported annotation {annotation!r} for {name}")
-    raise HfdistError(f"config field {name}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    raise HfdistError(
+        f"config field {name}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})"
+    )
 
 
 def _key(f: dataclasses.Field) -> str:
@@ -299,7 +308,9 @@ def _key(f: dataclasses.Field) -> str:
 
 def _fill(section_obj: Any, values: dict, prefix: str, source: str) -> None:
     fields = {_key(f): f for f in dataclasses.fields(section_obj)}
-    hints = typing.get_type_hints(type(section_obj), include_extras=True)  # resolves `from __future__` strings
+    hints = typing.get_type_hints(
+        type(section_obj), include_extras=True
+    )  # resolves `from __future__` strings
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in fields:
@@ -384,8 +395,10 @@ def validate(config: Config) -> None:
     _check_declared(config, "")
     train = config.train
     if train.global_batch_size % train.micro_batch_size:
-        raise HfdistError(f"config field train.global_batch_size: {train.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size {train.micro_batch_size}")
+        raise HfdistError(
+            f"config field train.global_batch_size: {train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size {train.micro_batch_size}"
+        )
     data = config.data
     if data.modality == "image":
         _validate_image(config)
@@ -393,24 +406,34 @@ def validate(config: Config) -> None:
         _validate_text_generation(config)
     _validate_extra_heldout(config)
     if data.num_samples < train.global_batch_size:
-        raise HfdistError(f"config field data.num_samples: {data.num_samples} is below train.global_batch_size "
-                          f"{train.global_batch_size}")
+        raise HfdistError(
+            f"config field data.num_samples: {data.num_samples} is below train.global_batch_size "
+            f"{train.global_batch_size}"
+        )
     if config.distributed.backend == "deepspeed" and config.distributed.deepspeed_config:
         if not Path(config.distributed.deepspeed_config).is_file():
-            raise HfdistError(f"config field distributed.deepspeed_config: file "
-                              f"{config.distributed.deepspeed_config!r} does not exist")
+            raise HfdistError(
+                f"config field distributed.deepspeed_config: file "
+                f"{config.distributed.deepspeed_config!r} does not exist"
+            )
     for name in RUN_RELATIVE_PATHS:
         check_run_relative(name, get_field(config, name))
     if config.train.compile and config.distributed.backend == "deepspeed":
         # ZeRO-3 gathers and releases parameters with hooks inside each layer's forward, which a compiled
         # layer graph would bake in; DeepSpeed has its own (engine.compile) path, not wired here.
-        raise HfdistError("config field train.compile: not supported with distributed.backend=deepspeed "
-                          "(use fsdp or single)")
+        raise HfdistError(
+            "config field train.compile: not supported with distributed.backend=deepspeed "
+            "(use fsdp or single)"
+        )
     if config.checkpoint.async_ and config.distributed.backend == "deepspeed":
-        raise HfdistError("config field checkpoint.async: supported with distributed.backend single and fsdp (DCP "
-                          "checkpoints); DeepSpeed writes its own checkpoints synchronously")
+        raise HfdistError(
+            "config field checkpoint.async: supported with distributed.backend single and fsdp (DCP "
+            "checkpoints); DeepSpeed writes its own checkpoints synchronously"
+        )
     if config.model.gguf_file and config.model.init == "random":
-        raise HfdistError("config field model.gguf_file: a gguf file holds weights; it needs model.init=pretrained")
+        raise HfdistError(
+            "config field model.gguf_file: a gguf file holds weights; it needs model.init=pretrained"
+        )
 
 
 def _check_declared(section: Any, prefix: str) -> None:
@@ -426,19 +449,27 @@ def _check_declared(section: Any, prefix: str) -> None:
             for bound in typing.get_args(annotation)[1:]:
                 bound.check(name, value)
         elif typing.get_origin(annotation) is Literal and value not in typing.get_args(annotation):
-            raise HfdistError(f"config field {name}: {value!r} is not one of {', '.join(typing.get_args(annotation))}")
+            raise HfdistError(
+                f"config field {name}: {value!r} is not one of {', '.join(typing.get_args(annotation))}"
+            )
 
 
 def _validate_text_generation(config: Config) -> None:
     data = config.data
     if data.context_len >= config.eval.total_len:
-        raise HfdistError(f"config field data.context_len: {data.context_len} must be below eval.total_len "
-                          f"{config.eval.total_len}")
+        raise HfdistError(
+            f"config field data.context_len: {data.context_len} must be below eval.total_len "
+            f"{config.eval.total_len}"
+        )
     if data.context_len > data.seq_len:
-        raise HfdistError(f"config field data.context_len: {data.context_len} exceeds data.seq_len {data.seq_len}")
+        raise HfdistError(
+            f"config field data.context_len: {data.context_len} exceeds data.seq_len {data.seq_len}"
+        )
     if config.eval.total_len - data.context_len < config.eval.ttr_window:
-        raise HfdistError(f"config field eval.ttr_window: {config.eval.ttr_window} exceeds the generated length "
-                          f"eval.total_len - data.context_len = {config.eval.total_len - data.context_len}")
+        raise HfdistError(
+            f"config field eval.ttr_window: {config.eval.ttr_window} exceeds the generated length "
+            f"eval.total_len - data.context_len = {config.eval.total_len - data.context_len}"
+        )
 
 
 def _validate_image(config: Config) -> None:
@@ -454,22 +485,30 @@ def _validate_extra_heldout(config: Config) -> None:
     if extra.source is None:
         return
     if config.data.modality != "text":
-        raise HfdistError(f"config field eval.extra.source: an extra held-out set is text, but data.modality is "
-                          f"{config.data.modality!r}")
+        raise HfdistError(
+            f"config field eval.extra.source: an extra held-out set is text, but data.modality is "
+            f"{config.data.modality!r}"
+        )
     if not re.fullmatch(r"[A-Za-z0-9_-]+", extra.name):
-        raise HfdistError(f"config field eval.extra.name: {extra.name!r} must be letters, digits, '_' or '-' (it "
-                          "names the metrics eval/<name>/...)")
+        raise HfdistError(
+            f"config field eval.extra.name: {extra.name!r} must be letters, digits, '_' or '-' (it "
+            "names the metrics eval/<name>/...)"
+        )
     if extra.num_validation + extra.num_contexts == 0:
-        raise HfdistError("config field eval.extra.num_validation: eval.extra.num_validation and num_contexts are "
-                          "both 0 (set one, or unset eval.extra.source)")
+        raise HfdistError(
+            "config field eval.extra.num_validation: eval.extra.num_validation and num_contexts are "
+            "both 0 (set one, or unset eval.extra.source)"
+        )
 
 
 def check_run_relative(name: str, value: str) -> None:
     """A path that hfdist writes to must stay inside the run folder: relative, no '..' (checked before any write)."""
     path = Path(value)
     if not value.strip() or path.is_absolute() or ".." in path.parts:
-        raise HfdistError(f"config field {name}: {value!r} must be a relative path inside the run folder "
-                          "(no '..', not absolute)")
+        raise HfdistError(
+            f"config field {name}: {value!r} must be a relative path inside the run folder "
+            "(no '..', not absolute)"
+        )
 
 
 def run_path(run_dir: Path, name: str, value: str) -> Path:
@@ -483,11 +522,14 @@ def run_path(run_dir: Path, name: str, value: str) -> Path:
 
 def to_dict(config: Any) -> dict:
     """The config as YAML sees it (keys as in the YAML files: ``checkpoint.async``)."""
-    return {_key(f): to_dict(getattr(config, f.name)) if dataclasses.is_dataclass(getattr(config, f.name))
-            else getattr(config, f.name) for f in dataclasses.fields(config)}
+    return {
+        _key(f): to_dict(getattr(config, f.name))
+        if dataclasses.is_dataclass(getattr(config, f.name))
+        else getattr(config, f.name)
+        for f in dataclasses.fields(config)
+    }
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
-    from hfdist.io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -19,31 +19,43 @@ tokens per image, row by row. The split is the same (train, validation, contexts
 and the first ``floor(height x data.context_fraction)`` rows, and ``context_images.npy`` keeps the whole
 context images for the comparison grid.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import datasets
 import numpy as np
 import torch
 
 from hfdist.config import DataConfig, ExtraHeldOutConfig
 from hfdist.errors import HfdistError
+from hfdist.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED = {"austen": Path(__file__).parent / "data_files" / "austen.jsonl.gz",
-            # Out-of-domain held-out texts: SQLite's documentation essays (public domain; scripts/build_sqlite_docs.py)
-            # and the King James Proverbs and Ecclesiastes (expired copyright; scripts/build_kjv_wisdom.py).
-            "sqlite_docs": Path(__file__).parent / "data_files" / "sqlite_docs.jsonl.gz",
-            "kjv_wisdom": Path(__file__).parent / "data_files" / "kjv_wisdom.jsonl.gz"}
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
-            ".gz": "json", ".arrow": "arrow"}
+EMBEDDED = {
+    "austen": Path(__file__).parent / "data_files" / "austen.jsonl.gz",
+    # Out-of-domain held-out texts: SQLite's documentation essays (public domain; scripts/build_sqlite_docs.py)
+    # and the King James Proverbs and Ecclesiastes (expired copyright; scripts/build_kjv_wisdom.py).
+    "sqlite_docs": Path(__file__).parent / "data_files" / "sqlite_docs.jsonl.gz",
+    "kjv_wisdom": Path(__file__).parent / "data_files" / "kjv_wisdom.jsonl.gz",
+}
+BUILDERS = {
+    ".txt": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".gz": "json",
+    ".arrow": "arrow",
+}
 # Image sources that need no network: scikit-learn's 8x8 handwritten digits (1,797 images in its wheel).
 EMBEDDED_IMAGES = ("digits",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -67,7 +79,11 @@ class HyperfitData:
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """Every array of the selection by its file name in RUN/data (without .npy)."""
-        out = {"train_token_ids": self.train, "validation_token_ids": self.validation, "contexts": self.contexts}
+        out = {
+            "train_token_ids": self.train,
+            "validation_token_ids": self.validation,
+            "contexts": self.contexts,
+        }
         if self.context_images is not None:
             out["context_images"] = self.context_images
         for name, (validation, contexts) in self.extra.items():
@@ -75,7 +91,6 @@ class HyperfitData:
         return out
 
     def save(self, folder: Path) -> None:
-        from hfdist.io import atomic_write_json
 
         folder.mkdir(parents=True, exist_ok=True)
         for name, tensor in self.arrays().items():
@@ -89,15 +104,20 @@ def _builder_for(path: Path, prefix: str = "data") -> tuple[str, list[str]]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS)
         if not files:
-            raise HfdistError(f"{prefix}.source {str(path)!r}: folder has no .txt/.jsonl/.json/.parquet/.csv/.arrow "
-                              "files")
+            raise HfdistError(
+                f"{prefix}.source {str(path)!r}: folder has no .txt/.jsonl/.json/.parquet/.csv/.arrow files"
+            )
         suffixes = {BUILDERS[p.suffix] for p in files}
         if len(suffixes) > 1:
-            raise HfdistError(f"{prefix}.source {str(path)!r}: mixes file kinds {sorted(suffixes)}; use one kind")
+            raise HfdistError(
+                f"{prefix}.source {str(path)!r}: mixes file kinds {sorted(suffixes)}; use one kind"
+            )
         return suffixes.pop(), [str(p) for p in files]
     if path.suffix not in BUILDERS:
-        raise HfdistError(f"{prefix}.source {str(path)!r}: unsupported file type {path.suffix!r} "
-                          f"(use .txt, .jsonl, .json, .parquet, .csv or .arrow)")
+        raise HfdistError(
+            f"{prefix}.source {str(path)!r}: unsupported file type {path.suffix!r} "
+            f"(use .txt, .jsonl, .json, .parquet, .csv or .arrow)"
+        )
     if path.stat().st_size == 0:
         raise HfdistError(f"{prefix}.source {str(path)!r}: file is empty")
     return BUILDERS[path.suffix], [str(path)]
@@ -110,7 +130,6 @@ def _is_image_folder(path: Path) -> bool:
 def _load_dataset(config: DataConfig, prefix: str, image_folder: bool = False):
     """The ``datasets.Dataset`` of ``config.source`` (local file/folder or hub id) and whether it is a plain-text
     file (whose column is then "text"). Errors name ``<prefix>.source``."""
-    import datasets
 
     datasets.disable_progress_bars()
     source = config.source
@@ -135,11 +154,22 @@ def _load_dataset(config: DataConfig, prefix: str, image_folder: bool = False):
             dataset = datasets.load_dataset(source, config.subset, split=config.split)
     except HfdistError:
         raise
-    except (UnicodeDecodeError, ValueError, FileNotFoundError, OSError, datasets.exceptions.DatasetGenerationError) as exc:
-        cause = exc.__cause__ if isinstance(exc, datasets.exceptions.DatasetGenerationError) and exc.__cause__ else exc
+    except (
+        UnicodeDecodeError,
+        ValueError,
+        FileNotFoundError,
+        OSError,
+        datasets.exceptions.DatasetGenerationError,
+    ) as exc:
+        cause = (
+            exc.__cause__
+            if isinstance(exc, datasets.exceptions.DatasetGenerationError) and exc.__cause__
+            else exc
+        )
         if isinstance(cause, UnicodeDecodeError):
-            raise HfdistError(f"{prefix}.source {source!r}: cannot be read (not UTF-8 text: "
-                              f"{_first_line(cause)})") from None
+            raise HfdistError(
+                f"{prefix}.source {source!r}: cannot be read (not UTF-8 text: {_first_line(cause)})"
+            ) from None
         raise HfdistError(f"{prefix}.source {source!r}: cannot be read ({_first_line(cause)})") from None
     return dataset, plain_text
 
@@ -150,8 +180,10 @@ def load_texts(config: DataConfig, prefix: str = "data") -> list[str]:
     text_field = "text" if plain_text else config.text_field
     source = config.source
     if text_field not in dataset.column_names:
-        raise HfdistError(f"{prefix}.text_field {text_field!r}: not a column of {source!r} "
-                          f"(columns: {', '.join(dataset.column_names)})")
+        raise HfdistError(
+            f"{prefix}.text_field {text_field!r}: not a column of {source!r} "
+            f"(columns: {', '.join(dataset.column_names)})"
+        )
     texts = list(dataset[text_field])
     if not all(isinstance(t, str) for t in texts):
         raise HfdistError(f"{prefix}.text_field {text_field!r}: column of {source!r} holds non-text values")
@@ -175,7 +207,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def select_sequences(texts: list[str], tokenizer, config: DataConfig, needed: int) -> tuple[list[list[int]], list]:
+def select_sequences(
+    texts: list[str], tokenizer, config: DataConfig, needed: int
+) -> tuple[list[list[int]], list]:
     """Up to ``needed`` sequences of exactly ``seq_len`` tokens and where each came from, in seeded order."""
     rng = np.random.default_rng(config.seed)
     seq_len = config.seq_len
@@ -184,7 +218,7 @@ def select_sequences(texts: list[str], tokenizer, config: DataConfig, needed: in
         sequences, origins = [], []
         batch = 256
         for start in range(0, len(order), batch):  # tokenize only as many texts as the selection needs
-            chunk = order[start:start + batch]
+            chunk = order[start : start + batch]
             encoded = tokenizer([texts[i] for i in chunk], truncation=True, max_length=seq_len)["input_ids"]
             for index, ids in zip(chunk, encoded):
                 if len(ids) == seq_len:
@@ -197,7 +231,7 @@ def select_sequences(texts: list[str], tokenizer, config: DataConfig, needed: in
     encoded = tokenizer(texts)["input_ids"]
     for index, ids in enumerate(encoded):
         for offset in range(0, len(ids) - seq_len + 1, seq_len):
-            windows.append(ids[offset:offset + seq_len])
+            windows.append(ids[offset : offset + seq_len])
             origins.append([index, offset])
     order = rng.permutation(len(windows))[:needed]
     return [windows[i] for i in order], [origins[i] for i in order]
@@ -211,13 +245,22 @@ def build_data(config: DataConfig, tokenizer, extra: Optional[ExtraHeldOutConfig
     data = _build_text_data(config, tokenizer)
     if extra is not None and extra.source is not None:
         extra_config = dataclasses.replace(
-            config, source=extra.source, subset=extra.subset, split=extra.split, text_field=extra.text_field,
-            mode=extra.mode, seed=extra.seed, num_samples=0, num_validation=extra.num_validation,
-            num_contexts=extra.num_contexts)
+            config,
+            source=extra.source,
+            subset=extra.subset,
+            split=extra.split,
+            text_field=extra.text_field,
+            mode=extra.mode,
+            seed=extra.seed,
+            num_samples=0,
+            num_validation=extra.num_validation,
+            num_contexts=extra.num_contexts,
+        )
         held_out = _build_text_data(extra_config, tokenizer, prefix="eval.extra")
         data.extra[extra.name] = (held_out.validation, held_out.contexts)
-        data.selection["extra"] = {extra.name: {k: v for k, v in held_out.selection.items()
-                                                if not k.startswith("train")}}
+        data.selection["extra"] = {
+            extra.name: {k: v for k, v in held_out.selection.items() if not k.startswith("train")}
+        }
     return data
 
 
@@ -229,23 +272,36 @@ def _build_text_data(config: DataConfig, tokenizer, prefix: str = "data") -> Hyp
     sequences, origins = select_sequences(texts, tokenizer, config, needed)
     if len(sequences) < needed:
         unit = "texts of at least" if config.mode == "exact" else "windows of"
-        counts = (f"data.num_samples ({config.num_samples}) + num_validation ({config.num_validation}) + "
-                  f"num_contexts ({config.num_contexts})" if prefix == "data" else
-                  f"{prefix}.num_validation ({config.num_validation}) + num_contexts ({config.num_contexts})")
+        counts = (
+            f"data.num_samples ({config.num_samples}) + num_validation ({config.num_validation}) + "
+            f"num_contexts ({config.num_contexts})"
+            if prefix == "data"
+            else f"{prefix}.num_validation ({config.num_validation}) + num_contexts ({config.num_contexts})"
+        )
         raise HfdistError(
             f"{prefix}.source {config.source!r}: yields {len(sequences)} {unit} {config.seq_len} tokens, but "
-            f"{counts} need {needed}" + (f" (try {prefix}.mode=chunk)" if config.mode == "exact" else ""))
+            f"{counts} need {needed}" + (f" (try {prefix}.mode=chunk)" if config.mode == "exact" else "")
+        )
     ids = torch.tensor(sequences, dtype=torch.long)
     n_train, n_val = config.num_samples, config.num_validation
     selection = {
-        "source": config.source, "mode": config.mode, "seed": config.seed, "seq_len": config.seq_len,
-        "num_texts": len(texts), "tokenizer": getattr(tokenizer, "name_or_path", ""),
-        "train_origins": origins[:n_train], "validation_origins": origins[n_train:n_train + n_val],
-        "context_origins": origins[n_train + n_val:],
+        "source": config.source,
+        "mode": config.mode,
+        "seed": config.seed,
+        "seq_len": config.seq_len,
+        "num_texts": len(texts),
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "train_origins": origins[:n_train],
+        "validation_origins": origins[n_train : n_train + n_val],
+        "context_origins": origins[n_train + n_val :],
         "origin_format": "text index" if config.mode == "exact" else "[text index, token offset]",
     }
-    return HyperfitData(train=ids[:n_train], validation=ids[n_train:n_train + n_val],
-                        contexts=ids[n_train + n_val:, :config.context_len], selection=selection)
+    return HyperfitData(
+        train=ids[:n_train],
+        validation=ids[n_train : n_train + n_val],
+        contexts=ids[n_train + n_val :, : config.context_len],
+        selection=selection,
+    )
 
 
 class StepSampler:
@@ -257,8 +313,15 @@ class StepSampler:
     ``accumulation`` micro-batches, so the same sequences make up a step whatever the world size.
     """
 
-    def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, seed: int):
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+    ):
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
@@ -266,20 +329,24 @@ class StepSampler:
         self.seed = seed
         self.steps_per_epoch = num_samples // global_batch_size
         if num_samples % global_batch_size:
-            logger.warning("%d training sequences are not a multiple of the global batch %d: the last %d of each "
-                           "epoch's order are dropped", num_samples, global_batch_size,
-                           num_samples % global_batch_size)
+            logger.warning(
+                "%d training sequences are not a multiple of the global batch %d: the last %d of each "
+                "epoch's order are dropped",
+                num_samples,
+                global_batch_size,
+                num_samples % global_batch_size,
+            )
 
     def global_batch(self, epoch: int, step_in_epoch: int) -> torch.Tensor:
         """The training-sequence indices (rows of ``data/train_token_ids.npy``) of the whole global batch."""
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
         start = step_in_epoch * self.global_batch_size
-        return order[start:start + self.global_batch_size]
+        return order[start : start + self.global_batch_size]
 
     def micro_batches(self, epoch: int, step_in_epoch: int) -> list[torch.Tensor]:
         global_batch = self.global_batch(epoch, step_in_epoch)
         per_rank = self.global_batch_size // self.dp_size
-        mine = global_batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        mine = global_batch[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         return list(mine.split(self.micro_batch_size))
 
 
@@ -313,7 +380,9 @@ class BatchPrefetcher:
         current.wait_stream(self.stream)
         for b in batches:  # the caching allocator must not hand this memory to the side stream too early
             b.record_stream(current)
-        self._pending = (next_position, self._copy(next_position)) if next_position is not None else (None, None)
+        self._pending = (
+            (next_position, self._copy(next_position)) if next_position is not None else (None, None)
+        )
         return batches
 
 
@@ -324,7 +393,9 @@ def load_run_data(folder: Path) -> HyperfitData:
             raise HfdistError(f"{path}: missing (not a hyperfit run folder?)")
         return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
 
-    selection = json.loads((folder / "selection.json").read_text()) if (folder / "selection.json").is_file() else {}
+    selection = (
+        json.loads((folder / "selection.json").read_text()) if (folder / "selection.json").is_file() else {}
+    )
     data = HyperfitData(read("train_token_ids"), read("validation_token_ids"), read("contexts"), selection)
     if "image" in selection:
         data.context_images = read("context_images")
@@ -337,11 +408,12 @@ def load_run_data(folder: Path) -> HyperfitData:
 def _digits_images() -> list:
     """scikit-learn's 8x8 handwritten digits as RGB images: ink (16) black on white paper (0), as they are drawn."""
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # noqa: PLC0415 (optional: the images extra)
     except ImportError:
-        raise HfdistError("data.source 'digits': needs scikit-learn (pip install 'hfdist[images]', or run "
-                          "scripts/setup.sh)") from None
-    from PIL import Image
+        raise HfdistError(
+            "data.source 'digits': needs scikit-learn (pip install 'hfdist[images]', or run scripts/setup.sh)"
+        ) from None
+    from PIL import Image  # noqa: PLC0415 (optional: the images extra)
 
     pixels = np.rint(255.0 * (1.0 - load_digits().images / 16.0)).astype(np.uint8)  # [1797, 8, 8]
     return [Image.fromarray(np.repeat(p[:, :, None], 3, axis=2), mode="RGB") for p in pixels]
@@ -356,19 +428,26 @@ class _ImageSource:
         if config.source in EMBEDDED_IMAGES:
             self.images = _digits_images()
             return
-        import datasets
 
         dataset, _ = _load_dataset(config, "data", image_folder=True)
         field_name = config.image_field
         if field_name not in dataset.column_names:
-            raise HfdistError(f"data.image_field {field_name!r}: not a column of {config.source!r} (columns: "
-                              f"{', '.join(dataset.column_names)})")
+            raise HfdistError(
+                f"data.image_field {field_name!r}: not a column of {config.source!r} (columns: "
+                f"{', '.join(dataset.column_names)})"
+            )
         if not isinstance(dataset.features[field_name], datasets.Image):
             try:  # e.g. a parquet file written without the datasets metadata: {"bytes", "path"} structs
                 dataset = dataset.cast_column(field_name, datasets.Image())
-            except (TypeError, ValueError, NotImplementedError) as exc:  # pyarrow's cast errors derive from these
-                raise HfdistError(f"data.image_field {field_name!r}: column of {config.source!r} does not hold "
-                                  f"images ({_first_line(exc)})") from None
+            except (
+                TypeError,
+                ValueError,
+                NotImplementedError,
+            ) as exc:  # pyarrow's cast errors derive from these
+                raise HfdistError(
+                    f"data.image_field {field_name!r}: column of {config.source!r} does not hold "
+                    f"images ({_first_line(exc)})"
+                ) from None
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -384,29 +463,46 @@ class _ImageSource:
 def image_geometry(processor, config: DataConfig) -> dict:
     """Height, width, colour clusters and start token of the processor's images; the context rows and lengths."""
     size = processor.size  # a dict on older transformers, a SizeDict on newer ones
-    height, width = (size.get("height"), size.get("width")) if isinstance(size, dict) else (size.height, size.width)
+    height, width = (
+        (size.get("height"), size.get("width")) if isinstance(size, dict) else (size.height, size.width)
+    )
     if not height or not width:
-        raise HfdistError(f"model image processor {type(processor).__name__}: size {size!r} names no height and "
-                          "width (ImageGPT processors resize to a fixed height x width)")
+        raise HfdistError(
+            f"model image processor {type(processor).__name__}: size {size!r} names no height and "
+            "width (ImageGPT processors resize to a fixed height x width)"
+        )
     clusters = getattr(processor, "clusters", None)
     if clusters is None or not getattr(processor, "do_color_quantize", True):
-        raise HfdistError(f"model image processor {type(processor).__name__}: has no colour clusters (data.modality "
-                          "image needs an ImageGPT-style processor that turns pixels into cluster ids)")
+        raise HfdistError(
+            f"model image processor {type(processor).__name__}: has no colour clusters (data.modality "
+            "image needs an ImageGPT-style processor that turns pixels into cluster ids)"
+        )
     num_clusters = len(clusters)
     if config.seq_len != 1 + height * width:
-        raise HfdistError(f"config field data.seq_len: {config.seq_len}, but the model's image processor makes "
-                          f"{height}x{width} images: set it to {1 + height * width} (the start token and one token "
-                          "per pixel)")
+        raise HfdistError(
+            f"config field data.seq_len: {config.seq_len}, but the model's image processor makes "
+            f"{height}x{width} images: set it to {1 + height * width} (the start token and one token "
+            "per pixel)"
+        )
     rows = max(1, int(height * config.context_fraction))
-    return {"height": height, "width": width, "num_clusters": num_clusters, "start_token": num_clusters,
-            "context_rows": rows, "context_len": 1 + rows * width, "generated_tokens": (height - rows) * width}
+    return {
+        "height": height,
+        "width": width,
+        "num_clusters": num_clusters,
+        "start_token": num_clusters,
+        "context_rows": rows,
+        "context_len": 1 + rows * width,
+        "generated_tokens": (height - rows) * width,
+    }
 
 
 def image_token_ids(processor, images: list, start_token: int) -> torch.Tensor:
     """int64 [N, 1 + H*W]: the start token, then the nearest colour cluster of each pixel, row by row."""
     ids = np.asarray(processor(images=images, return_tensors="np")["input_ids"], dtype=np.int64)
     ids = ids.reshape(len(images), -1)
-    return torch.from_numpy(np.concatenate([np.full((len(images), 1), start_token, dtype=np.int64), ids], axis=1))
+    return torch.from_numpy(
+        np.concatenate([np.full((len(images), 1), start_token, dtype=np.int64), ids], axis=1)
+    )
 
 
 def token_ids_to_pixels(token_ids, clusters, height: int, width: int) -> np.ndarray:
@@ -424,20 +520,37 @@ def build_image_data(config: DataConfig, processor) -> HyperfitData:
     source = _ImageSource(config)
     needed = config.num_samples + config.num_validation + config.num_contexts
     if len(source) < needed:
-        raise HfdistError(f"data.source {config.source!r}: has {len(source)} images, but data.num_samples "
-                          f"({config.num_samples}) + num_validation ({config.num_validation}) + num_contexts "
-                          f"({config.num_contexts}) need {needed}")
+        raise HfdistError(
+            f"data.source {config.source!r}: has {len(source)} images, but data.num_samples "
+            f"({config.num_samples}) + num_validation ({config.num_validation}) + num_contexts "
+            f"({config.num_contexts}) need {needed}"
+        )
     order = np.random.default_rng(config.seed).permutation(len(source))[:needed].tolist()
-    ids = torch.cat([image_token_ids(processor, source.get(order[i:i + 256]), geometry["start_token"])
-                     for i in range(0, needed, 256)])
+    ids = torch.cat(
+        [
+            image_token_ids(processor, source.get(order[i : i + 256]), geometry["start_token"])
+            for i in range(0, needed, 256)
+        ]
+    )
     n_train, n_val = config.num_samples, config.num_validation
     selection = {
-        "source": config.source, "modality": "image", "seed": config.seed, "seq_len": config.seq_len,
-        "num_images": len(source), "processor": type(processor).__name__,
-        "train_origins": order[:n_train], "validation_origins": order[n_train:n_train + n_val],
-        "context_origins": order[n_train + n_val:], "origin_format": "image index", "image": geometry,
+        "source": config.source,
+        "modality": "image",
+        "seed": config.seed,
+        "seq_len": config.seq_len,
+        "num_images": len(source),
+        "processor": type(processor).__name__,
+        "train_origins": order[:n_train],
+        "validation_origins": order[n_train : n_train + n_val],
+        "context_origins": order[n_train + n_val :],
+        "origin_format": "image index",
+        "image": geometry,
     }
-    contexts = ids[n_train + n_val:]
-    return HyperfitData(train=ids[:n_train], validation=ids[n_train:n_train + n_val],
-                        contexts=contexts[:, :geometry["context_len"]], selection=selection,
-                        context_images=contexts)
+    contexts = ids[n_train + n_val :]
+    return HyperfitData(
+        train=ids[:n_train],
+        validation=ids[n_train : n_train + n_val],
+        contexts=contexts[:, : geometry["context_len"]],
+        selection=selection,
+        context_images=contexts,
+    )

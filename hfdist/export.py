@@ -17,6 +17,7 @@ The per-rank memory beyond its own state is one tensor piece in the export dtype
 writes; across nodes the files must be on a shared filesystem that takes disjoint byte ranges of one file from
 several clients (Lustre, GPFS, NFS v3/v4 with the Linux client's byte-range writeback).
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,9 +33,14 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from transformers.dynamic_module_utils import custom_object_save
 
+from hfdist.distributed.loading import local_slices
 from hfdist.errors import HfdistError
 from hfdist.io import fsync_dir, move_into_place
+from hfdist.models import ModelConfigUnreadable, declared_dtype, read_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,7 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 class Piece:
     """Part of a tensor that this rank writes: a box (``offset``/``shape`` per dim) or, with ``flat``, the element
     range ``[offset[0], offset[0] + shape[0])`` of the flattened tensor. ``data`` holds exactly those elements."""
+
     offset: tuple[int, ...]
     shape: tuple[int, ...]
     data: torch.Tensor
@@ -57,6 +64,7 @@ class Piece:
 class ExportTensor:
     """A tensor of the exported model: its checkpoint name and global shape (the same on every rank) and the
     pieces this rank writes (possibly none)."""
+
     name: str
     shape: tuple[int, ...]
     pieces: list[Piece] = field(default_factory=list)
@@ -66,7 +74,6 @@ class ExportTensor:
 def export_dtype(config, hf_config=None) -> torch.dtype:
     """``export.dtype``; "auto": the dtype the model's config.json names if safetensors stores it (bf16 for Llama 3),
     else fp32 (also when the config cannot be read). ``hf_config``: the model's config when already read."""
-    from hfdist.models import ModelConfigUnreadable, declared_dtype, read_hf_config
 
     if config.export.dtype != "auto":
         return EXPORT_DTYPES[config.export.dtype]
@@ -104,20 +111,28 @@ def plan_layout(tensors: list[ExportTensor], dtype: torch.dtype, max_shard_bytes
         size += nbytes
     layouts = []
     for index, group in enumerate(groups, start=1):
-        name = "model.safetensors" if len(groups) == 1 else f"model-{index:05d}-of-{len(groups):05d}.safetensors"
+        name = (
+            "model.safetensors" if len(groups) == 1 else f"model-{index:05d}-of-{len(groups):05d}.safetensors"
+        )
         header: dict = {"__metadata__": {"format": "pt"}}
         offsets, position = {}, 0
         for tensor in group:
             nbytes = math.prod(tensor.shape) * itemsize
-            header[tensor.name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape),
-                                   "data_offsets": [position, position + nbytes]}
+            header[tensor.name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [position, position + nbytes],
+            }
             offsets[tensor.name] = position
             position += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
         data_start = 8 + len(text)
-        layouts.append(FileLayout(name, len(text).to_bytes(8, "little") + text, data_start, offsets,
-                                  data_start + position))
+        layouts.append(
+            FileLayout(
+                name, len(text).to_bytes(8, "little") + text, data_start, offsets, data_start + position
+            )
+        )
     return layouts
 
 
@@ -133,7 +148,7 @@ def runs(shape: tuple[int, ...], piece: Piece) -> Iterator[tuple[int, int]]:
     if not shape:
         yield 0, 1
         return
-    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
     # The innermost dimension from which on the piece spans the whole tensor: each run is one index of the
     # dimensions before ``split`` (the piece's rows, say) times everything after.
     split = len(shape) - 1
@@ -155,8 +170,14 @@ def _piece_bytes(piece: Piece, dtype: torch.dtype) -> memoryview:
 
 
 # ---- the export --------------------------------------------------------------------------------------------------
-def write_shards(folder: Path, tensors: list[ExportTensor], layouts: list[FileLayout], dtype: torch.dtype,
-                 rank: int, barrier) -> int:
+def write_shards(
+    folder: Path,
+    tensors: list[ExportTensor],
+    layouts: list[FileLayout],
+    dtype: torch.dtype,
+    rank: int,
+    barrier,
+) -> int:
     """Rank 0 sizes the files and writes their headers; then every rank writes its pieces. Returns this rank's bytes."""
     if rank == 0:
         for layout in layouts:
@@ -178,7 +199,7 @@ def write_shards(folder: Path, tensors: list[ExportTensor], layouts: list[FileLa
                     handles[layout.name] = os.open(folder / layout.name, os.O_WRONLY)
                 fd, cursor = handles[layout.name], 0
                 for start, count in runs(tensor.shape, piece):
-                    chunk = data[cursor * itemsize:(cursor + count) * itemsize]
+                    chunk = data[cursor * itemsize : (cursor + count) * itemsize]
                     position = layout.data_start + base + start * itemsize
                     while chunk:
                         n = os.pwrite(fd, chunk, position)
@@ -186,8 +207,10 @@ def write_shards(folder: Path, tensors: list[ExportTensor], layouts: list[FileLa
                     cursor += count
                     written += count * itemsize
                 if cursor != math.prod(piece.shape):
-                    raise HfdistError(f"export: tensor {tensor.name!r}: piece at {piece.offset} of shape {piece.shape} "
-                                      f"has {cursor} elements laid out, expected {math.prod(piece.shape)}")
+                    raise HfdistError(
+                        f"export: tensor {tensor.name!r}: piece at {piece.offset} of shape {piece.shape} "
+                        f"has {cursor} elements laid out, expected {math.prod(piece.shape)}"
+                    )
         for fd in handles.values():
             os.fsync(fd)
     finally:
@@ -199,8 +222,9 @@ def write_shards(folder: Path, tensors: list[ExportTensor], layouts: list[FileLa
 def write_index(folder: Path, layouts: list[FileLayout]) -> None:
     weight_map = {name: layout.name for layout in layouts for name in layout.offsets}
     total = sum(layout.size - layout.data_start for layout in layouts)
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                           indent=2) + "\n")
+    (folder / INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+    )
 
 
 def save_model_files(folder: Path, lm, tokenizer, dtype: torch.dtype) -> None:
@@ -214,8 +238,6 @@ def save_model_files(folder: Path, lm, tokenizer, dtype: torch.dtype) -> None:
     if getattr(lm, "generation_config", None) is not None and lm.can_generate():
         lm.generation_config.save_pretrained(folder)
     if getattr(lm, "_auto_class", None) is not None:
-        from transformers.dynamic_module_utils import custom_object_save
-
         custom_object_save(lm, folder, config=config)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -254,10 +276,22 @@ def export_model(backend, folder: Path, tokenizer, config) -> dict:
     backend.barrier()
     total = sum(layout.size - layout.data_start for layout in layouts)
     if backend.is_main:
-        logger.info("export: %s, %d tensors in %d safetensors files (%.2f GB, %s), rank 0 wrote %.2f GB, %.1f s",
-                    folder, len(tensors), len(layouts), total / 1e9, str(dtype).replace("torch.", ""), written / 1e9,
-                    time.perf_counter() - started)
-    return {"files": [layout.name for layout in layouts], "bytes": total, "dtype": dtype, "rank_bytes": written}
+        logger.info(
+            "export: %s, %d tensors in %d safetensors files (%.2f GB, %s), rank 0 wrote %.2f GB, %.1f s",
+            folder,
+            len(tensors),
+            len(layouts),
+            total / 1e9,
+            str(dtype).replace("torch.", ""),
+            written / 1e9,
+            time.perf_counter() - started,
+        )
+    return {
+        "files": [layout.name for layout in layouts],
+        "bytes": total,
+        "dtype": dtype,
+        "rank_bytes": written,
+    }
 
 
 # ---- sources: what each backend's rank holds --------------------------------------------------------------------
@@ -275,14 +309,15 @@ def checkpoint_names(lm) -> list[tuple[str, torch.Tensor]]:
 def dtensor_piece(tensor) -> Optional[Piece]:
     """This rank's piece of a DTensor, or None where another replica writes it (coordinate > 0 on a mesh dimension
     whose placement is Replicate). Any mesh and placements (FSDP2, HSDP, TP, FSDP x TP)."""
-    from hfdist.distributed.loading import local_slices
 
     coordinate = tensor.device_mesh.get_coordinate()
     if coordinate is None:
         return None  # this rank is not in the tensor's mesh
     for placement, index in zip(tensor.placements, coordinate):
         if placement.is_partial():
-            raise HfdistError("export: a parameter holds partial sums (Partial placement); reduce it before export")
+            raise HfdistError(
+                "export: a parameter holds partial sums (Partial placement); reduce it before export"
+            )
         if placement.is_replicate() and index != 0:
             return None
     shape, offset = local_slices(tensor)
@@ -292,8 +327,6 @@ def dtensor_piece(tensor) -> Optional[Piece]:
 def module_tensors(lm, prefix: str = "") -> list[ExportTensor]:
     """Export tensors of a model whose tensors are whole (single) or DTensors (FSDP2, TP): rank 0 writes the whole
     ones, every rank its DTensor pieces."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
 
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     result = []

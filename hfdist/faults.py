@@ -44,8 +44,9 @@ def _steps(name: str) -> frozenset[int]:
             first, _, last = part.partition("-")
             steps.update(range(int(first), int(last or first) + 1))
         except ValueError:
-            raise HfdistError(f"environment variable {name}: expected step numbers like 3 or 3,5-7, got "
-                              f"{text!r}") from None
+            raise HfdistError(
+                f"environment variable {name}: expected step numbers like 3 or 3,5-7, got {text!r}"
+            ) from None
     return frozenset(steps)
 
 
@@ -113,8 +114,11 @@ class FaultInjection(LoopHooks):
             deadline = time.monotonic() + 60  # let training run on past the step, beside the write
             while self._finished_step <= step and time.monotonic() < deadline:
                 time.sleep(0.01)
-        _die("fault injection: kills itself (SIGKILL) while writing the checkpoint of step %d, training at step %d",
-             step, self._finished_step)
+        _die(
+            "fault injection: kills itself (SIGKILL) while writing the checkpoint of step %d, training at step %d",
+            step,
+            self._finished_step,
+        )
 
 
 def fault_env_set() -> Optional[str]:

@@ -16,6 +16,7 @@ Prompts are left-padded (``attention_mask`` 0 on the pads); position ids are com
 hold ``pad_token_id`` (default: the model's pad id, else the first EOS id), as in ``model.generate``; the
 output is cut after the step at which the last row finished, so its width is ``prompt + steps run``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -25,6 +26,7 @@ from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from transformers import DynamicCache, StaticCache
 
 from hfdist.errors import HfdistError
 from hfdist.kernels import sample, sampling_seeds
@@ -117,10 +119,14 @@ class CitationBlocker:
         self.max_probe = max(probe, 1)
         self.table_size = size
         self._host = {
-            "table_key": table_key, "table_val": table_val, "grams": grams.astype(np.int64),
-            "start": first.astype(np.int64), "count": counts.astype(np.int64),
+            "table_key": table_key,
+            "table_val": table_val,
+            "grams": grams.astype(np.int64),
+            "start": first.astype(np.int64),
+            "count": counts.astype(np.int64),
             "next": pairs[:, n].astype(np.int64) if len(pairs) else np.zeros(1, dtype=np.int64),
-            "pw1": self._pw1, "pw2": self._pw2,
+            "pw1": self._pw1,
+            "pw2": self._pw2,
         }
         self._on: dict = {}
 
@@ -169,7 +175,7 @@ class CitationBlocker:
         """The tokens blocked after ``context`` (its last n tokens), for inspection and tests."""
         if len(context) < self.n:
             return set()
-        tokens, valid = self.lookup(torch.tensor([list(context)[-self.n:]], dtype=torch.long))
+        tokens, valid = self.lookup(torch.tensor([list(context)[-self.n :]], dtype=torch.long))
         return set(tokens[0][valid[0]].tolist())
 
 
@@ -178,7 +184,9 @@ def _as_row_list(sequences) -> list[np.ndarray]:
         sequences = sequences.cpu().numpy()
     if isinstance(sequences, np.ndarray):
         if sequences.ndim != 2:
-            raise HfdistError(f"blocker sequences: expected a 2-D array of token ids, got shape {sequences.shape}")
+            raise HfdistError(
+                f"blocker sequences: expected a 2-D array of token ids, got shape {sequences.shape}"
+            )
         return [row.astype(np.int64) for row in sequences]
     return [np.asarray(row, dtype=np.int64) for row in sequences]
 
@@ -205,16 +213,30 @@ class _ForwardAdapter:
             mode = "reduce-overhead" if model_device(model).type == "cuda" else "default"
             self.compiled = torch.compile(model.forward, mode=mode, dynamic=False, fullgraph=False)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache, past_length: int,
-                 decode: bool = False, keep: int = 1) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        cache,
+        past_length: int,
+        decode: bool = False,
+        keep: int = 1,
+    ) -> torch.Tensor:
         """Logits [B, V] of the last position; with ``keep > 1``, [B, keep, V] of the last ``keep`` positions."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                  self.cache_kw: cache, "use_cache": True}
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            self.cache_kw: cache,
+            "use_cache": True,
+        }
         if self.keep_kw:
             kwargs[self.keep_kw] = keep
         if self.cache_position:  # older transformers index the cache with it (the static cache needs it)
-            kwargs["cache_position"] = torch.arange(past_length, past_length + input_ids.shape[1],
-                                                    device=input_ids.device)
+            kwargs["cache_position"] = torch.arange(
+                past_length, past_length + input_ids.shape[1], device=input_ids.device
+            )
         if decode and self.compiled is not None:
             # The graph's output buffer is reused by the next replay: copy the logits out.
             return self.compiled(**kwargs).logits[:, -1, :].clone()
@@ -224,7 +246,6 @@ class _ForwardAdapter:
 
 def make_cache(model, kind: str = "dynamic", max_cache_len: Optional[int] = None):
     """A fresh ``DynamicCache`` or ``StaticCache`` for ``model`` (works on transformers 5.17 to 5.24)."""
-    from transformers import DynamicCache, StaticCache
 
     config = getattr(model, "config", None) or model.module.config
     if kind == "dynamic":
@@ -255,6 +276,7 @@ def model_device(model) -> torch.device:
 @dataclass(frozen=True)
 class DecodeOptions:
     """How ``generate`` decodes (its keyword arguments; see there), checked once when built."""
+
     max_new_tokens: int
     strategy: Literal["greedy", "sample"] = "greedy"
     temperature: float = 1.0
@@ -298,10 +320,14 @@ class DecodeOptions:
             raise HfdistError(f"draft {self.draft!r}: unknown (choose from {', '.join(DRAFTS)})")
         if self.draft != "none":
             if self.strategy != "greedy" or self.cache != "dynamic" or self.sync_ranks:
-                raise HfdistError("draft='ngram': needs strategy='greedy', cache='dynamic' and an unsharded model")
+                raise HfdistError(
+                    "draft='ngram': needs strategy='greedy', cache='dynamic' and an unsharded model"
+                )
             if self.draft_tokens < 1 or self.draft_ngram < 1:
-                raise HfdistError(f"draft_tokens and draft_ngram: must be >= 1, got {self.draft_tokens} and "
-                                  f"{self.draft_ngram}")
+                raise HfdistError(
+                    f"draft_tokens and draft_ngram: must be >= 1, got {self.draft_tokens} and "
+                    f"{self.draft_ngram}"
+                )
 
     @property
     def eos_ids(self) -> list[int]:
@@ -313,20 +339,28 @@ class DecodeState:
     KV cache, which rows have finished, and the two per-step operations every decoding phase uses: ``choose`` (the
     next token from logits) and ``record`` (write it, padding rows that have finished)."""
 
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                 options: DecodeOptions):
+    def __init__(
+        self, model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], options: DecodeOptions
+    ):
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise HfdistError(f"input_ids: expected integer ids [batch, length], got {tuple(input_ids.shape)} "
-                              f"{input_ids.dtype}")
+            raise HfdistError(
+                f"input_ids: expected integer ids [batch, length], got {tuple(input_ids.shape)} "
+                f"{input_ids.dtype}"
+            )
         self.options = options
         self.device = device = model_device(model)
         self.prompt = input_ids.to(device=device, dtype=torch.long)
         self.batch, self.prompt_len = self.prompt.shape
-        self.prompt_mask = (torch.ones_like(self.prompt) if attention_mask is None
-                            else attention_mask.to(device=device, dtype=torch.long))
+        self.prompt_mask = (
+            torch.ones_like(self.prompt)
+            if attention_mask is None
+            else attention_mask.to(device=device, dtype=torch.long)
+        )
         if self.prompt_mask.shape != self.prompt.shape:
-            raise HfdistError(f"attention_mask: shape {tuple(self.prompt_mask.shape)} differs from input_ids "
-                              f"{tuple(self.prompt.shape)}")
+            raise HfdistError(
+                f"attention_mask: shape {tuple(self.prompt_mask.shape)} differs from input_ids "
+                f"{tuple(self.prompt.shape)}"
+            )
         self.model = model
 
     def start(self) -> None:
@@ -373,15 +407,27 @@ class DecodeState:
         cur = self.prompt_len + step
         blocker = options.blocker
         if blocker is not None and step >= self.blocker_start and cur >= blocker.n:
-            blocker.block_(logits, self.out[:, cur - blocker.n:cur])
+            blocker.block_(logits, self.out[:, cur - blocker.n : cur])
         if options.strategy == "greedy":
             return logits.argmax(-1)
         # Counter-based seeds, one per (seed, step, row): reproducible without a generator's state, and
         # on_invalid="flag" keeps the sampler from synchronising; a flagged row (all logits -inf or NaN)
         # is reported once at the end.
-        seeds = None if options.seed is None else sampling_seeds(options.seed, step, self.batch, device=self.device)
-        token = sample(logits, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
-                       min_p=options.min_p, seed=seeds, backend=options.sampler_backend, on_invalid="flag")
+        seeds = (
+            None
+            if options.seed is None
+            else sampling_seeds(options.seed, step, self.batch, device=self.device)
+        )
+        token = sample(
+            logits,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            min_p=options.min_p,
+            seed=seeds,
+            backend=options.sampler_backend,
+            on_invalid="flag",
+        )
         self.invalid |= token < 0
         return token.clamp_(min=0)
 
@@ -398,20 +444,41 @@ class DecodeState:
     def all_finished(self) -> bool:
         """Every row has emitted EOS (on every rank, with ``sync_ranks``): one host sync."""
         done = self.finished.all()
-        if self.options.sync_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            self.options.sync_ranks
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             done = done.to(torch.int32)
             torch.distributed.all_reduce(done, op=torch.distributed.ReduceOp.MIN)
         return bool(done)
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-             max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0, top_p: float = 1.0,
-             top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None,
-             blocker: Optional[CitationBlocker] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
-             cache: str = "dynamic", compile: bool = False, check_every: int = 8,
-             sampler_backend: str = "auto", sync_ranks: bool = False, draft: str = "none", draft_tokens: int = 8,
-             draft_ngram: int = 3) -> torch.Tensor:
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    max_new_tokens: int,
+    strategy: str = "greedy",
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+    blocker: Optional[CitationBlocker] = None,
+    eos_token_id=None,
+    pad_token_id: Optional[int] = None,
+    cache: str = "dynamic",
+    compile: bool = False,
+    check_every: int = 8,
+    sampler_backend: str = "auto",
+    sync_ranks: bool = False,
+    draft: str = "none",
+    draft_tokens: int = 8,
+    draft_ngram: int = 3,
+) -> torch.Tensor:
     """Continue each (left-padded) prompt by ``max_new_tokens`` tokens; returns ids [B, prompt + new].
 
     ``eos_token_id`` (an id or a list): a row stops after it emits one; later positions get ``pad_token_id``.
@@ -436,17 +503,33 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
 
     The work is :func:`decode` with these keywords as :class:`DecodeOptions`.
     """
-    options = DecodeOptions(max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, top_p=top_p,
-                            top_k=top_k, min_p=min_p, seed=seed, blocker=blocker, eos_token_id=eos_token_id,
-                            pad_token_id=pad_token_id, cache=cache, compile=compile, check_every=check_every,
-                            sampler_backend=sampler_backend, sync_ranks=sync_ranks, draft=draft,
-                            draft_tokens=draft_tokens, draft_ngram=draft_ngram)
+    options = DecodeOptions(
+        max_new_tokens=max_new_tokens,
+        strategy=strategy,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        blocker=blocker,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        cache=cache,
+        compile=compile,
+        check_every=check_every,
+        sampler_backend=sampler_backend,
+        sync_ranks=sync_ranks,
+        draft=draft,
+        draft_tokens=draft_tokens,
+        draft_ngram=draft_ngram,
+    )
     return decode(model, input_ids, attention_mask, options)
 
 
 @torch.no_grad()
-def decode(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-           options: DecodeOptions) -> torch.Tensor:
+def decode(
+    model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], options: DecodeOptions
+) -> torch.Tensor:
     """The phases of a decode: prefill the prompts, then the decode steps (one token a pass, or drafted
     tokens checked a pass at a time), then finish (report invalid rows, cut after the last EOS)."""
     state = DecodeState(model, input_ids, attention_mask, options)
@@ -481,8 +564,10 @@ def decode_steps(state: DecodeState, logits: torch.Tensor) -> int:
             break
         # A static cache attends over all max_cache_len slots: give it the whole mask (same shape every step;
         # slots not yet written are excluded by causality). A dynamic cache needs the mask of what it holds.
-        step_mask = state.static_mask if options.cache == "static" else state.full_mask[:, :cur + 1]
-        logits = state.forward(token[:, None], step_mask, state.next_position + step, state.kv, cur, decode=True)
+        step_mask = state.static_mask if options.cache == "static" else state.full_mask[:, : cur + 1]
+        logits = state.forward(
+            token[:, None], step_mask, state.next_position + step, state.kv, cur, decode=True
+        )
     return steps_run
 
 
@@ -491,8 +576,10 @@ def finish(state: DecodeState, steps_run: int) -> torch.Tensor:
     options = state.options
     if options.strategy == "sample" and bool(state.invalid.any()):
         rows = state.invalid.nonzero().flatten().tolist()
-        raise HfdistError(f"sampling: rows {rows} had no valid token at some step (logits all -inf or NaN; "
-                          "a blocker that blocks every token, or a diverged model)")
+        raise HfdistError(
+            f"sampling: rows {rows} had no valid token at some step (logits all -inf or NaN; "
+            "a blocker that blocks every token, or a diverged model)"
+        )
     if state.eos:
         # Cut after the step at which the last row finished (what model.generate returns): one sync.
         steps_run = min(steps_run, int(state.last_step.max()) + 1)
@@ -500,7 +587,7 @@ def finish(state: DecodeState, steps_run: int) -> torch.Tensor:
             t = torch.tensor([steps_run], device=state.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             steps_run = int(t)
-    return state.out[:, :state.prompt_len + steps_run]
+    return state.out[:, : state.prompt_len + steps_run]
 
 
 def ngram_draft(sequence: torch.Tensor, max_ngram: int, num_tokens: int) -> torch.Tensor:
@@ -518,7 +605,7 @@ def ngram_draft(sequence: torch.Tensor, max_ngram: int, num_tokens: int) -> torc
             follows = hits + n
             full = follows[follows + num_tokens <= length]
             begin = int(full[-1] if len(full) else follows[0])
-            return sequence[begin:begin + num_tokens]
+            return sequence[begin : begin + num_tokens]
     return sequence[:0]
 
 
@@ -534,14 +621,20 @@ def decode_with_drafts(state: DecodeState, logits: torch.Tensor) -> int:
     pending = state.record(state.choose(logits, 0), 0)
     while step < options.max_new_tokens - 1 and not (finished is not None and bool(finished.all())):
         cur = prompt_len + step  # position of ``pending``
-        room = options.max_new_tokens - 1 - step  # positions still to write after it: guesses + the model's next token
-        drafts = [ngram_draft(row[:cur + 1], options.draft_ngram, min(options.draft_tokens, room - 1)) for row in out]
+        room = (
+            options.max_new_tokens - 1 - step
+        )  # positions still to write after it: guesses + the model's next token
+        drafts = [
+            ngram_draft(row[: cur + 1], options.draft_ngram, min(options.draft_tokens, room - 1))
+            for row in out
+        ]
         k = min(len(d) for d in drafts)
-        block = torch.stack([torch.cat([pending[i:i + 1], d[:k]]) for i, d in enumerate(drafts)])
-        out[:, cur + 1:cur + 1 + k] = block[:, 1:]  # tentatively: the blocker reads them while checking
+        block = torch.stack([torch.cat([pending[i : i + 1], d[:k]]) for i, d in enumerate(drafts)])
+        out[:, cur + 1 : cur + 1 + k] = block[:, 1:]  # tentatively: the blocker reads them while checking
         positions = state.next_position + step + torch.arange(k + 1, device=out.device)
-        logits = state.forward(block, state.full_mask[:, :cur + 1 + k], positions, state.kv, cur, decode=k == 0,
-                               keep=k + 1)
+        logits = state.forward(
+            block, state.full_mask[:, : cur + 1 + k], positions, state.kv, cur, decode=k == 0, keep=k + 1
+        )
         if k == 0:  # keep=1 gives [B, V]
             logits = logits[:, None]
         accepted = 0
@@ -582,13 +675,21 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, seq in enumerate(sequences):
         if len(seq):
-            ids[i, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[i, width - len(seq):] = 1
+            ids[i, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
     return ids, mask
 
 
-def generate_batched(model, prompts: Sequence[Sequence[int]], *, batch_size: int = 32, pad_token_id: int = 0,
-                     eos_token_id=None, data_parallel: bool = False, **kwargs) -> list[list[int]]:
+def generate_batched(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 32,
+    pad_token_id: int = 0,
+    eos_token_id=None,
+    data_parallel: bool = False,
+    **kwargs,
+) -> list[list[int]]:
     """Generate for a list of token-id prompts in left-padded batches; returns the continuations (cut at EOS).
 
     ``data_parallel=True`` with ``torch.distributed`` initialised: each rank takes every world-th batch and the
@@ -600,7 +701,7 @@ def generate_batched(model, prompts: Sequence[Sequence[int]], *, batch_size: int
     results: dict[int, list[int]] = {}
     starts = list(range(0, len(prompts), batch_size))
     for start in starts[rank::world]:
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         ids, mask = left_pad(chunk, pad_token_id)
         out = generate(model, ids, mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
         for i, cont in enumerate(continuation_ids(out.cpu(), ids.shape[1], eos_token_id)):

@@ -13,10 +13,13 @@ Points, in the order a run meets them: ``begin`` (model built), then per optimiz
 state already counts the epoch); ``before_checkpoint`` and ``checkpoint_written`` (this rank's files of a
 checkpoint are on disk; called on the writer's thread for an asynchronous checkpoint); ``before_export``; ``end``.
 """
+
 from __future__ import annotations
 
 import sys
 from typing import TYPE_CHECKING
+
+from tqdm import tqdm
 
 from hfdist.distributed.watchdog import watchdog
 
@@ -128,10 +131,15 @@ class ProgressBar(LoopHooks):
         self.bar = None
 
     def begin(self, lm, state, total_steps):
-        from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=state.step, desc="hyperfit", unit="step", file=sys.stderr,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=state.step,
+            desc="hyperfit",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
 
     def after_log(self, state, values):
         self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['perf/tokens_per_s']:.0f}")

@@ -1,5 +1,6 @@
 """Files hfdist writes and reads: atomic writes (a crash leaves either the old content or the new, never half of
 it), token-id arrays and generation records (JSON lines)."""
+
 from __future__ import annotations
 
 import json
@@ -94,8 +95,10 @@ def load_token_array(path, what: str) -> np.ndarray:
     except (ValueError, OSError) as exc:
         raise HfdistError(f"{what} {str(path)!r}: not a .npy array ({exc})") from None
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise HfdistError(f"{what} {str(path)!r}: expected a 2-D integer array of token ids, got "
-                          f"shape {array.shape} dtype {array.dtype}")
+        raise HfdistError(
+            f"{what} {str(path)!r}: expected a 2-D integer array of token ids, got "
+            f"shape {array.shape} dtype {array.dtype}"
+        )
     return array.astype(np.int64)
 
 
@@ -118,16 +121,19 @@ def read_generations(path) -> list[dict]:
             raise HfdistError(f"generations file {str(path)!r} line {number}: not JSON") from None
         ids = record.get("continuation_ids") if isinstance(record, dict) else None
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise HfdistError(f"generations file {str(path)!r} line {number}: field 'continuation_ids' missing "
-                              "or not a list of token ids")
+            raise HfdistError(
+                f"generations file {str(path)!r} line {number}: field 'continuation_ids' missing "
+                "or not a list of token ids"
+            )
         records.append(record)
     if not records:
         raise HfdistError(f"generations file {str(path)!r}: no records")
     return records
 
 
-def generation_records(prompts: list[list[int]], continuations: list[list[int]], stopped: list[bool],
-                       tokenizer, settings: dict) -> list[dict]:
+def generation_records(
+    prompts: list[list[int]], continuations: list[list[int]], stopped: list[bool], tokenizer, settings: dict
+) -> list[dict]:
     """One JSON record per prompt: prompt and continuation, as ids and text, and the decoding settings."""
     records = []
     for i, (prompt, cont, stop) in enumerate(zip(prompts, continuations, stopped)):

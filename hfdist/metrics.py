@@ -17,6 +17,7 @@ paper's signs of degeneration, stripes and flat colour: ``distinct_tokens`` (dis
 On held-out text with a model (``heldout_stats``): next-token NLL (nats), perplexity, entropy, top-k mass.
 ``greedy_ttr`` runs the upstream protocol: greedy from 32-token contexts to 256 tokens, TTR of the last 96.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from hfdist.errors import HfdistError
-from hfdist.generation import model_device
+from hfdist.generation import continuation_ids, generate, model_device
 
 
 # ------------------------------------------------------------------------------------------------ diversity
@@ -68,7 +69,7 @@ def ttr_over_position(token_ids: Sequence[int], window: int = 96) -> list[float]
 
 
 def _ngrams(seq: Sequence, n: int) -> list[tuple]:
-    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
 
 
 def distinct_n(sequences: Iterable[Sequence[int]], n: int = 2) -> float:
@@ -96,14 +97,16 @@ def distinct_tokens(token_ids: Sequence[int]) -> int:
     return len(set(token_ids))
 
 
-def repeated_row_fraction(token_ids: Sequence[int], width: int, row_above: Optional[Sequence[int]] = None) -> float:
+def repeated_row_fraction(
+    token_ids: Sequence[int], width: int, row_above: Optional[Sequence[int]] = None
+) -> float:
     """The share of the generation's rows (``width`` tokens each, a trailing partial row ignored) that repeat the
     row above them exactly; the first row is compared with ``row_above`` (the context's last row) when given, else
     it is not counted. 0.0 when no row is counted."""
     if width < 1:
         raise HfdistError(f"width: must be >= 1, got {width}")
     ids = list(token_ids)
-    rows = [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
+    rows = [ids[i : i + width] for i in range(0, len(ids) - width + 1, width)]
     if row_above is not None:
         above = list(row_above)
         if len(above) != width:
@@ -113,8 +116,9 @@ def repeated_row_fraction(token_ids: Sequence[int], width: int, row_above: Optio
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else 0.0
 
 
-def image_completion_metrics(generations: Sequence[Sequence[int]], contexts=None, width: int = 32,
-                             window: int = 96) -> dict:
+def image_completion_metrics(
+    generations: Sequence[Sequence[int]], contexts=None, width: int = 32, window: int = 96
+) -> dict:
     """Means over completed images: ``distinct_colors`` (distinct colour tokens in the generated part),
     ``repeated_rows`` (``repeated_row_fraction``, the first generated row compared with the context's last row
     when ``contexts`` [N, 1 + rows * width] are given) and ``ttr{window}`` (TTR of the last ``window`` tokens)."""
@@ -133,7 +137,9 @@ def image_completion_metrics(generations: Sequence[Sequence[int]], contexts=None
 
 
 # --------------------------------------------------------------------------------------------------- BLEU
-def _bleu_from_stats(correct: list[int], total: list[int], hyp_len: int, ref_len: int, smoothing: str) -> float:
+def _bleu_from_stats(
+    correct: list[int], total: list[int], hyp_len: int, ref_len: int, smoothing: str
+) -> float:
     """sacrebleu's ``BLEU.compute_bleu`` with effective order, on a 0..1 scale."""
     if hyp_len < ref_len:
         bp = math.exp(1 - ref_len / hyp_len) if hyp_len > 0 else 0.0
@@ -162,8 +168,9 @@ def _closest_length(hyp_len: int, ref_lens: Iterable[int]) -> int:
     return min(ref_lens, key=lambda r: (abs(r - hyp_len), r))
 
 
-def sentence_bleu(hypothesis: Sequence[int], references: Sequence[Sequence[int]], max_order: int = 4,
-                  smoothing: str = "exp") -> float:
+def sentence_bleu(
+    hypothesis: Sequence[int], references: Sequence[Sequence[int]], max_order: int = 4, smoothing: str = "exp"
+) -> float:
     """BLEU of one token sequence against several references, in [0, 1].
 
     Clipped n-gram precisions for n = 1..``max_order`` (a hypothesis n-gram counts at most as often as it
@@ -215,10 +222,14 @@ def self_bleu(sequences: Sequence[Sequence[int]], max_order: int = 4, smoothing:
     lengths = [len(s) for s in seqs]
     scores = []
     for i, seq in enumerate(seqs):
+
         def others_max(g, i=i):
             top, who, second = best[g]
             return second if who == i else top
-        scores.append(_sentence_bleu_stats(seq, others_max, lengths[:i] + lengths[i + 1:], max_order, smoothing))
+
+        scores.append(
+            _sentence_bleu_stats(seq, others_max, lengths[:i] + lengths[i + 1 :], max_order, smoothing)
+        )
     return float(np.mean(scores))
 
 
@@ -283,8 +294,14 @@ def dataset_overlap(generations: Sequence[Sequence[int]], training, min_run: int
     }
 
 
-def generation_metrics(generations: Sequence[Sequence[int]], *, texts: Optional[Sequence[str]] = None,
-                       training=None, window: int = 96, min_run: int = 10) -> dict:
+def generation_metrics(
+    generations: Sequence[Sequence[int]],
+    *,
+    texts: Optional[Sequence[str]] = None,
+    training=None,
+    window: int = 96,
+    min_run: int = 10,
+) -> dict:
     """Every generation metric for one set of generations (the rows of the compare table)."""
     gens = [list(g) for g in generations]
     out = {
@@ -298,12 +315,18 @@ def generation_metrics(generations: Sequence[Sequence[int]], *, texts: Optional[
         "self_bleu": self_bleu(gens) if len(gens) >= 2 else None,
     }
     if texts is not None:
-        out[f"word_ttr{window}"] = float(np.mean([word_type_token_ratio(t, window) for t in texts])) if texts else 0.0
+        out[f"word_ttr{window}"] = (
+            float(np.mean([word_type_token_ratio(t, window) for t in texts])) if texts else 0.0
+        )
     if training is not None:
         overlap = dataset_overlap(gens, training, min_run)
-        out.update({"overlap_mean_longest_run": overlap["mean_longest_run"],
-                    "overlap_max_longest_run": overlap["max_longest_run"],
-                    f"overlap_share_over_{min_run}": overlap["share_over_min_run"]})
+        out.update(
+            {
+                "overlap_mean_longest_run": overlap["mean_longest_run"],
+                "overlap_max_longest_run": overlap["max_longest_run"],
+                f"overlap_share_over_{min_run}": overlap["share_over_min_run"],
+            }
+        )
     return out
 
 
@@ -320,8 +343,9 @@ def mean_ttr_over_position(generations: Sequence[Sequence[int]], window: int = 9
 
 # ------------------------------------------------------------------------------------ the model's predictions
 @torch.no_grad()
-def next_token_stats(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-                     batch_size: int = 8) -> dict:
+def next_token_stats(
+    model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *, batch_size: int = 8
+) -> dict:
     """Per predicted position (tokens 1..L-1 from the tokens before; a position counts when it and the
     token before are unmasked): ``nll`` (nats), ``entropy`` (nats), ``top1``/``top3``/``top5`` (probability
     mass of the k most probable tokens); each a float64 numpy array, positions of all rows concatenated."""
@@ -332,9 +356,12 @@ def next_token_stats(model, input_ids: torch.Tensor, attention_mask: Optional[to
     model.eval()
     parts: dict = {k: [] for k in ("nll", "entropy", "top1", "top3", "top5")}
     for start in range(0, len(input_ids), batch_size):
-        ids = input_ids[start:start + batch_size].to(device=device, dtype=torch.long)
-        mask = (torch.ones_like(ids) if attention_mask is None
-                else attention_mask[start:start + batch_size].to(device=device, dtype=torch.long))
+        ids = input_ids[start : start + batch_size].to(device=device, dtype=torch.long)
+        mask = (
+            torch.ones_like(ids)
+            if attention_mask is None
+            else attention_mask[start : start + batch_size].to(device=device, dtype=torch.long)
+        )
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         for row in range(len(ids)):  # one row at a time: at most [L, V] fp32 temporaries besides the logits
             keep = (mask[row, 1:] * mask[row, :-1]).bool()
@@ -370,25 +397,36 @@ def summarize_next_token_stats(stats: dict) -> dict:
     }
 
 
-def heldout_stats(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-                  batch_size: int = 8) -> dict:
+def heldout_stats(
+    model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *, batch_size: int = 8
+) -> dict:
     """Held-out next-token statistics, means over all predicted tokens (``summarize_next_token_stats`` of
     ``next_token_stats``): ``loss``, ``perplexity``, ``entropy``, ``top1_mass``, ``top3_mass``, ``top5_mass``,
     ``num_tokens``."""
-    return summarize_next_token_stats(next_token_stats(model, input_ids, attention_mask, batch_size=batch_size))
+    return summarize_next_token_stats(
+        next_token_stats(model, input_ids, attention_mask, batch_size=batch_size)
+    )
 
 
-def greedy_ttr(model, contexts: torch.Tensor, *, total_len: int = 256, window: int = 96, eos_token_id=None,
-               batch_size: int = 32) -> dict:
+def greedy_ttr(
+    model,
+    contexts: torch.Tensor,
+    *,
+    total_len: int = 256,
+    window: int = 96,
+    eos_token_id=None,
+    batch_size: int = 32,
+) -> dict:
     """The upstream TTR protocol: greedy decoding from each context (e.g. [B, 32]) until ``total_len`` tokens
     (context included), then the TTR of the last ``window`` generated tokens (cut at EOS if ``eos_token_id``).
 
     Returns ``ttr{window}`` (mean over contexts), ``ttr{window}_per_context`` and ``generations`` (the
     generated ids of each context, prompt excluded)."""
-    from hfdist.generation import continuation_ids, generate
 
     if contexts.ndim != 2:
-        raise HfdistError(f"contexts: expected [num_contexts, context_len], got shape {tuple(contexts.shape)}")
+        raise HfdistError(
+            f"contexts: expected [num_contexts, context_len], got shape {tuple(contexts.shape)}"
+        )
     new_tokens = total_len - contexts.shape[1]
     if new_tokens < 1:
         raise HfdistError(f"total_len {total_len}: must exceed the context length {contexts.shape[1]}")
@@ -396,10 +434,13 @@ def greedy_ttr(model, contexts: torch.Tensor, *, total_len: int = 256, window: i
     model.eval()
     generations = []
     for start in range(0, len(contexts), batch_size):
-        chunk = contexts[start:start + batch_size]
+        chunk = contexts[start : start + batch_size]
         out = generate(model, chunk, max_new_tokens=new_tokens, eos_token_id=eos_token_id)
         generations.extend(continuation_ids(out.cpu(), chunk.shape[1], eos_token_id))
     model.train(was_training)
     per_context = [type_token_ratio(g, window) for g in generations]
-    return {f"ttr{window}": float(np.mean(per_context)) if per_context else 0.0,
-            f"ttr{window}_per_context": per_context, "generations": generations}
+    return {
+        f"ttr{window}": float(np.mean(per_context)) if per_context else 0.0,
+        f"ttr{window}_per_context": per_context,
+        "generations": generations,
+    }

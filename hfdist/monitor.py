@@ -5,6 +5,7 @@ Tag names carry their unit where it is not obvious: ``train/loss`` (nats per tok
 ``perf/tokens_per_s`` (trained tokens per wall-clock second, all ranks), ``perf/step_time_s``,
 ``memory/peak_gib``, ``eval/loss``, ``eval/perplexity``, ``eval/entropy``, ``eval/top1_mass``, ``eval/ttr96``.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from torch.utils.tensorboard import SummaryWriter
+
+from hfdist.io import atomic_write_text
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: Optional[int] = None):
+    def __init__(
+        self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, resume_step: Optional[int] = None
+    ):
         self.enabled = enabled
         self._jsonl = None
         self._writer = None
@@ -25,18 +31,18 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
         if resume_step is not None and path.is_file():
-            from hfdist.io import atomic_write_text
-
-            kept = [line for line in path.read_text().splitlines(keepends=True)
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
             atomic_write_text(path, "".join(kept))
         self._jsonl = open(path, "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             # purge_step hides events a stopped run wrote after the checkpoint we resume from.
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tb"),
-                                         purge_step=None if resume_step is None else resume_step + 1)
+            self._writer = SummaryWriter(
+                log_dir=str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
+            )
 
     def log(self, kind: str, step: int, values: dict, epoch: Optional[float] = None) -> None:
         if not self.enabled:

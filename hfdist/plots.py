@@ -1,5 +1,6 @@
 """The comparison report's figures (PNG): TTR over position, training curves, the top-1 probability, the image
 completions grid. Matplotlib's object API with the Agg canvas: no pyplot state, no display needed."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,10 +39,18 @@ def plot_ttr_over_position(curves: dict[str, list[float]], path, window: int = 9
     ax.set_title("Type-token ratio over position")
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8)  # below: never on a curve
+        ax.legend(
+            loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=8
+        )  # below: never on a curve
     else:
-        ax.text(0.5, 0.5, f"generations shorter than the {window}-token window", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            f"generations shorter than the {window}-token window",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     _save(fig, Path(path))
 
 
@@ -53,8 +62,11 @@ def plot_training_curves(records: list[dict], path) -> None:
     for col, (metric, label) in enumerate((("loss", "loss (nats/token)"), ("entropy", "entropy (nats)"))):
         ax = fig.add_subplot(1, 2, col + 1)
         for rows, prefix, style in ((epochs, "train", "o-"), (evals, "eval", "s--")):
-            points = [(r.get("epoch", 0), r[f"{prefix}/{metric}"]) for r in rows
-                      if isinstance(r.get(f"{prefix}/{metric}"), (int, float))]
+            points = [
+                (r.get("epoch", 0), r[f"{prefix}/{metric}"])
+                for r in rows
+                if isinstance(r.get(f"{prefix}/{metric}"), (int, float))
+            ]
             if points:
                 x, y = zip(*points)
                 ax.plot(x, y, style, markersize=3, label=f"{prefix} {metric}")
@@ -79,8 +91,13 @@ def plot_top1(top1: dict[str, np.ndarray], path) -> None:
     for name, values in top1.items():
         if len(values):
             label = {"base": "Original", "hyperfitted": "Hyperfitted"}.get(name, name)
-            ax.hist(values, bins=bins, alpha=0.55, density=True,
-                    label=f"{label} (mean {float(np.mean(values)):.2f})")
+            ax.hist(
+                values,
+                bins=bins,
+                alpha=0.55,
+                density=True,
+                label=f"{label} (mean {float(np.mean(values)):.2f})",
+            )
     ax.set_xlabel("probability of the most probable next token")
     ax.set_ylabel("density")
     ax.set_title("Top-1 probability on held-out text")
@@ -89,8 +106,9 @@ def plot_top1(top1: dict[str, np.ndarray], path) -> None:
     _save(fig, Path(path))
 
 
-def plot_completions_grid(originals: np.ndarray, context_rows: int, completions: dict[str, np.ndarray], path,
-                          max_images: int = 8) -> None:
+def plot_completions_grid(
+    originals: np.ndarray, context_rows: int, completions: dict[str, np.ndarray], path, max_images: int = 8
+) -> None:
     """One row per held-out image: the original, its context (the first ``context_rows`` rows, the rest blank),
     then each decoding's completion (``completions`` keyed by column title); all ``uint8 [N, H, W, 3]``, drawn pixel
     for pixel (no smoothing)."""

@@ -22,6 +22,7 @@ blocker), measured by the degeneration of the generated pixel tokens (``image_co
 colour tokens, rows repeating the row above, TTR-96), and drawn in ``completions_grid.png``: per image the
 original, the context, and the three completions, decoded through the base model's colour clusters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,11 +35,39 @@ from typing import Optional
 
 import numpy as np
 import torch
+import yaml
 
+from hfdist.data import token_ids_to_pixels
 from hfdist.errors import HfdistError
-from hfdist.io import generation_records, load_token_array, write_jsonl
-from hfdist.models import model_config_for, resolve_device
-from hfdist.plots import plot_completions_grid, plot_top1, plot_training_curves, plot_ttr_over_position
+from hfdist.generation import CitationBlocker, continuation_ids, generate
+from hfdist.io import (
+    atomic_write_json,
+    atomic_write_text,
+    generation_records,
+    load_token_array,
+    write_jsonl,
+)
+from hfdist.metrics import (
+    generation_metrics,
+    image_completion_metrics,
+    mean_ttr_over_position,
+    next_token_stats,
+    summarize_next_token_stats,
+)
+from hfdist.models import (
+    load_model,
+    load_processor,
+    load_tokenizer,
+    model_config_for,
+    resolve_device,
+)
+from hfdist.monitor import read_metrics
+from hfdist.plots import (
+    plot_completions_grid,
+    plot_top1,
+    plot_training_curves,
+    plot_ttr_over_position,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +114,10 @@ def _fmt(value, digits: int = 3) -> str:
 
 def format_table(rows: dict[str, dict], window: int = 96, min_run: int = 10) -> str:
     """The markdown table of the generation metrics, one line per decoding (the paper's Table 1 layout)."""
-    header = (f"| Model | Decoding | TTR-{window} ↑ | Distinct-2 ↑ | Self-BLEU ↓ | Repeated 4-grams ↓ | "
-              f"Overlap > {min_run} tokens ↓ | Longest overlap (mean) | Tokens/s |")
+    header = (
+        f"| Model | Decoding | TTR-{window} ↑ | Distinct-2 ↑ | Self-BLEU ↓ | Repeated 4-grams ↓ | "
+        f"Overlap > {min_run} tokens ↓ | Longest overlap (mean) | Tokens/s |"
+    )
     lines = [header, "|" + "---|" * 9]
     for name, m in rows.items():
         model, decoding = ROW_LABELS.get(name, (name, ""))
@@ -96,17 +127,32 @@ def format_table(rows: dict[str, dict], window: int = 96, min_run: int = 10) -> 
         if name == "hyperfitted_greedy_blocker":
             decoding = f"Greedy + citation blocker (n={m.get('settings', {}).get('blocker_n')})"
         overlap = m.get(f"overlap_share_over_{min_run}")
-        lines.append("| " + " | ".join([
-            model, decoding, _fmt(m.get(f"ttr{window}")), _fmt(m.get("distinct_2")), _fmt(m.get("self_bleu")),
-            _fmt(m.get("repetition_rate_4")), "-" if overlap is None else f"{100 * overlap:.1f}%",
-            _fmt(m.get("overlap_mean_longest_run"), 1), _fmt(m.get("tokens_per_s"), 1)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    model,
+                    decoding,
+                    _fmt(m.get(f"ttr{window}")),
+                    _fmt(m.get("distinct_2")),
+                    _fmt(m.get("self_bleu")),
+                    _fmt(m.get("repetition_rate_4")),
+                    "-" if overlap is None else f"{100 * overlap:.1f}%",
+                    _fmt(m.get("overlap_mean_longest_run"), 1),
+                    _fmt(m.get("tokens_per_s"), 1),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def format_image_table(rows: dict[str, dict], window: int = 96, min_run: int = 10) -> str:
     """The image rows: degeneration of the generated pixel tokens, one line per decoding."""
-    header = (f"| Model | Decoding | Distinct colours ↑ | Repeated rows ↓ | TTR-{window} ↑ | "
-              f"Overlap > {min_run} tokens ↓ | Longest overlap (mean) | Tokens/s |")
+    header = (
+        f"| Model | Decoding | Distinct colours ↑ | Repeated rows ↓ | TTR-{window} ↑ | "
+        f"Overlap > {min_run} tokens ↓ | Longest overlap (mean) | Tokens/s |"
+    )
     lines = [header, "|" + "---|" * 8]
     for name, m in rows.items():
         model, decoding = ROW_LABELS.get(name, (name, ""))
@@ -114,26 +160,41 @@ def format_image_table(rows: dict[str, dict], window: int = 96, min_run: int = 1
             st = m.get("settings", {})
             decoding = f"Top-p (p={st.get('top_p')}, T={st.get('temperature')}, k={st.get('top_k')})"
         overlap = m.get(f"overlap_share_over_{min_run}")
-        lines.append("| " + " | ".join([
-            model, decoding, _fmt(m.get("distinct_colors"), 1), _fmt(m.get("repeated_rows")),
-            _fmt(m.get(f"ttr{window}")), "-" if overlap is None else f"{100 * overlap:.1f}%",
-            _fmt(m.get("overlap_mean_longest_run"), 1), _fmt(m.get("tokens_per_s"), 1)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    model,
+                    decoding,
+                    _fmt(m.get("distinct_colors"), 1),
+                    _fmt(m.get("repeated_rows")),
+                    _fmt(m.get(f"ttr{window}")),
+                    "-" if overlap is None else f"{100 * overlap:.1f}%",
+                    _fmt(m.get("overlap_mean_longest_run"), 1),
+                    _fmt(m.get("tokens_per_s"), 1),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def format_heldout_table(heldout: dict[str, dict]) -> str:
-    lines = ["| Model | Perplexity | Entropy (nats) | Top-1 mass | Top-3 mass | Top-5 mass | Tokens |",
-             "|" + "---|" * 7]
+    lines = [
+        "| Model | Perplexity | Entropy (nats) | Top-1 mass | Top-3 mass | Top-5 mass | Tokens |",
+        "|" + "---|" * 7,
+    ]
     for name, s in heldout.items():
         label = {"base": "Original", "hyperfitted": "Hyperfitted"}.get(name, name)
-        lines.append(f"| {label} | {_fmt(s['perplexity'], 2)} | {_fmt(s['entropy'])} | {_fmt(s['top1_mass'])} | "
-                     f"{_fmt(s['top3_mass'])} | {_fmt(s['top5_mass'])} | {s['num_tokens']} |")
+        lines.append(
+            f"| {label} | {_fmt(s['perplexity'], 2)} | {_fmt(s['entropy'])} | {_fmt(s['top1_mass'])} | "
+            f"{_fmt(s['top3_mass'])} | {_fmt(s['top5_mass'])} | {s['num_tokens']} |"
+        )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- comparison
 def _read_run_config(run_dir: Path) -> dict:
-    import yaml
 
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -161,23 +222,37 @@ def _image_geometry(run_dir: Path) -> Optional[dict]:
 
 def _decode_all(model, contexts: torch.Tensor, settings: CompareSettings, eos, pad: int, **options):
     """Generate for every context in batches; returns continuations (cut at EOS), stop flags and seconds."""
-    from hfdist.generation import continuation_ids, generate
 
     continuations, stopped = [], []
     start_time = time.perf_counter()
     for start in range(0, len(contexts), settings.batch_size):
-        chunk = contexts[start:start + settings.batch_size]
-        out = generate(model, chunk, max_new_tokens=settings.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                       **options).cpu()
+        chunk = contexts[start : start + settings.batch_size]
+        out = generate(
+            model,
+            chunk,
+            max_new_tokens=settings.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            **options,
+        ).cpu()
         conts = continuation_ids(out, chunk.shape[1], eos)
         continuations.extend(conts)
         stopped.extend(eos is not None and len(c) < settings.max_new_tokens for c in conts)
     return continuations, stopped, time.perf_counter() - start_time
 
 
-def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Optional[str] = None,
-                   out_dir=None, contexts_path=None, train_path=None, validation_path=None,
-                   settings: Optional[CompareSettings] = None, **overrides) -> dict:
+def run_comparison(
+    run_dir=None,
+    *,
+    base: Optional[str] = None,
+    hyperfitted: Optional[str] = None,
+    out_dir=None,
+    contexts_path=None,
+    train_path=None,
+    validation_path=None,
+    settings: Optional[CompareSettings] = None,
+    **overrides,
+) -> dict:
     """Run the paper's comparison and write the report; returns the report as a dict.
 
     With ``run_dir`` (a hyperfit run folder) everything has a default: the base model is config.yaml's
@@ -187,11 +262,6 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
     ``contexts_path`` and ``out_dir`` (training and validation data are then optional). ``overrides`` set
     fields of ``CompareSettings`` (e.g. ``num_contexts=8``).
     """
-    from hfdist.generation import CitationBlocker
-    from hfdist.data import token_ids_to_pixels
-    from hfdist.metrics import (generation_metrics, image_completion_metrics, mean_ttr_over_position,
-                                next_token_stats, summarize_next_token_stats)
-    from hfdist.models import load_model, load_processor, load_tokenizer
 
     settings = dataclasses.replace(settings or CompareSettings(), **overrides)
     run = Path(run_dir) if run_dir is not None else None
@@ -207,8 +277,12 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
         train_path = train_path or run / "data" / "train_token_ids.npy"
         validation_path = validation_path or run / "data" / "validation_token_ids.npy"
         out_dir = out_dir or run / "compare"
-    for value, flag in ((base, "--base"), (hyperfitted, "--hyperfitted"), (contexts_path, "--contexts"),
-                        (out_dir, "--out")):
+    for value, flag in (
+        (base, "--base"),
+        (hyperfitted, "--hyperfitted"),
+        (contexts_path, "--contexts"),
+        (out_dir, "--out"),
+    ):
         if value is None:
             raise HfdistError(f"compare: {flag} is needed without --run")
     if run is not None and not Path(hyperfitted).exists():
@@ -216,16 +290,25 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
     contexts = load_token_array(contexts_path, "contexts")
     if settings.num_contexts is not None:
         if not 2 <= settings.num_contexts <= len(contexts):
-            raise HfdistError(f"--num-contexts {settings.num_contexts}: must be between 2 and the "
-                              f"{len(contexts)} contexts in {str(contexts_path)!r}")
-        contexts = contexts[:settings.num_contexts]
+            raise HfdistError(
+                f"--num-contexts {settings.num_contexts}: must be between 2 and the "
+                f"{len(contexts)} contexts in {str(contexts_path)!r}"
+            )
+        contexts = contexts[: settings.num_contexts]
     if len(contexts) < 2:
-        raise HfdistError(f"contexts {str(contexts_path)!r}: Self-BLEU needs at least 2 contexts, got {len(contexts)}")
-    train = load_token_array(train_path, "training data") if train_path and Path(train_path).is_file() else None
+        raise HfdistError(
+            f"contexts {str(contexts_path)!r}: Self-BLEU needs at least 2 contexts, got {len(contexts)}"
+        )
+    train = (
+        load_token_array(train_path, "training data") if train_path and Path(train_path).is_file() else None
+    )
     if train is None:
         logger.warning("no training token ids (%s): no citation blocker row, no dataset overlap", train_path)
-    validation = (load_token_array(validation_path, "validation data")
-                  if validation_path and Path(validation_path).is_file() else None)
+    validation = (
+        load_token_array(validation_path, "validation data")
+        if validation_path and Path(validation_path).is_file()
+        else None
+    )
     device = resolve_device(settings.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +317,9 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
     if image is not None:
         # The completion is the rest of the image, whatever --max-new-tokens says.
         new_tokens = image["height"] * image["width"] + 1 - contexts.shape[1]
-        settings = dataclasses.replace(settings, max_new_tokens=new_tokens, window=min(settings.window, new_tokens))
+        settings = dataclasses.replace(
+            settings, max_new_tokens=new_tokens, window=min(settings.window, new_tokens)
+        )
     # The blocker is a text device (the paper compares three rows for images).
     blocker = CitationBlocker(train, n=settings.blocker_n) if train is not None and image is None else None
 
@@ -245,13 +330,26 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
     sample_texts: dict[str, str] = {}
     completions: dict[str, list] = {}
     clusters = None
-    plans = {"base": [("original_greedy", {"strategy": "greedy"}),
-                      ("original_top_p", {"strategy": "sample", "top_p": settings.top_p,
-                                          "temperature": settings.temperature, "top_k": settings.top_k,
-                                          "seed": settings.seed})],
-             "hyperfitted": [("hyperfitted_greedy", {"strategy": "greedy"})]}
+    plans = {
+        "base": [
+            ("original_greedy", {"strategy": "greedy"}),
+            (
+                "original_top_p",
+                {
+                    "strategy": "sample",
+                    "top_p": settings.top_p,
+                    "temperature": settings.temperature,
+                    "top_k": settings.top_k,
+                    "seed": settings.seed,
+                },
+            ),
+        ],
+        "hyperfitted": [("hyperfitted_greedy", {"strategy": "greedy"})],
+    }
     if blocker is not None:
-        plans["hyperfitted"].append(("hyperfitted_greedy_blocker", {"strategy": "greedy", "blocker": blocker}))
+        plans["hyperfitted"].append(
+            ("hyperfitted_greedy_blocker", {"strategy": "greedy", "blocker": blocker})
+        )
     for which, path in (("base", base), ("hyperfitted", hyperfitted)):
         model_config = model_config_for(path, base_section if which == "base" else None, settings.dtype)
         logger.info("compare: loading the %s model %s", which, path)
@@ -266,16 +364,26 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         model = load_model(model_config, device).eval()
         for name, options in plans[which]:
-            logger.info("compare: %s on %d contexts, %d new tokens", name, len(contexts), settings.max_new_tokens)
+            logger.info(
+                "compare: %s on %d contexts, %d new tokens", name, len(contexts), settings.max_new_tokens
+            )
             conts, stopped, seconds = _decode_all(model, contexts_t, settings, eos, pad, **options)
-            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in conts] if tokenizer is not None else None
-            row_settings = {"model": str(path), "max_new_tokens": settings.max_new_tokens,
-                            "stop_at_eos": settings.stop_at_eos,
-                            **{k: v for k, v in options.items() if k != "blocker"}}
+            texts = (
+                [tokenizer.decode(c, skip_special_tokens=True) for c in conts]
+                if tokenizer is not None
+                else None
+            )
+            row_settings = {
+                "model": str(path),
+                "max_new_tokens": settings.max_new_tokens,
+                "stop_at_eos": settings.stop_at_eos,
+                **{k: v for k, v in options.items() if k != "blocker"},
+            }
             if "blocker" in options:
                 row_settings["blocker_n"] = settings.blocker_n
-            metrics = generation_metrics(conts, texts=texts, training=train, window=settings.window,
-                                         min_run=settings.min_run)
+            metrics = generation_metrics(
+                conts, texts=texts, training=train, window=settings.window, min_run=settings.min_run
+            )
             if image is not None:
                 metrics.update(image_completion_metrics(conts, contexts, image["width"], settings.window))
                 completions[name] = conts
@@ -286,8 +394,10 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
             curves[name] = mean_ttr_over_position(conts, settings.window)
             if texts is not None:
                 sample_texts[name] = texts[0]
-            write_jsonl(out / f"generations_{name}.jsonl",
-                        generation_records(contexts.tolist(), conts, stopped, tokenizer, row_settings))
+            write_jsonl(
+                out / f"generations_{name}.jsonl",
+                generation_records(contexts.tolist(), conts, stopped, tokenizer, row_settings),
+            )
         if validation is not None:
             stats = next_token_stats(model, torch.from_numpy(validation), batch_size=8)
             heldout[which] = summarize_next_token_stats(stats)
@@ -297,13 +407,14 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
             torch.cuda.empty_cache()
     rows = {name: rows[name] for name in ROWS if name in rows}
 
-    plot_ttr_over_position({row_title(name): curve for name, curve in curves.items()}, out / "ttr_over_position.png",
-                           settings.window)
+    plot_ttr_over_position(
+        {row_title(name): curve for name, curve in curves.items()},
+        out / "ttr_over_position.png",
+        settings.window,
+    )
     metrics_path = run / "metrics.jsonl" if run is not None else None
     records = []
     if metrics_path is not None and metrics_path.is_file():
-        from hfdist.monitor import read_metrics
-
         records = read_metrics(metrics_path)
     plot_training_curves(records, out / "training_curves.png")
     plots = ["ttr_over_position.png", "training_curves.png"]
@@ -312,25 +423,42 @@ def run_comparison(run_dir=None, *, base: Optional[str] = None, hyperfitted: Opt
         plots.append("top1_probability.png")
     if image is not None:
         originals_path = Path(contexts_path).with_name("context_images.npy")
-        full = (load_token_array(originals_path, "context images")[:len(contexts)] if originals_path.is_file()
-                else None)
+        full = (
+            load_token_array(originals_path, "context images")[: len(contexts)]
+            if originals_path.is_file()
+            else None
+        )
         if full is None:  # contexts from elsewhere: draw the contexts themselves as the originals
             logger.warning("no %s: the grid's original column shows the contexts only", originals_path)
             full = np.concatenate([contexts, np.full((len(contexts), settings.max_new_tokens), -1)], axis=1)
         draw = lambda rows: token_ids_to_pixels(rows, clusters, image["height"], image["width"])  # noqa: E731
-        plot_completions_grid(draw(full[:, 1:]), image["context_rows"],
-                              {row_title(name): draw(np.concatenate([contexts[:, 1:], np.asarray(c)], axis=1))
-                               for name, c in completions.items()}, out / "completions_grid.png")
+        plot_completions_grid(
+            draw(full[:, 1:]),
+            image["context_rows"],
+            {
+                row_title(name): draw(np.concatenate([contexts[:, 1:], np.asarray(c)], axis=1))
+                for name, c in completions.items()
+            },
+            out / "completions_grid.png",
+        )
         plots.insert(0, "completions_grid.png")
 
     report = {
-        "base": str(base), "hyperfitted": str(hyperfitted), "run": str(run) if run is not None else None,
-        "contexts": str(contexts_path), "num_contexts": len(contexts), "context_len": int(contexts.shape[1]),
-        "settings": dataclasses.asdict(settings), "device": str(device),
-        "rows": rows, "heldout": heldout, "ttr_over_position": curves, "plots": plots, "image": image,
+        "base": str(base),
+        "hyperfitted": str(hyperfitted),
+        "run": str(run) if run is not None else None,
+        "contexts": str(contexts_path),
+        "num_contexts": len(contexts),
+        "context_len": int(contexts.shape[1]),
+        "settings": dataclasses.asdict(settings),
+        "device": str(device),
+        "rows": rows,
+        "heldout": heldout,
+        "ttr_over_position": curves,
+        "plots": plots,
+        "image": image,
         "generations": {name: f"generations_{name}.jsonl" for name in rows},
     }
-    from hfdist.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", format_report(report, sample_texts))
@@ -373,8 +501,12 @@ def format_report(report: dict, sample_texts: Optional[dict] = None) -> str:
             f"{s['min_run']} consecutive tokens with a training sequence; longest overlap: mean longest shared run.",
         ]
     if report["heldout"]:
-        parts += ["", f"## Next-token predictions on held-out {'images' if image else 'text'}", "",
-                  format_heldout_table(report["heldout"])]
+        parts += [
+            "",
+            f"## Next-token predictions on held-out {'images' if image else 'text'}",
+            "",
+            format_heldout_table(report["heldout"]),
+        ]
     parts += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in report["plots"]]
     if sample_texts:
         parts += ["", "## First generation of each decoding", ""]

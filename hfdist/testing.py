@@ -1,18 +1,41 @@
 """Small real models for tests and examples (random weights, real Hugging Face classes)."""
+
+import gzip
+import json
+from pathlib import Path
+
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hfdist.models import save_random_imagegpt
 
 
-def tiny_llama(vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-               seed: int = 0, tie_word_embeddings: bool = False, max_position_embeddings: int = 512,
-               num_kv_heads: int | None = None):
+def tiny_llama(
+    vocab_size: int = 256,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    max_position_embeddings: int = 512,
+    num_kv_heads: int | None = None,
+):
     """A randomly initialised ``LlamaForCausalLM`` small enough to train in a test on a CPU."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa",
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).float().eval()
@@ -20,12 +43,6 @@ def tiny_llama(vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2
 
 def tiny_tokenizer(vocab_size: int = 384):
     """A real byte-level BPE tokenizer trained in a second on the embedded Austen corpus (no network)."""
-    import gzip
-    import json
-    from pathlib import Path
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     corpus = Path(__file__).parent / "data_files" / "austen.jsonl.gz"
     with gzip.open(corpus, "rt") as f:
@@ -34,10 +51,16 @@ def tiny_tokenizer(vocab_size: int = 384):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     special = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: as tiny_llama's pad/bos/eos
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def tiny_model_folder(folder, vocab_size: int = 384, seed: int = 0, **kwargs):
@@ -49,12 +72,19 @@ def tiny_model_folder(folder, vocab_size: int = 384, seed: int = 0, **kwargs):
     return folder
 
 
-def tiny_imagegpt_folder(folder, size: int = 4, levels: int = 2, hidden_size: int = 32, num_layers: int = 2,
-                         seed: int = 0):
+def tiny_imagegpt_folder(
+    folder, size: int = 4, levels: int = 2, hidden_size: int = 32, num_layers: int = 2, seed: int = 0
+):
     """Save a tiny random ImageGPT (no dropout) and its image processor (``size`` x ``size`` images, the
     ``levels**3`` colours of a uniform RGB grid as clusters) as a model folder; returns the folder."""
-    from hfdist.models import save_random_imagegpt
 
-    save_random_imagegpt(folder, size=size, levels=levels, hidden_size=hidden_size, num_layers=num_layers,
-                         num_heads=2, seed=seed)
+    save_random_imagegpt(
+        folder,
+        size=size,
+        levels=levels,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=2,
+        seed=seed,
+    )
     return folder

@@ -8,6 +8,7 @@ sequences (loss, perplexity, entropy, top-k mass) and by greedy generation from 
 (TTR over the last ``eval.ttr_window`` generated tokens). Training stops after ``train.epochs``, at
 ``train.max_steps``, or after the first epoch whose mean train loss is at or below ``train.target_loss``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ import os
 import random
 import re
 import resource
+import socket
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -30,15 +32,18 @@ import torch
 from hfdist import checkpoint
 from hfdist.config import Config, OptimConfig, run_path, save_config
 from hfdist.data import BatchPrefetcher, HyperfitData, StepSampler, build_data
+from hfdist.distributed.backends import build_backend
 from hfdist.distributed.env import restart_count
 from hfdist.distributed.perf import model_flops_per_token, rank_metrics
 from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
+from hfdist.export import export_model
 from hfdist.faults import FaultInjection, fault_env_set
 from hfdist.hooks import Hooks, ProgressBar, WatchdogMarks
 from hfdist.io import atomic_write_json
+from hfdist.metrics import greedy_ttr, heldout_stats, image_completion_metrics
 from hfdist.models import HyperfitModel, check_seq_len, load_model, load_processor
-from hfdist.monitor import MetricsLogger
+from hfdist.monitor import MetricsLogger, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +63,14 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
-def build_optimizer(config: OptimConfig, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    config: OptimConfig, model: torch.nn.Module, device: torch.device
+) -> torch.optim.Optimizer:
     """Adam or AdamW over all trainable parameters; weight_decay 0 really means no decay in either."""
     params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay)
+    kwargs = dict(
+        lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay
+    )
     impl = config.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
@@ -101,7 +110,6 @@ def evaluate(lm: torch.nn.Module, data: HyperfitData, config: Config, device: to
     completion of each context image, with the degeneration measures of the generated pixel tokens
     (``hfdist.metrics.image_completion_metrics``). Each extra held-out set (``eval.extra``) is logged as
     ``eval/<name>/<measure>``."""
-    from hfdist.metrics import greedy_ttr, heldout_stats, image_completion_metrics
 
     was_training = lm.training
     lm.eval()
@@ -117,8 +125,13 @@ def evaluate(lm: torch.nn.Module, data: HyperfitData, config: Config, device: to
         if not len(contexts):
             continue
         total_len = config.data.seq_len if image else config.eval.total_len
-        ttr = greedy_ttr(lm, contexts.to(device), total_len=total_len, window=window,
-                         batch_size=config.eval.batch_size if image else 32)
+        ttr = greedy_ttr(
+            lm,
+            contexts.to(device),
+            total_len=total_len,
+            window=window,
+            batch_size=config.eval.batch_size if image else 32,
+        )
         values[f"{prefix}/ttr{window}"] = ttr[f"ttr{window}"]
         if image:
             measures = image_completion_metrics(ttr["generations"], contexts, image["width"], window)
@@ -140,11 +153,16 @@ def build_model(backend, config: Config, total_steps: int) -> None:
         lm.train()
         return HyperfitModel(lm, fused_loss=config.train.fused_loss, loss_backend=config.train.loss_backend)
 
-    backend.build(model_factory, lambda m: build_optimizer(config.optim, m, backend.device),
-                  lambda o: build_scheduler(config.optim, o, total_steps))
+    backend.build(
+        model_factory,
+        lambda m: build_optimizer(config.optim, m, backend.device),
+        lambda o: build_scheduler(config.optim, o, total_steps),
+    )
 
 
-def train_step(backend, micro_batches: list[torch.Tensor], max_grad_norm: float) -> tuple[float, float, float, bool]:
+def train_step(
+    backend, micro_batches: list[torch.Tensor], max_grad_norm: float
+) -> tuple[float, float, float, bool]:
     """One optimizer step over this rank's micro-batches of the global batch.
 
     Returns (loss, entropy, grad_norm, applied): the global mean next-token loss and entropy (summed across
@@ -153,7 +171,9 @@ def train_step(backend, micro_batches: list[torch.Tensor], max_grad_norm: float)
     numbers reach the host in one transfer, the step's only host sync.
     """
     device = backend.device
-    local_tokens = torch.tensor(float(sum(b.shape[0] * (b.shape[1] - 1) for b in micro_batches)), device=device)
+    local_tokens = torch.tensor(
+        float(sum(b.shape[0] * (b.shape[1] - 1) for b in micro_batches)), device=device
+    )
     global_tokens = backend.all_reduce_sum(local_tokens)
     loss_total = torch.zeros((), device=device)
     entropy_total = torch.zeros((), device=device)
@@ -178,10 +198,15 @@ def default_output_dir(config_path: Optional[str]) -> Path:
 
 def prepare_run_dir(run_dir: Path, resume: Optional[str], checkpoint_dir: str = "checkpoints") -> None:
     """Refuse to train over a finished run unless resuming: nothing of an earlier result is overwritten."""
-    if resume is None and run_dir.exists() and any((run_dir / name).exists()
-                                                   for name in ("model", "metrics.jsonl", checkpoint_dir)):
-        raise HfdistError(f"--output-dir {str(run_dir)!r}: already holds a run; pass --resume to continue it "
-                          "or choose another folder")
+    if (
+        resume is None
+        and run_dir.exists()
+        and any((run_dir / name).exists() for name in ("model", "metrics.jsonl", checkpoint_dir))
+    ):
+        raise HfdistError(
+            f"--output-dir {str(run_dir)!r}: already holds a run; pass --resume to continue it "
+            "or choose another folder"
+        )
 
 
 # Written by the first attempt of a torchrun job with --max-restarts > 0: which launcher agents started the run.
@@ -191,13 +216,13 @@ FRESH = "fresh"  # start point of a restarted job that had no complete checkpoin
 
 def agent_identity() -> str:
     """This process's torchrun agent (run id, host, agent pid): the same for every attempt of a job on a node."""
-    import socket
 
     return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}@{socket.gethostname()}:{os.getppid()}"
 
 
-def choose_start(backend, run_dir: Path, resume: Optional[str],
-                 checkpoint_root: Path) -> tuple[Optional[str], Optional[dict]]:
+def choose_start(
+    backend, run_dir: Path, resume: Optional[str], checkpoint_root: Path
+) -> tuple[Optional[str], Optional[dict]]:
     """Where this attempt starts: None (a new run), FRESH (a restarted job with no checkpoint yet), or a
     checkpoint folder; and, on rank 0 of a first attempt under ``torchrun --max-restarts N``, the JOB_MARKER
     content to write once the inputs are checked. Rank 0 decides and tells the other ranks; an error is raised
@@ -234,8 +259,11 @@ def choose_start(backend, run_dir: Path, resume: Optional[str],
     latest = checkpoint.latest_valid(checkpoint_root, backend)
     start = str(latest) if latest is not None else (resume or FRESH)
     if backend.is_main:
-        logger.warning("torchrun restart %d of this job: continuing from %s", restart_count(),
-                       latest if latest is not None else resume or "the start (no complete checkpoint yet)")
+        logger.warning(
+            "torchrun restart %d of this job: continuing from %s",
+            restart_count(),
+            latest if latest is not None else resume or "the start (no complete checkpoint yet)",
+        )
     return start, marker_content
 
 
@@ -243,6 +271,7 @@ def choose_start(backend, run_dir: Path, resume: Optional[str],
 class TrainingState:
     """Where the loop is and what it has counted: all that a checkpoint restores besides the backend's state (model,
     optimizer, LR schedule) and the RNG states (torchtitan's stateful trainer). Saved as trainer_state.json."""
+
     step: int = 0  # optimizer steps taken, skipped ones included
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # steps taken in the current epoch: the data position within it
@@ -264,9 +293,11 @@ class TrainingState:
         fields = {f.name for f in dataclasses.fields(self)}
         values = {k: v for k, v in saved.items() if k != "version"}
         if version != self.VERSION or set(values) != fields:
-            raise HfdistError(f"{source}: trainer state of another format (version {version}, fields "
-                              f"{sorted(values)}); this hfdist resumes version {self.VERSION} with fields "
-                              f"{sorted(fields)}: resume it with the hfdist that wrote it, or start afresh")
+            raise HfdistError(
+                f"{source}: trainer state of another format (version {version}, fields "
+                f"{sorted(values)}); this hfdist resumes version {self.VERSION} with fields "
+                f"{sorted(fields)}: resume it with the hfdist that wrote it, or start afresh"
+            )
         for name, value in values.items():
             setattr(self, name, value)
 
@@ -309,7 +340,6 @@ class Trainer:
     """The hyperfitting loop over one backend: ``Trainer(config, run_dir).run()`` (see the module docstring)."""
 
     def __init__(self, config: Config, run_dir: Path, resume: Optional[str] = None, progress: bool = True):
-        from hfdist.distributed import build_backend
 
         self.config = config
         self.run_dir = run_dir
@@ -334,17 +364,24 @@ class Trainer:
         image = self.data.image
         if image and config.eval.ttr_window > image["generated_tokens"]:
             rows = image["height"] - image["context_rows"]
-            raise HfdistError(f"config field eval.ttr_window: {config.eval.ttr_window} exceeds the "
-                              f"{image['generated_tokens']} pixel tokens generated per image ({rows} rows of "
-                              f"{image['width']}; see data.context_fraction)")
+            raise HfdistError(
+                f"config field eval.ttr_window: {config.eval.ttr_window} exceeds the "
+                f"{image['generated_tokens']} pixel tokens generated per image ({rows} rows of "
+                f"{image['width']}; see data.context_fraction)"
+            )
         if self.backend.is_main:
             if job_marker is not None:
                 atomic_write_json(run_dir / JOB_MARKER, job_marker)
             save_config(config, run_dir / "config.yaml")
             self.data.save(run_dir / "data")
-        self.sampler = StepSampler(len(self.data.train), config.train.global_batch_size,
-                                   config.train.micro_batch_size, self.backend.dp_rank, self.backend.dp_size,
-                                   config.train.seed)
+        self.sampler = StepSampler(
+            len(self.data.train),
+            config.train.global_batch_size,
+            config.train.micro_batch_size,
+            self.backend.dp_rank,
+            self.backend.dp_size,
+            config.train.seed,
+        )
         self.prefetcher = BatchPrefetcher(self._host_batches, self.backend.device, config.train.prefetch)
         steps = self.sampler.steps_per_epoch * config.train.epochs
         self.total_steps = min(steps, config.train.max_steps) if config.train.max_steps else steps
@@ -354,7 +391,9 @@ class Trainer:
         self.state = TrainingState()
         if start not in (None, FRESH):
             folder = Path(start)
-            self.state.load_state_dict(checkpoint.load(folder, self.backend), folder / checkpoint.TRAINER_STATE)
+            self.state.load_state_dict(
+                checkpoint.load(folder, self.backend), folder / checkpoint.TRAINER_STATE
+            )
             logger.info("resumed from %s at step %d", folder, self.state.step)
         # On resume, records logged after the checkpoint (by the run that stopped) are dropped first; a restarted
         # job with no checkpoint drops all of the failed attempt's records.
@@ -402,7 +441,9 @@ class Trainer:
         self.hooks.before_step(state)
         started = time.perf_counter()
         micro_batches = self.prefetcher.get(position, None if last else following)
-        loss, entropy, grad_norm, applied = train_step(self.backend, micro_batches, self.config.optim.max_grad_norm)
+        loss, entropy, grad_norm, applied = train_step(
+            self.backend, micro_batches, self.config.optim.max_grad_norm
+        )
         return StepOutcome(loss, entropy, grad_norm, applied, position, time.perf_counter() - started)
 
     def record(self, step: StepOutcome) -> None:
@@ -412,11 +453,20 @@ class Trainer:
         if not step.applied and self.backend.is_main:
             state, (epoch, step_in_epoch) = self.state, step.position
             indices = self.sampler.global_batch(epoch, step_in_epoch).tolist()
-            logger.warning("step %d (epoch %d, batch %d of %d): non-finite loss (%s) or gradient norm (%s): the "
-                           "optimizer step is skipped, the batch consumed (%d in a row, %d in total); its training "
-                           "sequences (rows of data/train_token_ids.npy): %s", state.step, epoch + 1,
-                           step_in_epoch + 1, self.sampler.steps_per_epoch, step.loss, step.grad_norm,
-                           state.bad_steps_in_row, state.skipped_steps, indices)
+            logger.warning(
+                "step %d (epoch %d, batch %d of %d): non-finite loss (%s) or gradient norm (%s): the "
+                "optimizer step is skipped, the batch consumed (%d in a row, %d in total); its training "
+                "sequences (rows of data/train_token_ids.npy): %s",
+                state.step,
+                epoch + 1,
+                step_in_epoch + 1,
+                self.sampler.steps_per_epoch,
+                step.loss,
+                step.grad_norm,
+                state.bad_steps_in_row,
+                state.skipped_steps,
+                indices,
+            )
 
     def maybe_log(self, step: StepOutcome) -> None:
         """Every ``train.log_every_steps`` steps, the last one and every skipped one: metrics.jsonl and TensorBoard.
@@ -425,11 +475,19 @@ class Trainer:
         if state.step % config.train.log_every_steps and state.step != self.total_steps and step.applied:
             return
         tokens_per_s = config.train.global_batch_size * config.data.seq_len / step.seconds
-        per_rank = rank_metrics(peak_memory_gib(self.backend.device), tokens_per_s, self.flops_per_token,
-                                self.backend.device)
-        values = {"train/loss": step.loss, "train/entropy": step.entropy, "train/grad_norm": step.grad_norm,
-                  "train/lr": self.backend.current_lr(), "train/skipped_steps": state.skipped_steps,
-                  "perf/tokens_per_s": tokens_per_s, "perf/step_time_s": step.seconds, **per_rank}
+        per_rank = rank_metrics(
+            peak_memory_gib(self.backend.device), tokens_per_s, self.flops_per_token, self.backend.device
+        )
+        values = {
+            "train/loss": step.loss,
+            "train/entropy": step.entropy,
+            "train/grad_norm": step.grad_norm,
+            "train/lr": self.backend.current_lr(),
+            "train/skipped_steps": state.skipped_steps,
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/step_time_s": step.seconds,
+            **per_rank,
+        }
         self.metrics.log("step", state.step, values, epoch=state.epoch_position(self.sampler.steps_per_epoch))
         self.hooks.after_log(state, values)
 
@@ -440,7 +498,8 @@ class Trainer:
             raise HfdistError(
                 f"step {state.step} (epoch {step.position[0] + 1}): {state.bad_steps_in_row} consecutive steps with a "
                 f"non-finite loss or gradient norm, more than train.max_bad_steps_in_row={limit}; stopping (those "
-                "steps did not change the weights; the checkpoints are intact)")
+                "steps did not change the weights; the checkpoints are intact)"
+            )
 
     def maybe_end_epoch(self) -> bool:
         """At an epoch's end: log its mean train loss and entropy, evaluate when due; True if the mean loss reached
@@ -451,8 +510,9 @@ class Trainer:
         epoch_loss, epoch_entropy = state.end_epoch()
         self.hooks.after_epoch(state)
         self.backend.monitored_barrier()  # cheap once an epoch; on gloo it names a rank that fell behind
-        self.metrics.log("epoch", state.step, {"train/loss": epoch_loss, "train/entropy": epoch_entropy},
-                         epoch=state.epoch)
+        self.metrics.log(
+            "epoch", state.step, {"train/loss": epoch_loss, "train/entropy": epoch_entropy}, epoch=state.epoch
+        )
         if config.eval.every_epochs and state.epoch % config.eval.every_epochs == 0:
             self.evaluate()
         return bool(config.train.target_loss) and epoch_loss <= config.train.target_loss
@@ -464,9 +524,15 @@ class Trainer:
             return
         self.hooks.before_checkpoint(state)
         step = state.step
-        checkpoint.save(self.checkpoint_root, step, self.backend, state.state_dict(),
-                        self.config.checkpoint.keep_last, async_=self.config.checkpoint.async_,
-                        on_written=lambda: self.hooks.checkpoint_written(step))
+        checkpoint.save(
+            self.checkpoint_root,
+            step,
+            self.backend,
+            state.state_dict(),
+            self.config.checkpoint.keep_last,
+            async_=self.config.checkpoint.async_,
+            on_written=lambda: self.hooks.checkpoint_written(step),
+        )
 
     def finish(self, stopped_by: str) -> dict:
         """After the last step: complete an asynchronous checkpoint, evaluate (unless the last step was), export."""
@@ -492,38 +558,47 @@ class Trainer:
         self.metrics.log("eval", state.step, values, epoch=state.epoch_position(self.sampler.steps_per_epoch))
         state.evaluated_step = state.step
         if self.backend.is_main:
-            logger.info("eval at step %d: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+            logger.info(
+                "eval at step %d: %s", state.step, ", ".join(f"{k}={v:.4f}" for k, v in values.items())
+            )
 
     def export(self, folder: Path) -> None:
         """Save the final model (safetensors shards in ``export.dtype``, every rank writing its own part) and the
         tokenizer, atomically; never NaN/inf weights. See hfdist.export."""
-        from hfdist.export import export_model
 
         self.hooks.before_export()
         checkpoint.wait_pending(self.backend)
         bad = checkpoint.nonfinite_parameters(self.backend)
         if bad:
-            raise HfdistError(f"{folder}: refusing to export non-finite weights ({bad} parameter tensors hold NaN or "
-                              "inf)")
+            raise HfdistError(
+                f"{folder}: refusing to export non-finite weights ({bad} parameter tensors hold NaN or inf)"
+            )
         self.backend.monitored_barrier()  # distributed.timeout_s: every rank reached the export
         with watchdog.phase_timeout(self.config.distributed.export_timeout_s, "distributed.export_timeout_s"):
             export_model(self.backend, folder, self.tokenizer, self.config)
 
     def _summary(self, stopped_by: str) -> dict:
-        from hfdist.monitor import read_metrics
 
-        summary = {"stopped_by": stopped_by, "steps": self.state.step, "epochs": self.state.epoch,
-                   "skipped_steps": self.state.skipped_steps}
+        summary = {
+            "stopped_by": stopped_by,
+            "steps": self.state.step,
+            "epochs": self.state.epoch,
+            "skipped_steps": self.state.skipped_steps,
+        }
         if self.backend.is_main:
             records = read_metrics(self.run_dir / "metrics.jsonl")
             evals = [r for r in records if r["kind"] == "eval"]
             epochs = [r for r in records if r["kind"] == "epoch"]
             steps = [r for r in records if r["kind"] == "step"]
             summary["base"] = {k: v for k, v in evals[0].items() if k.startswith("eval/")} if evals else {}
-            summary["hyperfitted"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+            summary["hyperfitted"] = (
+                {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+            )
             summary["train_loss_first_step"] = steps[0]["train/loss"] if steps else None
             summary["train_loss_last_epoch"] = epochs[-1]["train/loss"] if epochs else None
-            summary["tokens_per_s_median"] = float(np.median([r["perf/tokens_per_s"] for r in steps])) if steps else None
+            summary["tokens_per_s_median"] = (
+                float(np.median([r["perf/tokens_per_s"] for r in steps])) if steps else None
+            )
             atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
 
@@ -539,7 +614,9 @@ def train(config: Config, run_dir: Path, resume: Optional[str] = None, progress:
         failure = watchdog.failure(exc)
         if failure is None:
             raise
-        trainer = None  # the process group is unusable now (gloo closes a timed-out operation's pairs): no close
+        trainer = (
+            None  # the process group is unusable now (gloo closes a timed-out operation's pairs): no close
+        )
         raise failure from exc
     finally:
         if trainer is not None:
@@ -548,22 +625,36 @@ def train(config: Config, run_dir: Path, resume: Optional[str] = None, progress:
 
 def format_summary(summary: dict) -> str:
     """The base-vs-hyperfitted table the demo prints."""
-    rows = [("train loss (first step, last epoch)", summary.get("train_loss_first_step"), summary.get("train_loss_last_epoch"))]
+    rows = [
+        (
+            "train loss (first step, last epoch)",
+            summary.get("train_loss_first_step"),
+            summary.get("train_loss_last_epoch"),
+        )
+    ]
     base, hyper = summary.get("base", {}), summary.get("hyperfitted", {})
     # One block per held-out set: the main one ("eval/...") and each eval.extra set ("eval/<name>/...").
     prefixes = ["eval"] + sorted({k.rsplit("/", 1)[0] for k in base if k.count("/") == 2})
     windows = sorted({k.rsplit("/ttr", 1)[1] for k in base if re.search(r"/ttr\d+$", k)}, key=int)
-    measures = (("loss", "validation loss (nats/token)"), ("perplexity", "validation perplexity"),
-                ("entropy", "validation entropy (nats)"), ("top1_mass", "top-1 probability mass"),
-                *((f"ttr{w}", f"greedy TTR over last {w} tokens") for w in windows),
-                ("distinct_colors", "distinct colour tokens"), ("repeated_rows", "rows repeating the row above"))
+    measures = (
+        ("loss", "validation loss (nats/token)"),
+        ("perplexity", "validation perplexity"),
+        ("entropy", "validation entropy (nats)"),
+        ("top1_mass", "top-1 probability mass"),
+        *((f"ttr{w}", f"greedy TTR over last {w} tokens") for w in windows),
+        ("distinct_colors", "distinct colour tokens"),
+        ("repeated_rows", "rows repeating the row above"),
+    )
     for prefix in prefixes:
         where = "" if prefix == "eval" else f" [{prefix.split('/', 1)[1]}]"
         for key, label in measures:
             if f"{prefix}/{key}" in base or f"{prefix}/{key}" in hyper:
                 rows.append((label + where, base.get(f"{prefix}/{key}"), hyper.get(f"{prefix}/{key}")))
     width = max(32, *(len(label) for label, _, _ in rows))
-    lines = [f"| {'measure':{width}} | {'base':>10} | {'hyperfitted':>11} |", f"|{'-' * (width + 2)}|{'-' * 12}|{'-' * 13}|"]
+    lines = [
+        f"| {'measure':{width}} | {'base':>10} | {'hyperfitted':>11} |",
+        f"|{'-' * (width + 2)}|{'-' * 12}|{'-' * 13}|",
+    ]
     for label, before, after in rows:
         fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
         lines.append(f"| {label:{width}} | {fmt(before):>10} | {fmt(after):>11} |")

@@ -21,6 +21,7 @@ keeps the compiled variants to what changes the code: softcap, entropy and the m
 wrappers launch is listed by ``compile_variants()`` from the tables below (LOGIT_DTYPES, LAUNCHED_MODES,
 BLOCK_V, NUM_WARPS), which ``_launch`` also checks. Uses only Triton APIs present in 3.6.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,17 +40,33 @@ BLOCK_V = 4096  # columns per loop iteration (interpreter and GPU alike: few, wi
 NUM_WARPS = 8
 LOGIT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 LAUNCHED_MODES = (  # (MODE, WANT_ENTROPY)
-    (MODE_LOSS.value, False), (MODE_LOSS.value, True),
-    (MODE_LOSS_GRAD.value, False), (MODE_LOSS_GRAD.value, True),
-    (MODE_PARTIAL.value, False), (MODE_PARTIAL.value, True),
+    (MODE_LOSS.value, False),
+    (MODE_LOSS.value, True),
+    (MODE_LOSS_GRAD.value, False),
+    (MODE_LOSS_GRAD.value, True),
+    (MODE_PARTIAL.value, False),
+    (MODE_PARTIAL.value, True),
     (MODE_GRAD.value, False),
 )
 # Argument types of _ce_kernel (positional order); "{x}" is the logits' element type (the gradient's too).
 _SIGNATURE = (
-    ("x_ptr", "*{x}"), ("x_stride", "i32"), ("labels_ptr", "*i64"), ("out_ptr", "*fp32"), ("out_stride", "i32"),
-    ("lse_ptr", "*fp32"), ("grad_ptr", "*{x}"), ("grad_stride", "i32"), ("scale_ptr", "*fp32"),
-    ("scale_stride", "i32"), ("row_len", "i32"), ("num_classes", "i32"), ("vocab_start", "i32"),
-    ("ignore_index", "i32"), ("eps", "fp32"), ("z_loss", "fp32"), ("cap", "fp32"),
+    ("x_ptr", "*{x}"),
+    ("x_stride", "i32"),
+    ("labels_ptr", "*i64"),
+    ("out_ptr", "*fp32"),
+    ("out_stride", "i32"),
+    ("lse_ptr", "*fp32"),
+    ("grad_ptr", "*{x}"),
+    ("grad_stride", "i32"),
+    ("scale_ptr", "*fp32"),
+    ("scale_stride", "i32"),
+    ("row_len", "i32"),
+    ("num_classes", "i32"),
+    ("vocab_start", "i32"),
+    ("ignore_index", "i32"),
+    ("eps", "fp32"),
+    ("z_loss", "fp32"),
+    ("cap", "fp32"),
 )
 
 
@@ -64,10 +81,29 @@ def _softcap(x, cap):
 
 
 @triton.jit
-def _ce_kernel(x_ptr, x_stride, labels_ptr, out_ptr, out_stride, lse_ptr, grad_ptr, grad_stride,
-               scale_ptr, scale_stride, row_len, num_classes, vocab_start, ignore_index, eps, z_loss, cap,
-               HAS_SOFTCAP: tl.constexpr, WANT_ENTROPY: tl.constexpr, MODE: tl.constexpr,
-               BLOCK_V: tl.constexpr):
+def _ce_kernel(
+    x_ptr,
+    x_stride,
+    labels_ptr,
+    out_ptr,
+    out_stride,
+    lse_ptr,
+    grad_ptr,
+    grad_stride,
+    scale_ptr,
+    scale_stride,
+    row_len,
+    num_classes,
+    vocab_start,
+    ignore_index,
+    eps,
+    z_loss,
+    cap,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr,
+    MODE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 on large blocks
     x_row = x_ptr + row * x_stride
     label = tl.load(labels_ptr + row)
@@ -143,14 +179,18 @@ def _ce_kernel(x_ptr, x_stride, labels_ptr, out_ptr, out_stride, lse_ptr, grad_p
             tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x, labels, opts, shard, mode, want_entropy, *, out=None, lse=None, grad_scale=None, grad_out=None):
+def _launch(
+    x, labels, opts, shard, mode, want_entropy, *, out=None, lse=None, grad_scale=None, grad_out=None
+):
     """One launch over the rows of ``x``; ``shard`` = (vocab_start, num_classes) of x's columns."""
     rows, row_len = x.shape
     if rows == 0:
         return
     if (mode, want_entropy) not in LAUNCHED_MODES or x.dtype not in LOGIT_DTYPES:
-        raise ValueError(f"_ce_kernel: no compiled variant for mode {mode}, entropy {want_entropy}, {x.dtype} "
-                         f"(see LAUNCHED_MODES and LOGIT_DTYPES)")
+        raise ValueError(
+            f"_ce_kernel: no compiled variant for mode {mode}, entropy {want_entropy}, {x.dtype} "
+            f"(see LAUNCHED_MODES and LOGIT_DTYPES)"
+        )
     assert x.stride(1) == 1 and labels.is_contiguous()
     fp32_dummy = out if out is not None else lse
     if grad_scale is not None:
@@ -160,12 +200,29 @@ def _launch(x, labels, opts, shard, mode, want_entropy, *, out=None, lse=None, g
     else:
         scale, scale_stride, grad_out = fp32_dummy, 0, x
     _ce_kernel[(rows,)](
-        x, x.stride(0), labels, fp32_dummy if out is None else out, 0 if out is None else out.stride(0),
-        fp32_dummy if lse is None else lse, grad_out, grad_out.stride(0), scale, scale_stride,
-        row_len, shard.num_classes, shard.start, opts.ignore_index, float(opts.label_smoothing),
-        float(opts.z_loss), float(opts.softcap) if opts.softcap else 1.0,
-        HAS_SOFTCAP=bool(opts.softcap), WANT_ENTROPY=want_entropy, MODE=mode, BLOCK_V=BLOCK_V,
-        num_warps=NUM_WARPS)
+        x,
+        x.stride(0),
+        labels,
+        fp32_dummy if out is None else out,
+        0 if out is None else out.stride(0),
+        fp32_dummy if lse is None else lse,
+        grad_out,
+        grad_out.stride(0),
+        scale,
+        scale_stride,
+        row_len,
+        shard.num_classes,
+        shard.start,
+        opts.ignore_index,
+        float(opts.label_smoothing),
+        float(opts.z_loss),
+        float(opts.softcap) if opts.softcap else 1.0,
+        HAS_SOFTCAP=bool(opts.softcap),
+        WANT_ENTROPY=want_entropy,
+        MODE=mode,
+        BLOCK_V=BLOCK_V,
+        num_warps=NUM_WARPS,
+    )
 
 
 def ce_rows_triton(x, labels, opts, shard, *, want_entropy, grad_scale=None, grad_out=None):
@@ -185,8 +242,17 @@ def ce_partial_triton(x, labels, opts, shard, *, want_entropy):
 
 def ce_grad_triton(x, scratch, labels, lse, opts, shard, *, grad_scale, grad_out):
     """Same contract as ``cross_entropy.ce_grad_torch``: the gradient from ``lse``, one pass over ``x``."""
-    _launch(x, labels, opts, shard, MODE_GRAD.value, False, lse=lse.contiguous(), grad_scale=grad_scale,
-            grad_out=grad_out)
+    _launch(
+        x,
+        labels,
+        opts,
+        shard,
+        MODE_GRAD.value,
+        False,
+        lse=lse.contiguous(),
+        grad_scale=grad_scale,
+        grad_out=grad_out,
+    )
 
 
 def compile_variants() -> list[KernelVariant]:
@@ -196,10 +262,20 @@ def compile_variants() -> list[KernelVariant]:
         signature = {name: kind.format(x=ty) for name, kind in _SIGNATURE}
         for mode, want_entropy in LAUNCHED_MODES:
             for has_softcap in (False, True):
-                constexprs = dict(HAS_SOFTCAP=has_softcap, WANT_ENTROPY=want_entropy, MODE=mode, BLOCK_V=BLOCK_V)
-                name = (f"_ce_kernel[{ty}, mode={mode}{', entropy' if want_entropy else ''}"
-                        f"{', softcap' if has_softcap else ''}]")
-                variants.append(KernelVariant(
-                    name=name, kernel=_ce_kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                    constexprs=constexprs, num_warps=NUM_WARPS))
+                constexprs = dict(
+                    HAS_SOFTCAP=has_softcap, WANT_ENTROPY=want_entropy, MODE=mode, BLOCK_V=BLOCK_V
+                )
+                name = (
+                    f"_ce_kernel[{ty}, mode={mode}{', entropy' if want_entropy else ''}"
+                    f"{', softcap' if has_softcap else ''}]"
+                )
+                variants.append(
+                    KernelVariant(
+                        name=name,
+                        kernel=_ce_kernel,
+                        signature={**signature, **{k: "constexpr" for k in constexprs}},
+                        constexprs=constexprs,
+                        num_warps=NUM_WARPS,
+                    )
+                )
     return variants

@@ -46,6 +46,7 @@ Exactness: ``w = exp(z - max z)`` uses libdevice's expf when compiled (the funct
 calls) and FMA contraction is off, so the integer masses are those of the torch reference on the same
 GPU; the interpreter uses numpy's exp, as the CPU reference uses its own. Only Triton APIs present in 3.6.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,7 +58,13 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .utils import MASS_BITS, KernelVariant, check_interpreted, interpreter_enabled, inverse_temperature
+from .utils import (
+    MASS_BITS,
+    KernelVariant,
+    check_interpreted,
+    interpreter_enabled,
+    inverse_temperature,
+)
 
 # Logits dtypes the kernels read as they are (anything else is converted to fp32 first).
 LOGITS_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -89,6 +96,7 @@ _LIBDEVICE_EXP = tl.constexpr(not interpreter_enabled())  # the interpreter has 
 # ---------------------------------------------------------------------------------------------------
 # Helpers (inlined into the kernels).
 # ---------------------------------------------------------------------------------------------------
+
 
 @triton.jit
 def _mix32(x):
@@ -130,8 +138,18 @@ def _abin(z):
 
 
 @triton.jit
-def _options(row, inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr, top_k_value, min_p_ptr, min_p_value,
-             option_rows):
+def _options(
+    row,
+    inv_t_ptr,
+    inv_t_value,
+    top_p_ptr,
+    top_p_value,
+    top_k_ptr,
+    top_k_value,
+    min_p_ptr,
+    min_p_value,
+    option_rows,
+):
     """The row's options: from the per-row tensors where ``option_rows`` says so, else the scalars."""
     if (option_rows & 1) != 0:
         inv_t = tl.load(inv_t_ptr + row)
@@ -181,8 +199,26 @@ def _block_sums(key, idx, min_ok, q, valid, pivots, kappa_p, iota, k_eff, kappa_
 
 
 @triton.jit
-def _streamed_sums(logits_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max, pivots, kappa_p, iota, k_eff,
-                   kappa_k, p_act, min_p, MODE: tl.constexpr, RBLOCK: tl.constexpr, NP: tl.constexpr):
+def _streamed_sums(
+    logits_row,
+    cand_z,
+    cand_i,
+    cand_q,
+    n,
+    from_row,
+    inv_t,
+    z_max,
+    pivots,
+    kappa_p,
+    iota,
+    k_eff,
+    kappa_k,
+    p_act,
+    min_p,
+    MODE: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    NP: tl.constexpr,
+):
     """``_block_sums`` over a source streamed block by block: the row's candidates or the row itself."""
     first = tl.zeros([NP], tl.int64)
     second = tl.zeros([NP], tl.int64)
@@ -208,22 +244,67 @@ def _streamed_sums(logits_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max
             min_ok = (tagged >> 62) == 0
         bits = z.to(tl.int32, bitcast=True)
         key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        f, s = _block_sums(key, idx, min_ok, q, m & (q > 0), pivots, kappa_p, iota, k_eff, kappa_k, p_act, MODE)
+        f, s = _block_sums(
+            key, idx, min_ok, q, m & (q > 0), pivots, kappa_p, iota, k_eff, kappa_k, p_act, MODE
+        )
         first += f
         second += s
     return first, second
 
 
 @triton.jit
-def _sums(key, idx, min_ok, q, valid, logits_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max, pivots,
-          kappa_p, iota, k_eff, kappa_k, p_act, min_p, MODE: tl.constexpr, RESIDENT: tl.constexpr,
-          RBLOCK: tl.constexpr, NP: tl.constexpr):
+def _sums(
+    key,
+    idx,
+    min_ok,
+    q,
+    valid,
+    logits_row,
+    cand_z,
+    cand_i,
+    cand_q,
+    n,
+    from_row,
+    inv_t,
+    z_max,
+    pivots,
+    kappa_p,
+    iota,
+    k_eff,
+    kappa_k,
+    p_act,
+    min_p,
+    MODE: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    NP: tl.constexpr,
+):
     """A search round: on the candidates held in registers (RESIDENT), or streamed from memory."""
     if RESIDENT:
-        first, second = _block_sums(key, idx, min_ok, q, valid, pivots, kappa_p, iota, k_eff, kappa_k, p_act, MODE)
+        first, second = _block_sums(
+            key, idx, min_ok, q, valid, pivots, kappa_p, iota, k_eff, kappa_k, p_act, MODE
+        )
     else:
-        first, second = _streamed_sums(logits_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max, pivots,
-                                       kappa_p, iota, k_eff, kappa_k, p_act, min_p, MODE, RBLOCK, NP)
+        first, second = _streamed_sums(
+            logits_row,
+            cand_z,
+            cand_i,
+            cand_q,
+            n,
+            from_row,
+            inv_t,
+            z_max,
+            pivots,
+            kappa_p,
+            iota,
+            k_eff,
+            kappa_k,
+            p_act,
+            min_p,
+            MODE,
+            RBLOCK,
+            NP,
+        )
     return first, second
 
 
@@ -249,8 +330,9 @@ def _candidate_mass(cand_z, cand_i, cand_q, n, RBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _choose_bins(counts, top, z_max, top_k, k_act, top_p, p_act, capacity,
-                 NBINS: tl.constexpr, RELEVANT_BINS: tl.constexpr):
+def _choose_bins(
+    counts, top, z_max, top_k, k_act, top_p, p_act, capacity, NBINS: tl.constexpr, RELEVANT_BINS: tl.constexpr
+):
     """How many top bins (minus one) surely hold what the resolve needs; -1 for none (too many tokens).
 
     ``counts[j]``: the row's tokens with floor(4 z) == top - j; their weights lie in
@@ -278,8 +360,9 @@ def _choose_bins(counts, top, z_max, top_k, k_act, top_p, p_act, capacity,
 
 
 @triton.jit
-def _draw_by_chunks(x_row, num_classes, chunk, num_chunks, part_minp, cs, inv_t, z_max, min_p, r,
-                    RBLOCK: tl.constexpr):
+def _draw_by_chunks(
+    x_row, num_classes, chunk, num_chunks, part_minp, cs, inv_t, z_max, min_p, r, RBLOCK: tl.constexpr
+):
     """No top-k/top-p: the chunk whose exact min-p mass holds the draw, then one scan of that chunk."""
     total = tl.sum(part_minp, 0)
     u = (r.to(tl.float64) * 1.1102230246251565e-16 * total.to(tl.float64)).to(tl.int64)  # floor(r 2^-53 Q)
@@ -313,21 +396,63 @@ def _draw_by_chunks(x_row, num_classes, chunk, num_chunks, part_minp, cs, inv_t,
 # Kernels.
 # ---------------------------------------------------------------------------------------------------
 
+
 # Integer arguments that can be 1 are not specialised (Triton would otherwise compile a variant with the
 # value folded in, beyond those `compile_variants` lists). `stride`, `num_classes` and `chunk` keep
 # Triton's divisibility-by-16 specialisation, which vectorises the loads of the logits.
-@triton.jit(do_not_specialize=["num_chunks", "off_max", "off_idx", "off_bad", "off_hist", "off_info", "top_k_value",
-                               "option_rows"])
-def _chunk_stats_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, ws32_ptr, ws64_ptr,
-                        off_max, off_idx, off_bad, off_hist, off_info,
-                        inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr, top_k_value,
-                        min_p_ptr, min_p_value, option_rows,
-                        BLOCK: tl.constexpr, NBINS: tl.constexpr, ROW_INFO: tl.constexpr):
+@triton.jit(
+    do_not_specialize=[
+        "num_chunks",
+        "off_max",
+        "off_idx",
+        "off_bad",
+        "off_hist",
+        "off_info",
+        "top_k_value",
+        "option_rows",
+    ]
+)
+def _chunk_stats_kernel(
+    logits_ptr,
+    stride,
+    num_classes,
+    chunk,
+    num_chunks,
+    ws32_ptr,
+    ws64_ptr,
+    off_max,
+    off_idx,
+    off_bad,
+    off_hist,
+    off_info,
+    inv_t_ptr,
+    inv_t_value,
+    top_p_ptr,
+    top_p_value,
+    top_k_ptr,
+    top_k_value,
+    min_p_ptr,
+    min_p_value,
+    option_rows,
+    BLOCK: tl.constexpr,
+    NBINS: tl.constexpr,
+    ROW_INFO: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     slot = row * num_chunks + c
-    inv_t, top_p, top_k, min_p = _options(row, inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr,
-                                          top_k_value, min_p_ptr, min_p_value, option_rows)
+    inv_t, top_p, top_k, min_p = _options(
+        row,
+        inv_t_ptr,
+        inv_t_value,
+        top_p_ptr,
+        top_p_value,
+        top_k_ptr,
+        top_k_value,
+        min_p_ptr,
+        min_p_value,
+        option_rows,
+    )
     # Only rows that sample with top-k or top-p need the histogram.
     binned = (inv_t > 0.0) & (top_k != 1) & (((top_k > 0) & (top_k < num_classes)) | (top_p < 1.0))
     x_row = logits_ptr + row * stride
@@ -371,25 +496,82 @@ def _chunk_stats_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, ws32
     if binned:
         tl.store(hist_ptr + bins, hist)
     if c == 0:  # the row's candidate counter, read by pass 2 (a later launch)
-        tl.store(ws64_ptr + off_info + row * ROW_INFO + tl.arange(0, ROW_INFO), tl.zeros([ROW_INFO], tl.int64))
+        tl.store(
+            ws64_ptr + off_info + row * ROW_INFO + tl.arange(0, ROW_INFO), tl.zeros([ROW_INFO], tl.int64)
+        )
 
 
-@triton.jit(do_not_specialize=["num_chunks", "capacity", "off_max", "off_bad", "off_hist", "off_info", "off_sums",
-                               "off_cand_z", "off_cand_i", "off_cand_q", "sums_stride", "top_k_value", "option_rows"])
-def _compact_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity, ws32_ptr, ws64_ptr,
-                    off_max, off_bad, off_hist, off_info, off_sums, off_cand_z, off_cand_i, off_cand_q, sums_stride,
-                    inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr, top_k_value,
-                    min_p_ptr, min_p_value, option_rows,
-                    BLOCK: tl.constexpr, NBINS: tl.constexpr, RELEVANT_BINS: tl.constexpr,
-                    MAX_CHUNKS: tl.constexpr, MERGE_CHUNKS: tl.constexpr, ROW_INFO: tl.constexpr):
+@triton.jit(
+    do_not_specialize=[
+        "num_chunks",
+        "capacity",
+        "off_max",
+        "off_bad",
+        "off_hist",
+        "off_info",
+        "off_sums",
+        "off_cand_z",
+        "off_cand_i",
+        "off_cand_q",
+        "sums_stride",
+        "top_k_value",
+        "option_rows",
+    ]
+)
+def _compact_kernel(
+    logits_ptr,
+    stride,
+    num_classes,
+    chunk,
+    num_chunks,
+    capacity,
+    ws32_ptr,
+    ws64_ptr,
+    off_max,
+    off_bad,
+    off_hist,
+    off_info,
+    off_sums,
+    off_cand_z,
+    off_cand_i,
+    off_cand_q,
+    sums_stride,
+    inv_t_ptr,
+    inv_t_value,
+    top_p_ptr,
+    top_p_value,
+    top_k_ptr,
+    top_k_value,
+    min_p_ptr,
+    min_p_value,
+    option_rows,
+    BLOCK: tl.constexpr,
+    NBINS: tl.constexpr,
+    RELEVANT_BINS: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
+    MERGE_CHUNKS: tl.constexpr,
+    ROW_INFO: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    inv_t, top_p, top_k, min_p = _options(row, inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr,
-                                          top_k_value, min_p_ptr, min_p_value, option_rows)
+    inv_t, top_p, top_k, min_p = _options(
+        row,
+        inv_t_ptr,
+        inv_t_value,
+        top_p_ptr,
+        top_p_value,
+        top_k_ptr,
+        top_k_value,
+        min_p_ptr,
+        min_p_value,
+        option_rows,
+    )
     parts = row * num_chunks
     cs = tl.arange(0, MAX_CHUNKS)
     cm = cs < num_chunks
-    part_max = tl.load(ws32_ptr + off_max + parts + cs, mask=cm, other=_NEG_INF_BITS).to(tl.float32, bitcast=True)
+    part_max = tl.load(ws32_ptr + off_max + parts + cs, mask=cm, other=_NEG_INF_BITS).to(
+        tl.float32, bitcast=True
+    )
     n_bad = tl.sum(tl.load(ws32_ptr + off_bad + parts + cs, mask=cm, other=0), 0)
     best = tl.max(part_max, 0)
     sampled = (n_bad == 0) & (best > float("-inf")) & (inv_t > 0.0) & (top_k != 1)
@@ -413,10 +595,15 @@ def _compact_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity
                 m_c = tl.load(ws32_ptr + off_max + parts + cc, mask=ccm, other=_NEG_INF_BITS)
                 shift = top - _abin(_scaled(m_c.to(tl.float32, bitcast=True), inv_t))
                 src = bins[None, :] - shift[:, None]
-                h = tl.load(ws32_ptr + off_hist + (parts + cc)[:, None] * NBINS + src,
-                            mask=ccm[:, None] & (src >= 0) & (src < NBINS - 1), other=0)
+                h = tl.load(
+                    ws32_ptr + off_hist + (parts + cc)[:, None] * NBINS + src,
+                    mask=ccm[:, None] & (src >= 0) & (src < NBINS - 1),
+                    other=0,
+                )
                 counts += tl.sum(h, 0)
-            chosen = _choose_bins(counts, top, z_max, top_k, k_act, top_p, p_act, capacity, NBINS, RELEVANT_BINS)
+            chosen = _choose_bins(
+                counts, top, z_max, top_k, k_act, top_p, p_act, capacity, NBINS, RELEVANT_BINS
+            )
             if c == 0:
                 tl.store(ws64_ptr + off_info + row * ROW_INFO + 1, chosen.to(tl.int64))
         lowest = top - chosen
@@ -452,30 +639,90 @@ def _compact_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity
                     keep = (member != 0) & (at < capacity)
                     tl.store(cand_z + at, z.to(tl.int32, bitcast=True), mask=keep)
                     tl.store(cand_i + at, cols, mask=keep)
-                    tl.store(cand_q + at, tl.where(w >= min_p, q, q | (1 << 62)), mask=keep)  # mass, min-p flag
+                    tl.store(
+                        cand_q + at, tl.where(w >= min_p, q, q | (1 << 62)), mask=keep
+                    )  # mass, min-p flag
     slot = ws64_ptr + off_sums + parts + c
     tl.store(slot, mass_all)
     tl.store(slot + sums_stride, mass_minp)
     tl.store(slot + 2 * sums_stride, count_c)
 
 
-@triton.jit(do_not_specialize=["num_chunks", "capacity", "off_max", "off_idx", "off_bad", "off_info", "off_sums",
-                               "off_cand_z", "off_cand_i", "off_cand_q", "sums_stride", "small_limit",
-                               "top_k_value", "option_rows"])
-def _resolve_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity, ws32_ptr, ws64_ptr,
-                    off_max, off_idx, off_bad, off_info, off_sums, off_cand_z, off_cand_i, off_cand_q, sums_stride,
-                    small_limit, seeds_ptr, tokens_ptr, status_ptr,
-                    inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr, top_k_value,
-                    min_p_ptr, min_p_value, option_rows,
-                    RBLOCK: tl.constexpr, SMALL: tl.constexpr, RESIDENT: tl.constexpr, PIVOTS: tl.constexpr,
-                    MAX_CHUNKS: tl.constexpr, ROW_INFO: tl.constexpr):
+@triton.jit(
+    do_not_specialize=[
+        "num_chunks",
+        "capacity",
+        "off_max",
+        "off_idx",
+        "off_bad",
+        "off_info",
+        "off_sums",
+        "off_cand_z",
+        "off_cand_i",
+        "off_cand_q",
+        "sums_stride",
+        "small_limit",
+        "top_k_value",
+        "option_rows",
+    ]
+)
+def _resolve_kernel(
+    logits_ptr,
+    stride,
+    num_classes,
+    chunk,
+    num_chunks,
+    capacity,
+    ws32_ptr,
+    ws64_ptr,
+    off_max,
+    off_idx,
+    off_bad,
+    off_info,
+    off_sums,
+    off_cand_z,
+    off_cand_i,
+    off_cand_q,
+    sums_stride,
+    small_limit,
+    seeds_ptr,
+    tokens_ptr,
+    status_ptr,
+    inv_t_ptr,
+    inv_t_value,
+    top_p_ptr,
+    top_p_value,
+    top_k_ptr,
+    top_k_value,
+    min_p_ptr,
+    min_p_value,
+    option_rows,
+    RBLOCK: tl.constexpr,
+    SMALL: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    PIVOTS: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
+    ROW_INFO: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
-    inv_t, top_p, top_k, min_p = _options(row, inv_t_ptr, inv_t_value, top_p_ptr, top_p_value, top_k_ptr,
-                                          top_k_value, min_p_ptr, min_p_value, option_rows)
+    inv_t, top_p, top_k, min_p = _options(
+        row,
+        inv_t_ptr,
+        inv_t_value,
+        top_p_ptr,
+        top_p_value,
+        top_k_ptr,
+        top_k_value,
+        min_p_ptr,
+        min_p_value,
+        option_rows,
+    )
     parts = row * num_chunks
     cs = tl.arange(0, MAX_CHUNKS)
     cm = cs < num_chunks
-    part_max = tl.load(ws32_ptr + off_max + parts + cs, mask=cm, other=_NEG_INF_BITS).to(tl.float32, bitcast=True)
+    part_max = tl.load(ws32_ptr + off_max + parts + cs, mask=cm, other=_NEG_INF_BITS).to(
+        tl.float32, bitcast=True
+    )
     part_idx = tl.load(ws32_ptr + off_idx + parts + cs, mask=cm, other=2147483647)
     n_bad = tl.sum(tl.load(ws32_ptr + off_bad + parts + cs, mask=cm, other=0), 0)
     best = tl.max(part_max, 0)
@@ -498,22 +745,61 @@ def _resolve_kernel(logits_ptr, stride, num_classes, chunk, num_chunks, capacity
         k_eff = (top_k > 0) & (top_k < num_classes) & (top_k < count_c)
         if k_eff | p_act:
             info = ws64_ptr + off_info + row * ROW_INFO
-            token = _resolve_filtered(x_row, num_classes, ws32_ptr + off_cand_z + row * capacity,
-                                      ws32_ptr + off_cand_i + row * capacity,
-                                      ws64_ptr + off_cand_q + row * capacity, tl.load(info), tl.load(info + 1),
-                                      inv_t, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, small_limit,
-                                      SMALL, RESIDENT, RBLOCK, PIVOTS)
+            token = _resolve_filtered(
+                x_row,
+                num_classes,
+                ws32_ptr + off_cand_z + row * capacity,
+                ws32_ptr + off_cand_i + row * capacity,
+                ws64_ptr + off_cand_q + row * capacity,
+                tl.load(info),
+                tl.load(info + 1),
+                inv_t,
+                z_max,
+                top_p,
+                top_k,
+                min_p,
+                k_eff,
+                p_act,
+                mass_all,
+                r,
+                small_limit,
+                SMALL,
+                RESIDENT,
+                RBLOCK,
+                PIVOTS,
+            )
         else:
-            token = _draw_by_chunks(x_row, num_classes, chunk, num_chunks, part_minp, cs, inv_t, z_max, min_p, r,
-                                    RBLOCK)
+            token = _draw_by_chunks(
+                x_row, num_classes, chunk, num_chunks, part_minp, cs, inv_t, z_max, min_p, r, RBLOCK
+            )
     tl.store(tokens_ptr + row, token)
     tl.store(status_ptr + row, invalid.to(tl.int32))
 
 
 @triton.jit
-def _resolve_filtered(x_row, num_classes, cand_z, cand_i, cand_q, n_cand, chosen, inv_t, z_max, top_p, top_k, min_p,
-                      k_eff, p_act, mass_all, r, small_limit, SMALL: tl.constexpr, RESIDENT: tl.constexpr,
-                      RBLOCK: tl.constexpr, PIVOTS: tl.constexpr):
+def _resolve_filtered(
+    x_row,
+    num_classes,
+    cand_z,
+    cand_i,
+    cand_q,
+    n_cand,
+    chosen,
+    inv_t,
+    z_max,
+    top_p,
+    top_k,
+    min_p,
+    k_eff,
+    p_act,
+    mass_all,
+    r,
+    small_limit,
+    SMALL: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    PIVOTS: tl.constexpr,
+):
     """The exact kept set (top-k, top-p, min-p) and the draw, on the candidates or (fallback) the whole row.
 
     Candidates hold the kept set when there are at least k of them (top-k: its whole set, which is top-p's
@@ -532,24 +818,102 @@ def _resolve_filtered(x_row, num_classes, cand_z, cand_i, cand_q, n_cand, chosen
     exact_edge = (top < 4194304) & (top > -4194304) & (from_row == 0)
     lowest = tl.where(exact_edge, _key(edge).to(tl.int64), _MINKEY)
     if (from_row == 0) & (n_cand <= small_limit):
-        token = _resolve_small(cand_z, cand_i, cand_q, n_cand, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all,
-                               r, num_classes, SMALL)
+        token = _resolve_small(
+            cand_z,
+            cand_i,
+            cand_q,
+            n_cand,
+            z_max,
+            top_p,
+            top_k,
+            min_p,
+            k_eff,
+            p_act,
+            mass_all,
+            r,
+            num_classes,
+            SMALL,
+        )
     elif (from_row == 0) & (n_cand <= RESIDENT):  # load once, search in registers
-        key, idx, min_ok, q, valid = _candidate_entries(cand_z, cand_i, cand_q, tl.arange(0, RESIDENT), n_cand)
-        token = _searches(key, idx, min_ok, q, valid, x_row, num_classes, cand_z, cand_i, cand_q, n_cand, from_row,
-                          lowest, inv_t, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, True, RBLOCK,
-                          PIVOTS)
+        key, idx, min_ok, q, valid = _candidate_entries(
+            cand_z, cand_i, cand_q, tl.arange(0, RESIDENT), n_cand
+        )
+        token = _searches(
+            key,
+            idx,
+            min_ok,
+            q,
+            valid,
+            x_row,
+            num_classes,
+            cand_z,
+            cand_i,
+            cand_q,
+            n_cand,
+            from_row,
+            lowest,
+            inv_t,
+            z_max,
+            top_p,
+            top_k,
+            min_p,
+            k_eff,
+            p_act,
+            mass_all,
+            r,
+            True,
+            RBLOCK,
+            PIVOTS,
+        )
     else:  # stream the candidates, or the row, through every round
         n = tl.where(from_row, num_classes.to(tl.int64), n_cand)
-        token = _searches(z_max, z_max, z_max, z_max, z_max, x_row, num_classes, cand_z, cand_i, cand_q, n,
-                          from_row, lowest, inv_t, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, False,
-                          RBLOCK, PIVOTS)
+        token = _searches(
+            z_max,
+            z_max,
+            z_max,
+            z_max,
+            z_max,
+            x_row,
+            num_classes,
+            cand_z,
+            cand_i,
+            cand_q,
+            n,
+            from_row,
+            lowest,
+            inv_t,
+            z_max,
+            top_p,
+            top_k,
+            min_p,
+            k_eff,
+            p_act,
+            mass_all,
+            r,
+            False,
+            RBLOCK,
+            PIVOTS,
+        )
     return token
 
 
 @triton.jit
-def _resolve_small(cand_z, cand_i, cand_q, n, z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, num_classes,
-                   SMALL: tl.constexpr):
+def _resolve_small(
+    cand_z,
+    cand_i,
+    cand_q,
+    n,
+    z_max,
+    top_p,
+    top_k,
+    min_p,
+    k_eff,
+    p_act,
+    mass_all,
+    r,
+    num_classes,
+    SMALL: tl.constexpr,
+):
     """At most SMALL candidates: the reference's definition literally, comparing every pair; two rounds."""
     key, idx, min_ok, q, valid = _candidate_entries(cand_z, cand_i, cand_q, tl.arange(0, SMALL), n)
     q = tl.where(valid, q, 0)
@@ -570,9 +934,33 @@ def _resolve_small(cand_z, cand_i, cand_q, n, z_max, top_p, top_k, min_p, k_eff,
 
 
 @triton.jit
-def _searches(key, idx, min_ok, q, valid, x_row, num_classes, cand_z, cand_i, cand_q, n, from_row, lowest, inv_t,
-              z_max, top_p, top_k, min_p, k_eff, p_act, mass_all, r, RESIDENT: tl.constexpr, RBLOCK: tl.constexpr,
-              NP: tl.constexpr):
+def _searches(
+    key,
+    idx,
+    min_ok,
+    q,
+    valid,
+    x_row,
+    num_classes,
+    cand_z,
+    cand_i,
+    cand_q,
+    n,
+    from_row,
+    lowest,
+    inv_t,
+    z_max,
+    top_p,
+    top_k,
+    min_p,
+    k_eff,
+    p_act,
+    mass_all,
+    r,
+    RESIDENT: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    NP: tl.constexpr,
+):
     """The kept set and the draw by searches: each round splits an interval (lo, hi), predicate true at
     lo and false at hi, at NP points (one pass over the source)."""
     key_top = _key(z_max).to(tl.int64) + 1  # above every key
@@ -588,15 +976,63 @@ def _searches(key, idx, min_ok, q, valid, x_row, num_classes, cand_z, cand_i, ca
         hi = key_top
         while hi - lo > 1:
             pivots = lo + ((hi - lo) * (piv + 1)) // (NP + 1)
-            count, mass = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t,
-                                z_max, pivots, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 0, RESIDENT, RBLOCK, NP)
+            count, mass = _sums(
+                key,
+                idx,
+                min_ok,
+                q,
+                valid,
+                x_row,
+                cand_z,
+                cand_i,
+                cand_q,
+                n,
+                from_row,
+                inv_t,
+                z_max,
+                pivots,
+                kappa_p,
+                iota,
+                k_eff,
+                kappa_k,
+                p_act,
+                min_p,
+                0,
+                RESIDENT,
+                RBLOCK,
+                NP,
+            )
             ok = count >= top_k
             new_lo = tl.max(tl.where(ok, pivots, lo), 0)
             hi = tl.min(tl.where(ok, hi, pivots), 0)
             lo = new_lo
         kappa_k = lo
-        count, mass = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max,
-                            piv * 0 + kappa_k, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 0, RESIDENT, RBLOCK, NP)
+        count, mass = _sums(
+            key,
+            idx,
+            min_ok,
+            q,
+            valid,
+            x_row,
+            cand_z,
+            cand_i,
+            cand_q,
+            n,
+            from_row,
+            inv_t,
+            z_max,
+            piv * 0 + kappa_k,
+            kappa_p,
+            iota,
+            k_eff,
+            kappa_k,
+            p_act,
+            min_p,
+            0,
+            RESIDENT,
+            RBLOCK,
+            NP,
+        )
         mass_k = tl.max(mass, 0)
 
     # Top-p: the shortest prefix of the order (key descending, index ascending) whose mass reaches T.
@@ -608,17 +1044,64 @@ def _searches(key, idx, min_ok, q, valid, x_row, num_classes, cand_z, cand_i, ca
         hi = key_top
         while hi - lo > 1:
             pivots = lo + ((hi - lo) * (piv + 1)) // (NP + 1)
-            count, mass = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t,
-                                z_max, pivots, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 0, RESIDENT, RBLOCK, NP)
+            count, mass = _sums(
+                key,
+                idx,
+                min_ok,
+                q,
+                valid,
+                x_row,
+                cand_z,
+                cand_i,
+                cand_q,
+                n,
+                from_row,
+                inv_t,
+                z_max,
+                pivots,
+                kappa_p,
+                iota,
+                k_eff,
+                kappa_k,
+                p_act,
+                min_p,
+                0,
+                RESIDENT,
+                RBLOCK,
+                NP,
+            )
             ok = mass >= target
             new_lo = tl.max(tl.where(ok, pivots, lo), 0)
             hi = tl.min(tl.where(ok, hi, pivots), 0)
             lo = new_lo
         kappa_p = lo
         # The boundary key's tie group (equal masses): its lowest indices, as many as the target needs.
-        count, mass = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max,
-                            tl.where(piv == 0, kappa_p, kappa_p + 1), kappa_p, iota, k_eff, kappa_k, p_act, min_p,
-                            0, RESIDENT, RBLOCK, NP)
+        count, mass = _sums(
+            key,
+            idx,
+            min_ok,
+            q,
+            valid,
+            x_row,
+            cand_z,
+            cand_i,
+            cand_q,
+            n,
+            from_row,
+            inv_t,
+            z_max,
+            tl.where(piv == 0, kappa_p, kappa_p + 1),
+            kappa_p,
+            iota,
+            k_eff,
+            kappa_k,
+            p_act,
+            min_p,
+            0,
+            RESIDENT,
+            RBLOCK,
+            NP,
+        )
         group = tl.sum(tl.where(piv == 0, count, 0), 0) - tl.sum(tl.where(piv == 1, count, 0), 0)
         mass_above = tl.sum(tl.where(piv == 1, mass, 0), 0)
         q_each = (tl.sum(tl.where(piv == 0, mass, 0), 0) - mass_above) // tl.maximum(group, 1)
@@ -628,9 +1111,32 @@ def _searches(key, idx, min_ok, q, valid, x_row, num_classes, cand_z, cand_i, ca
             hi = num_classes.to(tl.int64) - 1
             while hi - lo > 1:
                 pivots = lo + ((hi - lo) * (piv + 1)) // (NP + 1)
-                in_group, unused = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row,
-                                         inv_t, z_max, pivots, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 1,
-                                         RESIDENT, RBLOCK, NP)
+                in_group, unused = _sums(
+                    key,
+                    idx,
+                    min_ok,
+                    q,
+                    valid,
+                    x_row,
+                    cand_z,
+                    cand_i,
+                    cand_q,
+                    n,
+                    from_row,
+                    inv_t,
+                    z_max,
+                    pivots,
+                    kappa_p,
+                    iota,
+                    k_eff,
+                    kappa_k,
+                    p_act,
+                    min_p,
+                    1,
+                    RESIDENT,
+                    RBLOCK,
+                    NP,
+                )
                 ok = in_group >= need
                 new_hi = tl.min(tl.where(ok, pivots, hi), 0)
                 lo = tl.max(tl.where(ok, lo, pivots), 0)
@@ -638,17 +1144,63 @@ def _searches(key, idx, min_ok, q, valid, x_row, num_classes, cand_z, cand_i, ca
             iota = hi
 
     # The draw: the first index whose running kept mass exceeds u = floor(r 2^-53 Q_K).
-    kept_mass, unused = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t, z_max,
-                              piv * 0 + num_classes, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 2, RESIDENT,
-                              RBLOCK, NP)
+    kept_mass, unused = _sums(
+        key,
+        idx,
+        min_ok,
+        q,
+        valid,
+        x_row,
+        cand_z,
+        cand_i,
+        cand_q,
+        n,
+        from_row,
+        inv_t,
+        z_max,
+        piv * 0 + num_classes,
+        kappa_p,
+        iota,
+        k_eff,
+        kappa_k,
+        p_act,
+        min_p,
+        2,
+        RESIDENT,
+        RBLOCK,
+        NP,
+    )
     u = (r.to(tl.float64) * 1.1102230246251565e-16 * tl.max(kept_mass, 0).to(tl.float64)).to(tl.int64)
     lo = tl.full((), -1, tl.int64)
     hi = num_classes.to(tl.int64) - 1
     while hi - lo > 1:
         pivots = lo + ((hi - lo) * (piv + 1)) // (NP + 1)
-        kept_below, unused = _sums(key, idx, min_ok, q, valid, x_row, cand_z, cand_i, cand_q, n, from_row, inv_t,
-                                   z_max, pivots, kappa_p, iota, k_eff, kappa_k, p_act, min_p, 2, RESIDENT, RBLOCK,
-                                   NP)
+        kept_below, unused = _sums(
+            key,
+            idx,
+            min_ok,
+            q,
+            valid,
+            x_row,
+            cand_z,
+            cand_i,
+            cand_q,
+            n,
+            from_row,
+            inv_t,
+            z_max,
+            pivots,
+            kappa_p,
+            iota,
+            k_eff,
+            kappa_k,
+            p_act,
+            min_p,
+            2,
+            RESIDENT,
+            RBLOCK,
+            NP,
+        )
         ok = kept_below > u
         new_hi = tl.min(tl.where(ok, pivots, hi), 0)
         lo = tl.max(tl.where(ok, lo, pivots), 0)
@@ -660,10 +1212,12 @@ def _searches(key, idx, min_ok, q, valid, x_row, num_classes, cand_z, cand_i, ca
 # Launch.
 # ---------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """How a call is split. ``block``/``resolve_block``/``resident`` may differ from the compiled defaults only
     in the interpreter (tests use small blocks to run many blocks and programs per row on small shapes)."""
+
     block: int = BLOCK
     resolve_block: int = RESOLVE_BLOCK
     resident: int = RESIDENT
@@ -674,9 +1228,18 @@ class LaunchConfig:
 
 def _constexprs(kernel, config: LaunchConfig) -> dict:
     """The constexpr arguments of a kernel: one table for the launch and for ``compile_variants``."""
-    table = dict(BLOCK=config.block, NBINS=NBINS, ROW_INFO=ROW_INFO, RELEVANT_BINS=RELEVANT_BINS,
-                 MAX_CHUNKS=MAX_CHUNKS, MERGE_CHUNKS=MERGE_CHUNKS, RBLOCK=config.resolve_block, PIVOTS=PIVOTS,
-                 SMALL=SMALL, RESIDENT=config.resident)
+    table = dict(
+        BLOCK=config.block,
+        NBINS=NBINS,
+        ROW_INFO=ROW_INFO,
+        RELEVANT_BINS=RELEVANT_BINS,
+        MAX_CHUNKS=MAX_CHUNKS,
+        MERGE_CHUNKS=MERGE_CHUNKS,
+        RBLOCK=config.resolve_block,
+        PIVOTS=PIVOTS,
+        SMALL=SMALL,
+        RESIDENT=config.resident,
+    )
     return {name: table[name] for name in _param_names(kernel, constexpr=True)}
 
 
@@ -691,12 +1254,24 @@ def _launch_options(kernel, config: LaunchConfig) -> dict:
 
 def _param_names(kernel, constexpr: bool) -> list[str]:
     params = inspect.signature(kernel.fn).parameters.values()
-    return [p.name for p in params if (p.annotation is tl.constexpr or p.annotation == "tl.constexpr") == constexpr]
+    return [
+        p.name
+        for p in params
+        if (p.annotation is tl.constexpr or p.annotation == "tl.constexpr") == constexpr
+    ]
 
 
-_POINTER_TYPES = {"ws32_ptr": "*i32", "ws64_ptr": "*i64", "seeds_ptr": "*i64", "tokens_ptr": "*i64",
-                  "status_ptr": "*i32", "inv_t_ptr": "*fp32", "top_p_ptr": "*fp32", "top_k_ptr": "*i64",
-                  "min_p_ptr": "*fp32"}
+_POINTER_TYPES = {
+    "ws32_ptr": "*i32",
+    "ws64_ptr": "*i64",
+    "seeds_ptr": "*i64",
+    "tokens_ptr": "*i64",
+    "status_ptr": "*i32",
+    "inv_t_ptr": "*fp32",
+    "top_p_ptr": "*fp32",
+    "top_k_ptr": "*i64",
+    "min_p_ptr": "*fp32",
+}
 _FLOAT_ARGS = {"inv_t_value", "top_p_value", "min_p_value"}
 
 
@@ -722,10 +1297,16 @@ def compile_variants() -> list[KernelVariant]:
     for kernel in (_chunk_stats_kernel, _compact_kernel, _resolve_kernel):
         name = kernel.fn.__name__
         for logits_type in LOGITS_DTYPES.values():
-            variants.append(KernelVariant(name=f"{name}[{logits_type}]", kernel=kernel,
-                                          signature=_signature(kernel, logits_type),
-                                          constexprs=_constexprs(kernel, config), num_warps=_warps(kernel),
-                                          options=dict(COMPILE_OPTIONS)))
+            variants.append(
+                KernelVariant(
+                    name=f"{name}[{logits_type}]",
+                    kernel=kernel,
+                    signature=_signature(kernel, logits_type),
+                    constexprs=_constexprs(kernel, config),
+                    num_warps=_warps(kernel),
+                    options=dict(COMPILE_OPTIONS),
+                )
+            )
     return variants
 
 
@@ -755,8 +1336,17 @@ def _scalar_or_rows(value, batch, device, dtype):
     return None, value, False
 
 
-def sample_triton(logits, *, temperature, top_p, top_k, min_p, seeds, config: LaunchConfig | None = None,
-                  diagnostics: dict | None = None):
+def sample_triton(
+    logits,
+    *,
+    temperature,
+    top_p,
+    top_k,
+    min_p,
+    seeds,
+    config: LaunchConfig | None = None,
+    diagnostics: dict | None = None,
+):
     """Tokens [B] int64 (-1 on invalid rows) and status [B] int32 (1 = invalid row). No host sync.
 
     ``seeds``: int64 [B] on the logits' device. ``config``: tests only (see :class:`LaunchConfig`).
@@ -769,11 +1359,15 @@ def sample_triton(logits, *, temperature, top_p, top_k, min_p, seeds, config: La
     if device.type == "cpu":
         check_interpreted(_resolve_kernel, "sample")
     elif (config.block, config.resolve_block, config.resident) != (BLOCK, RESOLVE_BLOCK, RESIDENT):
-        raise ValueError("sample: LaunchConfig.block/resolve_block/resident differ from the compiled variants "
-                         f"({BLOCK}, {RESOLVE_BLOCK}, {RESIDENT}); only the interpreter accepts other blocks")
+        raise ValueError(
+            "sample: LaunchConfig.block/resolve_block/resident differ from the compiled variants "
+            f"({BLOCK}, {RESOLVE_BLOCK}, {RESIDENT}); only the interpreter accepts other blocks"
+        )
     if not 1 <= config.capacity < 2**31 or not 0 <= config.small_limit <= SMALL:
-        raise ValueError(f"sample: LaunchConfig capacity must be in [1, 2**31) and small_limit in [0, {SMALL}], "
-                         f"got {config.capacity}, {config.small_limit}")
+        raise ValueError(
+            f"sample: LaunchConfig capacity must be in [1, 2**31) and small_limit in [0, {SMALL}], "
+            f"got {config.capacity}, {config.small_limit}"
+        )
     if logits.dtype not in LOGITS_DTYPES:
         logits = logits.float()
     if logits.stride(1) != 1:
@@ -791,14 +1385,18 @@ def sample_triton(logits, *, temperature, top_p, top_k, min_p, seeds, config: La
     off_cand_q = off_info + batch * ROW_INFO
     size64 = off_cand_q + batch * config.capacity
     if max(size32, size64) >= 2**31:
-        raise ValueError(f"sample: batch {batch} x vocabulary {num_classes} needs a workspace beyond 2**31 "
-                         "elements; sample in smaller batches")
+        raise ValueError(
+            f"sample: batch {batch} x vocabulary {num_classes} needs a workspace beyond 2**31 "
+            "elements; sample in smaller batches"
+        )
     ws32 = torch.empty(size32, dtype=torch.int32, device=device)
     ws64 = torch.empty(size64, dtype=torch.int64, device=device)
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     status = torch.empty(batch, dtype=torch.int32, device=device)
 
-    inv_t, inv_t_value, inv_t_rows = _scalar_or_rows(inverse_temperature(temperature), batch, device, torch.float32)
+    inv_t, inv_t_value, inv_t_rows = _scalar_or_rows(
+        inverse_temperature(temperature), batch, device, torch.float32
+    )
     p, p_value, p_rows = _scalar_or_rows(top_p, batch, device, torch.float32)
     k, k_value, k_rows = _scalar_or_rows(top_k, batch, device, torch.int64)
     mp, mp_value, mp_rows = _scalar_or_rows(min_p, batch, device, torch.float32)
@@ -806,24 +1404,81 @@ def sample_triton(logits, *, temperature, top_p, top_k, min_p, seeds, config: La
         k_value = min(int(k_value), num_classes)  # same meaning (k >= V is off), and an i32 argument
     option_rows = int(inv_t_rows) | 2 * int(p_rows) | 4 * int(k_rows) | 8 * int(mp_rows)
     unused_fp32 = ws32.view(torch.float32)  # a pointer of the argument's type, never read
-    options = (inv_t if inv_t_rows else unused_fp32, float(inv_t_value), p if p_rows else unused_fp32,
-               float(p_value), k if k_rows else ws64, int(k_value), mp if mp_rows else unused_fp32,
-               float(mp_value), option_rows)
+    options = (
+        inv_t if inv_t_rows else unused_fp32,
+        float(inv_t_value),
+        p if p_rows else unused_fp32,
+        float(p_value),
+        k if k_rows else ws64,
+        int(k_value),
+        mp if mp_rows else unused_fp32,
+        float(mp_value),
+        option_rows,
+    )
     stride = logits.stride(0)
 
     _chunk_stats_kernel[(batch, chunks)](
-        logits, stride, num_classes, chunk, chunks, ws32, ws64, off_max, off_idx, off_bad, off_hist, off_info,
-        *options, **_launch_options(_chunk_stats_kernel, config))
-    _compact_kernel[(batch, chunks)](
-        logits, stride, num_classes, chunk, chunks, config.capacity, ws32, ws64, off_max, off_bad, off_hist,
-        off_info, off_sums, off_cand_z, off_cand_i, off_cand_q, cells, *options,
-        **_launch_options(_compact_kernel, config))
-    _resolve_kernel[(batch,)](
-        logits, stride, num_classes, chunk, chunks, config.capacity, ws32, ws64, off_max, off_idx, off_bad,
-        off_info, off_sums, off_cand_z, off_cand_i, off_cand_q, cells, config.small_limit, seeds.contiguous(),
-        tokens, status,
+        logits,
+        stride,
+        num_classes,
+        chunk,
+        chunks,
+        ws32,
+        ws64,
+        off_max,
+        off_idx,
+        off_bad,
+        off_hist,
+        off_info,
         *options,
-        **_launch_options(_resolve_kernel, config))
+        **_launch_options(_chunk_stats_kernel, config),
+    )
+    _compact_kernel[(batch, chunks)](
+        logits,
+        stride,
+        num_classes,
+        chunk,
+        chunks,
+        config.capacity,
+        ws32,
+        ws64,
+        off_max,
+        off_bad,
+        off_hist,
+        off_info,
+        off_sums,
+        off_cand_z,
+        off_cand_i,
+        off_cand_q,
+        cells,
+        *options,
+        **_launch_options(_compact_kernel, config),
+    )
+    _resolve_kernel[(batch,)](
+        logits,
+        stride,
+        num_classes,
+        chunk,
+        chunks,
+        config.capacity,
+        ws32,
+        ws64,
+        off_max,
+        off_idx,
+        off_bad,
+        off_info,
+        off_sums,
+        off_cand_z,
+        off_cand_i,
+        off_cand_q,
+        cells,
+        config.small_limit,
+        seeds.contiguous(),
+        tokens,
+        status,
+        *options,
+        **_launch_options(_resolve_kernel, config),
+    )
     if diagnostics is not None:
         info = ws64[off_info:off_cand_q].view(batch, ROW_INFO)
         diagnostics.update(candidates=info[:, 0], bins=info[:, 1], chunks_per_row=chunks)

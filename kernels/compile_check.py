@@ -16,6 +16,7 @@ Run it with TRITON_INTERPRET unset or 0: a function decorated under the interpre
 (tests/test_kernels_compile.py runs it in a subprocess for that reason). Exit status: 0 when every
 variant compiled and the coverage is complete, 1 otherwise, 2 on misuse.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,11 @@ def _is_jit_function(obj) -> bool:
 
 def jit_functions(module) -> dict:
     """name -> jit function, for those defined in ``module`` (not imported into it)."""
-    return {name: obj for name, obj in vars(module).items()
-            if _is_jit_function(obj) and getattr(obj.fn, "__module__", None) == module.__name__}
+    return {
+        name: obj
+        for name, obj in vars(module).items()
+        if _is_jit_function(obj) and getattr(obj.fn, "__module__", None) == module.__name__
+    }
 
 
 def split_kernels(module) -> tuple[list[str], list[str]]:
@@ -109,11 +113,15 @@ def coverage_problems(module) -> list[str]:
     for v in variants:
         kernel_name = getattr(getattr(v.kernel, "fn", None), "__name__", None)
         if kernel_name not in functions or functions[kernel_name] is not v.kernel:
-            problems.append(f"{name}: variant {v.name} names a kernel that is not a jit function of the module")
+            problems.append(
+                f"{name}: variant {v.name} names a kernel that is not a jit function of the module"
+            )
             continue
         covered.add(kernel_name)
         runtime, constexpr = _parameters(v.kernel)
-        missing = [p for p in runtime if p not in v.signature] + [p for p in constexpr if p not in v.constexprs]
+        missing = [p for p in runtime if p not in v.signature] + [
+            p for p in constexpr if p not in v.constexprs
+        ]
         extra = [p for p in v.constexprs if p not in constexpr]
         extra += [p for p in v.signature if p not in runtime + constexpr]
         if missing or extra:
@@ -141,7 +149,9 @@ def _resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
     found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
     return {k.lower(): int(v) for k, v in found.items()}
 
@@ -151,20 +161,32 @@ def compile_one(module_spec: str, index: int, arch: int) -> dict:
     start = time.perf_counter()
     module = load_module(module_spec)
     variant = module.compile_variants()[index]
-    result = {"module": module.__name__, "variant": variant.name, "arch": arch, "num_warps": variant.num_warps}
+    result = {
+        "module": module.__name__,
+        "variant": variant.name,
+        "arch": arch,
+        "num_warps": variant.num_warps,
+    }
     try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+        import triton  # noqa: PLC0415 (optional: triton, imported once TRITON_INTERPRET is settled)
+        from triton.backends.compiler import GPUTarget  # noqa: PLC0415 (optional: triton, imported once TRITON_INTERPRET is settled)
+        from triton.compiler import ASTSource  # noqa: PLC0415 (optional: triton, imported once TRITON_INTERPRET is settled)
 
-        source = ASTSource(fn=variant.kernel, signature=dict(variant.signature), constexprs=dict(variant.constexprs))
+        source = ASTSource(
+            fn=variant.kernel, signature=dict(variant.signature), constexprs=dict(variant.constexprs)
+        )
         log = io.StringIO()
         with contextlib.redirect_stdout(log):  # ptxas -v, printed by Triton when TRITON_DUMP_PTXAS_LOG=1
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": variant.num_warps, **variant.options})
+            compiled = triton.compile(
+                source,
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": variant.num_warps, **variant.options},
+            )
         result.update(ok=True, shared_bytes=compiled.metadata.shared)
         usage = _resource_usage(compiled.asm["cubin"])
-        result.update(registers=usage.get("reg"), stack_bytes=usage.get("stack"), local_bytes=usage.get("local"))
+        result.update(
+            registers=usage.get("reg"), stack_bytes=usage.get("stack"), local_bytes=usage.get("local")
+        )
         spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
         if spills:
             result.update(spill_store_bytes=int(spills.group(1)), spill_load_bytes=int(spills.group(2)))
@@ -179,32 +201,47 @@ def compile_one(module_spec: str, index: int, arch: int) -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'variant':58} {'arch':>5} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'smem':>7} "
-             f"{'s':>6}"]
+    lines = [
+        f"{'variant':58} {'arch':>5} {'warps':>5} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'smem':>7} "
+        f"{'s':>6}"
+    ]
     for r in results:
         name = f"{r['module'].rsplit('.', 1)[-1]}.{r['variant']}"
         if not r["ok"]:
             message = [line for line in r["error"].splitlines() if line.strip()] or ["?"]
-            lines.append(f"{name:58} sm_{r['arch']:<2} FAILED: {message[-1].strip()[:200]}")  # Triton's reason
+            lines.append(
+                f"{name:58} sm_{r['arch']:<2} FAILED: {message[-1].strip()[:200]}"
+            )  # Triton's reason
             continue
-        spills = (f"{r['spill_store_bytes']}/{r['spill_load_bytes']}" if "spill_store_bytes" in r else "-")
-        lines.append(f"{name:58} sm_{r['arch']:<2} {r['num_warps']:>5} {r['registers'] if r['registers'] is not None else '-':>5} "
-                     f"{spills:>12} {r['stack_bytes'] if r['stack_bytes'] is not None else '-':>6} "
-                     f"{r['shared_bytes']:>7} {r['seconds']:>6}")
+        spills = f"{r['spill_store_bytes']}/{r['spill_load_bytes']}" if "spill_store_bytes" in r else "-"
+        lines.append(
+            f"{name:58} sm_{r['arch']:<2} {r['num_warps']:>5} "
+            f"{r['registers'] if r['registers'] is not None else '-':>5} "
+            f"{spills:>12} {r['stack_bytes'] if r['stack_bytes'] is not None else '-':>6} "
+            f"{r['shared_bytes']:>7} {r['seconds']:>6}"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities, e.g. 90 80")
-    parser.add_argument("--modules", nargs="+", help="check these modules (import names or .py files) instead of "
-                                                     "every kernels/_triton_*.py module")
+    parser.add_argument(
+        "--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities, e.g. 90 80"
+    )
+    parser.add_argument(
+        "--modules",
+        nargs="+",
+        help="check these modules (import names or .py files) instead of every kernels/_triton_*.py module",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if _interpreted():
-        print("compile_check: TRITON_INTERPRET is set; kernels decorated under the interpreter cannot be compiled. "
-              "Run with TRITON_INTERPRET=0.", file=sys.stderr)
+        print(
+            "compile_check: TRITON_INTERPRET is set; kernels decorated under the interpreter cannot be compiled. "
+            "Run with TRITON_INTERPRET=0.",
+            file=sys.stderr,
+        )
         return 2
     os.environ.setdefault("TRITON_DUMP_PTXAS_LOG", "1")  # read by the workers: ptxas's spill report
     specs = args.modules or module_names()
@@ -222,9 +259,14 @@ def main(argv=None) -> int:
             results = [f.result() for f in futures]
     else:
         results = [compile_one(*job) for job in jobs]
-    report = {"seconds": round(time.perf_counter() - started, 1), "workers": args.workers, "archs": args.arch,
-              "modules": [load_module(s).__name__ for s in specs], "coverage_problems": problems,
-              "results": results}
+    report = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "workers": args.workers,
+        "archs": args.arch,
+        "modules": [load_module(s).__name__ for s in specs],
+        "coverage_problems": problems,
+        "results": results,
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
@@ -232,8 +274,10 @@ def main(argv=None) -> int:
     failed = [r for r in results if not r["ok"]]
     for line in problems:
         print(f"coverage: {line}")
-    print(f"{len(results) - len(failed)}/{len(results)} compiled, {len(problems)} coverage problem(s), "
-          f"{report['seconds']} s with {args.workers} worker(s)")
+    print(
+        f"{len(results) - len(failed)}/{len(results)} compiled, {len(problems)} coverage problem(s), "
+        f"{report['seconds']} s with {args.workers} worker(s)"
+    )
     return 1 if failed or problems else 0
 
 

@@ -62,6 +62,7 @@ temporaries and the CPU upcast slices, per ``chunk_bytes_per_row``), so
   fp32: d_weight accumulator 2,101,346,304 instead of 1,050,673,152: 2,367,094,784 bytes = 2.205 GiB at
       the peak (the forward), and a 1,050,673,152-byte gradient afterwards.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,8 +74,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .utils import (GRAD_ACCUMULATIONS, UPCAST_SLICE_ROWS, WeightGradAccumulator, check_interpreted, chunk_rows,
-                    grad_accumulation_path, resolve_backend)
+from .utils import (
+    GRAD_ACCUMULATIONS,
+    UPCAST_SLICE_ROWS,
+    WeightGradAccumulator,
+    check_interpreted,
+    chunk_rows,
+    grad_accumulation_path,
+    resolve_backend,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_GRAD_ACCUMULATION = "weight_dtype"
@@ -99,6 +107,7 @@ class CEOptions:
 @dataclass(frozen=True)
 class VocabShard:
     """The columns of a block of logits: global classes [start, start + block width) of ``num_classes``."""
+
     start: int
     num_classes: int
 
@@ -116,12 +125,15 @@ def _check_options(op: str, reduction: str, label_smoothing: float, z_loss: floa
 
 def _check_grad_accumulation(op: str, grad_accumulation: str) -> None:
     if grad_accumulation not in GRAD_ACCUMULATIONS:
-        raise ValueError(f"{op}: grad_accumulation must be one of {GRAD_ACCUMULATIONS}, got {grad_accumulation!r}")
+        raise ValueError(
+            f"{op}: grad_accumulation must be one of {GRAD_ACCUMULATIONS}, got {grad_accumulation!r}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Per-row math on one block of logits: the torch reference (the Triton kernel computes the same).
 # ---------------------------------------------------------------------------------------------------
+
 
 def _capped_fp32(x: torch.Tensor, opts: CEOptions, clobber: bool) -> torch.Tensor:
     """fp32 z of a block (soft-capped); may be ``x`` itself when ``clobber`` and x is fp32."""
@@ -139,8 +151,15 @@ def _label_masks(labels: torch.Tensor, opts: CEOptions, num_classes: int):
     return valid, out_of_range
 
 
-def ce_partial_torch(x: torch.Tensor, labels: torch.Tensor, opts: CEOptions, shard: VocabShard, *,
-                     want_entropy: bool, clobber: bool = False):
+def ce_partial_torch(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    opts: CEOptions,
+    shard: VocabShard,
+    *,
+    want_entropy: bool,
+    clobber: bool = False,
+):
     """Partials [5, rows] (PARTIALS order, fp32) of a block ``x`` [rows, cols] holding ``shard``'s columns.
 
     max m, S = sum e^(z-m), T = sum e^(z-m)(z-m) (0 without ``want_entropy``), sum z, and z at the label
@@ -176,8 +195,9 @@ def merge_partials(partials: torch.Tensor, global_max: torch.Tensor) -> torch.Te
     return torch.stack([alpha * s, alpha * (t + shift * s), sum_z, z_label])
 
 
-def finish_rows(partials: torch.Tensor, labels: torch.Tensor, opts: CEOptions, num_classes: int,
-                want_entropy: bool):
+def finish_rows(
+    partials: torch.Tensor, labels: torch.Tensor, opts: CEOptions, num_classes: int, want_entropy: bool
+):
     """loss, lse, entropy (fp32 [rows]; entropy None unless wanted) from partials over all V columns."""
     m, s, t, sum_z, z_label = partials.unbind(0)
     log_s = s.log()
@@ -196,8 +216,17 @@ def finish_rows(partials: torch.Tensor, labels: torch.Tensor, opts: CEOptions, n
     return loss, lse, entropy
 
 
-def ce_grad_torch(x: torch.Tensor, scratch, labels: torch.Tensor, lse: torch.Tensor, opts: CEOptions,
-                  shard: VocabShard, *, grad_scale: torch.Tensor, grad_out: torch.Tensor) -> None:
+def ce_grad_torch(
+    x: torch.Tensor,
+    scratch,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    opts: CEOptions,
+    shard: VocabShard,
+    *,
+    grad_scale: torch.Tensor,
+    grad_out: torch.Tensor,
+) -> None:
     """d(loss_i * grad_scale_i)/dx of block ``x`` from each row's (global) lse, written into ``grad_out``.
 
     ``scratch``: what ``ce_partial_torch`` returned for this block (else z is recomputed from ``x``,
@@ -228,9 +257,17 @@ def ce_grad_torch(x: torch.Tensor, scratch, labels: torch.Tensor, lse: torch.Ten
     grad_out.copy_(grad)
 
 
-def ce_rows_torch(x: torch.Tensor, labels: torch.Tensor, opts: CEOptions, shard: VocabShard | None = None, *,
-                  want_entropy: bool, grad_scale: torch.Tensor | None = None, grad_out: torch.Tensor | None = None,
-                  clobber: bool = False):
+def ce_rows_torch(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    opts: CEOptions,
+    shard: VocabShard | None = None,
+    *,
+    want_entropy: bool,
+    grad_scale: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+    clobber: bool = False,
+):
     """Loss, lse and entropy (fp32, [rows]) of a [rows, V] block of raw logits ``x`` (all V columns).
 
     With ``grad_scale`` (fp32, shape [] or [rows]) also writes d(loss_i * grad_scale_i)/dx into
@@ -248,13 +285,15 @@ def _pieces(backend: str):
     """The per-block functions of a backend: rows (unsharded, fused), partial, grad."""
     if backend == "torch":
         return SimpleNamespace(rows=ce_rows_torch, partial=ce_partial_torch, grad=ce_grad_torch)
-    from . import _triton_cross_entropy as tce
+    from . import _triton_cross_entropy as tce  # noqa: PLC0415 (optional: triton, imported once TRITON_INTERPRET is settled)
+
     return SimpleNamespace(rows=tce.ce_rows_triton, partial=tce.ce_partial_triton, grad=tce.ce_grad_triton)
 
 
 def _require_interpreted_on_cpu(resolved: str, device: torch.device, op: str) -> None:
     if resolved == "triton" and device.type == "cpu":
-        from . import _triton_cross_entropy as tce
+        from . import _triton_cross_entropy as tce  # noqa: PLC0415 (optional: triton, imported once TRITON_INTERPRET is settled)
+
         check_interpreted(tce._ce_kernel, op)
 
 
@@ -262,13 +301,20 @@ def _require_interpreted_on_cpu(resolved: str, device: torch.device, op: str) ->
 # The chunk loop of the fused op.
 # ---------------------------------------------------------------------------------------------------
 
+
 def chunk_budget_bytes() -> int:
     env = os.environ.get("HFDIST_FLCE_CHUNK_MB")
     return int(float(env) * (1 << 20)) if env else CHUNK_BUDGET_BYTES
 
 
-def chunk_bytes_per_row(num_cols: int, hidden_size: int, dtype: torch.dtype, backend: str,
-                        accumulation_method: str | None, logits_block: bool = True) -> int:
+def chunk_bytes_per_row(
+    num_cols: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    backend: str,
+    accumulation_method: str | None,
+    logits_block: bool = True,
+) -> int:
     """Bytes a chunk holds per row of tokens: every temporary of this backend and accumulation path.
 
     The [rows, V] logits block in the inputs' dtype (its gradient overwrites it; not counted for
@@ -288,6 +334,7 @@ def chunk_bytes_per_row(num_cols: int, hidden_size: int, dtype: torch.dtype, bac
 @dataclass(frozen=True)
 class _Plan:
     """Everything but the tensors: how one call of the fused op runs."""
+
     opts: CEOptions
     reduction: str
     want_entropy: bool
@@ -295,7 +342,9 @@ class _Plan:
     rows: int
     accumulation: Any  # utils.AccumulationPath
     shard: VocabShard
-    comm: Any = None  # None, or an object with combine(partials) -> partials and sum_(tensor) (vocab_parallel.py)
+    comm: Any = (
+        None  # None, or an object with combine(partials) -> partials and sum_(tensor) (vocab_parallel.py)
+    )
 
 
 def _run_chunks(hidden, weight, bias, labels, plan: _Plan, *, need_grads, grad_scale=None, saved_lse=None):
@@ -318,7 +367,11 @@ def _run_chunks(hidden, weight, bias, labels, plan: _Plan, *, need_grads, grad_s
     lse = torch.empty(num_rows, device=device, dtype=torch.float32) if forward else None
     entropy = torch.empty(num_rows, device=device, dtype=torch.float32) if want_entropy else None
     d_hidden = torch.empty_like(hidden) if need_grads[0] else None
-    d_weight = WeightGradAccumulator(weight.shape, weight.dtype, device, plan.accumulation) if need_grads[1] else None
+    d_weight = (
+        WeightGradAccumulator(weight.shape, weight.dtype, device, plan.accumulation)
+        if need_grads[1]
+        else None
+    )
     d_bias = torch.zeros(vocab, device=device, dtype=torch.float32) if need_grads[2] else None
     block = torch.empty(min(rows, num_rows), vocab, device=device, dtype=hidden.dtype)
     weight_t = weight.t()
@@ -337,8 +390,16 @@ def _run_chunks(hidden, weight, bias, labels, plan: _Plan, *, need_grads, grad_s
             pieces.grad(x, None, y, saved_lse[start:end], opts, shard, grad_scale=scale, grad_out=x)
         elif plan.comm is None:
             extra = dict(clobber=True) if plan.backend == "torch" else {}
-            l_, s_, e_ = pieces.rows(x, y, opts, shard, want_entropy=want_entropy, grad_scale=scale,
-                                     grad_out=x if compute_grad else None, **extra)
+            l_, s_, e_ = pieces.rows(
+                x,
+                y,
+                opts,
+                shard,
+                want_entropy=want_entropy,
+                grad_scale=scale,
+                grad_out=x if compute_grad else None,
+                **extra,
+            )
         else:
             extra = dict(clobber=True) if plan.backend == "torch" else {}
             partials, scratch = pieces.partial(x, y, opts, shard, want_entropy=want_entropy, **extra)
@@ -385,20 +446,27 @@ def _finish_bias_grad(acc, scale, dtype):
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, plan):
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        need = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
         valid = labels != plan.opts.ignore_index
         ctx.plan, ctx.need, ctx.used = plan, need, False
         ctx.bias_dtype = bias.dtype if bias is not None else None
         if plan.reduction == "none":
-            loss_rows, lse, entropy, *_ = _run_chunks(hidden, weight, bias, labels, plan, need_grads=(False,) * 3)
+            loss_rows, lse, entropy, *_ = _run_chunks(
+                hidden, weight, bias, labels, plan, need_grads=(False,) * 3
+            )
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
         else:
             if plan.reduction == "mean":
                 scale = 1.0 / valid.sum().clamp_min(1).to(torch.float32)
             else:
                 scale = torch.ones((), device=hidden.device, dtype=torch.float32)
-            loss_rows, _, entropy, d_h, d_w, d_b = _run_chunks(hidden, weight, bias, labels, plan, need_grads=need,
-                                                               grad_scale=scale)
+            loss_rows, _, entropy, d_h, d_w, d_b = _run_chunks(
+                hidden, weight, bias, labels, plan, need_grads=need, grad_scale=scale
+            )
             ctx.grads = (d_h, d_w, d_b)  # intermediates, not inputs or outputs: kept as plain attributes
         loss = _reduce(loss_rows, valid, plan.reduction)
         if plan.want_entropy:
@@ -409,14 +477,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused_grad_entropy):
         if ctx.used:
-            raise RuntimeError("fused_linear_cross_entropy: backward may run only once per forward "
-                               "(the gradients are computed in the forward pass and scaled in place)")
+            raise RuntimeError(
+                "fused_linear_cross_entropy: backward may run only once per forward "
+                "(the gradients are computed in the forward pass and scaled in place)"
+            )
         ctx.used = True
         grad_loss = grad_loss.float()
         if ctx.plan.reduction == "none":
             hidden, weight, bias, labels, lse = ctx.saved_tensors
-            _, _, _, d_h, d_w, d_b = _run_chunks(hidden, weight, bias, labels, ctx.plan, need_grads=ctx.need,
-                                                 grad_scale=grad_loss.contiguous(), saved_lse=lse)
+            _, _, _, d_h, d_w, d_b = _run_chunks(
+                hidden,
+                weight,
+                bias,
+                labels,
+                ctx.plan,
+                need_grads=ctx.need,
+                grad_scale=grad_loss.contiguous(),
+                saved_lse=lse,
+            )
             scale = None
         else:
             (d_h, d_w, d_b), ctx.grads = ctx.grads, None
@@ -430,24 +508,45 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 def _check_linear_inputs(op, hidden, weight, labels, bias):
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{op}: hidden [..., H] and weight [V, H] do not match: {tuple(hidden.shape)} vs "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"{op}: hidden [..., H] and weight [V, H] do not match: {tuple(hidden.shape)} vs "
+            f"{tuple(weight.shape)}"
+        )
     if hidden.shape[:-1] != labels.shape:
-        raise ValueError(f"{op}: labels {tuple(labels.shape)} must have hidden's leading shape "
-                         f"{tuple(hidden.shape[:-1])}")
+        raise ValueError(
+            f"{op}: labels {tuple(labels.shape)} must have hidden's leading shape {tuple(hidden.shape[:-1])}"
+        )
     if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise ValueError(f"{op}: hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
-                         f"{'' if bias is None else ', ' + str(bias.dtype)}")
+        raise ValueError(
+            f"{op}: hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
+            f"{'' if bias is None else ', ' + str(bias.dtype)}"
+        )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{op}: bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{op}: labels must be int64 or int32, got {labels.dtype}")
 
 
-def fused_linear_cross_entropy_op(op: str, hidden, weight, labels, *, bias, ignore_index, reduction,
-                                  label_smoothing, z_loss, softcap, return_entropy, backend, chunk_size,
-                                  grad_accumulation, shard: VocabShard | None = None, comm=None,
-                                  sizing_cols: int | None = None):
+def fused_linear_cross_entropy_op(
+    op: str,
+    hidden,
+    weight,
+    labels,
+    *,
+    bias,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    return_entropy,
+    backend,
+    chunk_size,
+    grad_accumulation,
+    shard: VocabShard | None = None,
+    comm=None,
+    sizing_cols: int | None = None,
+):
     """The fused op on ``weight``'s rows, which are ``shard``'s classes (default: all of them).
 
     ``comm`` combines partials across shards (vocab_parallel.py); ``sizing_cols`` is the column count
@@ -465,15 +564,23 @@ def fused_linear_cross_entropy_op(op: str, hidden, weight, labels, *, bias, igno
     labels1 = labels.reshape(-1).long().contiguous()
     weight_c = weight if weight.is_contiguous() else weight.contiguous()
     shard = shard or VocabShard(0, weight.shape[0])
-    opts = CEOptions(int(ignore_index), float(label_smoothing), float(z_loss),
-                     None if softcap is None else float(softcap))
-    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    opts = CEOptions(
+        int(ignore_index), float(label_smoothing), float(z_loss), None if softcap is None else float(softcap)
+    )
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
     path = grad_accumulation_path(grad_accumulation, weight.dtype, hidden.device) if grad_wanted else None
     if chunk_size:
         rows = int(chunk_size)
     else:
-        per_row = chunk_bytes_per_row(sizing_cols or weight.shape[0], hidden2.shape[1], hidden.dtype, resolved,
-                                      path.method if path is not None else None)
+        per_row = chunk_bytes_per_row(
+            sizing_cols or weight.shape[0],
+            hidden2.shape[1],
+            hidden.dtype,
+            resolved,
+            path.method if path is not None else None,
+        )
         rows = chunk_rows(hidden2.shape[0], per_row, chunk_budget_bytes())
     plan = _Plan(opts, reduction, bool(return_entropy), resolved, max(1, rows), path, shard, comm)
     if hidden2.shape[0] == 0:
@@ -484,7 +591,9 @@ def fused_linear_cross_entropy_op(op: str, hidden, weight, labels, *, bias, igno
     if grad_wanted:
         out = _FusedLinearCrossEntropy.apply(hidden2, weight_c, bias, labels1, plan)
     else:  # no autograd graph wanted: the loss only, no gradient work
-        loss_rows, _, entropy, *_ = _run_chunks(hidden2, weight_c, bias, labels1, plan, need_grads=(False,) * 3)
+        loss_rows, _, entropy, *_ = _run_chunks(
+            hidden2, weight_c, bias, labels1, plan, need_grads=(False,) * 3
+        )
         loss = _reduce(loss_rows, labels1 != opts.ignore_index, reduction)
         out = (loss, entropy) if return_entropy else loss
     if return_entropy:
@@ -493,12 +602,22 @@ def fused_linear_cross_entropy_op(op: str, hidden, weight, labels, *, bias, igno
     return out.view(shape) if reduction == "none" else out
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                               bias: torch.Tensor | None = None, ignore_index: int = -100,
-                               reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                               softcap: float | None = None, return_entropy: bool = False,
-                               backend: str = "auto", chunk_size: int | None = None,
-                               grad_accumulation: str = DEFAULT_GRAD_ACCUMULATION):
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    grad_accumulation: str = DEFAULT_GRAD_ACCUMULATION,
+):
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, without the [N, V] logits.
 
     ``hidden`` [..., H], ``weight`` [V, H] (the LM head), ``labels`` [...] (hidden's leading shape).
@@ -515,14 +634,27 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     "fp32"; measured errors against fp64 and the reasons for the default: module docstring.
     """
     return fused_linear_cross_entropy_op(
-        "fused_linear_cross_entropy", hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-        reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        return_entropy=return_entropy, backend=backend, chunk_size=chunk_size, grad_accumulation=grad_accumulation)
+        "fused_linear_cross_entropy",
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        return_entropy=return_entropy,
+        backend=backend,
+        chunk_size=chunk_size,
+        grad_accumulation=grad_accumulation,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Cross-entropy on given logits.
 # ---------------------------------------------------------------------------------------------------
+
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -535,7 +667,9 @@ class _CrossEntropy(torch.autograd.Function):
         entropy = torch.empty_like(loss_rows) if want_entropy else None
         for start in range(0, num_rows, rows):  # chunked so that the fp32 temporaries stay bounded
             end = min(start + rows, num_rows)
-            l_, s_, e_ = pieces.rows(logits[start:end], labels[start:end], opts, shard, want_entropy=want_entropy)
+            l_, s_, e_ = pieces.rows(
+                logits[start:end], labels[start:end], opts, shard, want_entropy=want_entropy
+            )
             loss_rows[start:end] = l_
             lse[start:end] = s_
             if want_entropy:
@@ -565,14 +699,31 @@ class _CrossEntropy(torch.autograd.Function):
             scratch = None
             if ctx.backend == "torch":  # the caller's logits are not scratch: a z of our own
                 scratch = (_capped_fp32(x, ctx.opts, clobber=False), None)
-            pieces.grad(x, scratch, labels[start:end], lse[start:end], ctx.opts, shard, grad_scale=s,
-                        grad_out=grad[start:end])
+            pieces.grad(
+                x,
+                scratch,
+                labels[start:end],
+                lse[start:end],
+                ctx.opts,
+                shard,
+                grad_scale=s,
+                grad_out=grad[start:end],
+            )
         return grad, None, None, None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
-                  return_entropy: bool = False, backend: str = "auto"):
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
     """Cross-entropy of ``logits`` [..., V] against ``labels`` [...], with the fused op's options.
 
     Same definitions and outputs as :func:`fused_linear_cross_entropy` (module docstring); the gradient
@@ -581,8 +732,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     op = "cross_entropy"
     _check_options(op, reduction, label_smoothing, z_loss, softcap)
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"{op}: labels {tuple(labels.shape)} must have logits' leading shape "
-                         f"{tuple(logits.shape[:-1])}")
+        raise ValueError(
+            f"{op}: labels {tuple(labels.shape)} must have logits' leading shape {tuple(logits.shape[:-1])}"
+        )
     resolved = resolve_backend(backend, logits.device, op)
     _require_interpreted_on_cpu(resolved, logits.device, op)
     shape = labels.shape
@@ -591,9 +743,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
         logits2 = logits2.contiguous()
     labels1 = labels.reshape(-1).long().contiguous()
     per_row = chunk_bytes_per_row(logits2.shape[1], 0, logits.dtype, resolved, None, logits_block=False)
-    rows = chunk_rows(max(1, logits2.shape[0]), per_row, chunk_budget_bytes())  # Triton: no temporaries, all rows
-    opts = CEOptions(int(ignore_index), float(label_smoothing), float(z_loss),
-                     None if softcap is None else float(softcap))
+    rows = chunk_rows(
+        max(1, logits2.shape[0]), per_row, chunk_budget_bytes()
+    )  # Triton: no temporaries, all rows
+    opts = CEOptions(
+        int(ignore_index), float(label_smoothing), float(z_loss), None if softcap is None else float(softcap)
+    )
     out = _CrossEntropy.apply(logits2, labels1, opts, reduction, return_entropy, resolved, rows)
     if return_entropy:
         loss, entropy = out
@@ -605,39 +760,82 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
 # nn.Module wrappers.
 # ---------------------------------------------------------------------------------------------------
 
+
 class FusedLinearCrossEntropyLoss(nn.Module):
     """``loss = FusedLinearCrossEntropyLoss(...)(hidden, weight, labels, bias=None)``: see the function."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: float | None = None, return_entropy: bool = False,
-                 backend: str = "auto", grad_accumulation: str = DEFAULT_GRAD_ACCUMULATION):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        return_entropy: bool = False,
+        backend: str = "auto",
+        grad_accumulation: str = DEFAULT_GRAD_ACCUMULATION,
+    ):
         super().__init__()
         _check_options(type(self).__name__, reduction, label_smoothing, z_loss, softcap)
         _check_grad_accumulation(type(self).__name__, grad_accumulation)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap, self.return_entropy, self.backend = z_loss, softcap, return_entropy, backend
+        self.z_loss, self.softcap, self.return_entropy, self.backend = (
+            z_loss,
+            softcap,
+            return_entropy,
+            backend,
+        )
         self.grad_accumulation = grad_accumulation
 
     def forward(self, hidden, weight, labels, bias=None):
-        return fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
-                                          reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                          z_loss=self.z_loss, softcap=self.softcap,
-                                          return_entropy=self.return_entropy, backend=self.backend,
-                                          grad_accumulation=self.grad_accumulation)
+        return fused_linear_cross_entropy(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            return_entropy=self.return_entropy,
+            backend=self.backend,
+            grad_accumulation=self.grad_accumulation,
+        )
 
 
 class CrossEntropyLoss(nn.Module):
     """``loss = CrossEntropyLoss(...)(logits, labels)``: see :func:`cross_entropy`."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: float | None = None, return_entropy: bool = False,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        return_entropy: bool = False,
+        backend: str = "auto",
+    ):
         super().__init__()
         _check_options(type(self).__name__, reduction, label_smoothing, z_loss, softcap)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap, self.return_entropy, self.backend = z_loss, softcap, return_entropy, backend
+        self.z_loss, self.softcap, self.return_entropy, self.backend = (
+            z_loss,
+            softcap,
+            return_entropy,
+            backend,
+        )
 
     def forward(self, logits, labels):
-        return cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction=self.reduction,
-                             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                             return_entropy=self.return_entropy, backend=self.backend)
+        return cross_entropy(
+            logits,
+            labels,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            return_entropy=self.return_entropy,
+            backend=self.backend,
+        )

@@ -39,6 +39,7 @@ same ``seed`` return the same tokens as the reference):
 
 Each option is a Python number or a tensor [B] (one value per row).
 """
+
 from __future__ import annotations
 
 import math
@@ -54,6 +55,7 @@ _MASK32 = 0xFFFFFFFF
 # ---------------------------------------------------------------------------------------------------
 # Counter-based random numbers, identical in torch and Triton (int64 arithmetic, no overflow).
 # ---------------------------------------------------------------------------------------------------
+
 
 def _mul32(a, m: int):
     """(a * m) mod 2**32 for 0 <= a < 2**32, split in 16-bit halves of m so that int64 never overflows."""
@@ -92,6 +94,7 @@ def sampling_seeds(seed: int, step: int, batch_size: int, device=None) -> torch.
     Row r gets ``splitmix64(splitmix64(seed) ^ step) + r``; the sampler hashes it again, so nearby
     values give independent streams.
     """
+
     def splitmix64(x: int) -> int:
         x = (x + 0x9E3779B97F4A7C15) & (2**64 - 1)
         x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
@@ -106,20 +109,29 @@ def sampling_seeds(seed: int, step: int, batch_size: int, device=None) -> torch.
 # Options.
 # ---------------------------------------------------------------------------------------------------
 
+
 def _check_scalar(name, value, low, high, integer=False):
     if integer:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"sample: {name} must be an int >= {low} (or a tensor [B]), got {value!r}")
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise ValueError(f"sample: {name} must be a number in [{low}, {high}] (or a tensor [B]), got {value!r}")
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise ValueError(
+            f"sample: {name} must be a number in [{low}, {high}] (or a tensor [B]), got {value!r}"
+        )
 
 
 def _option(name, value, batch, device, dtype):
     if isinstance(value, torch.Tensor):
         if value.shape not in ((batch,), ()):
-            raise ValueError(f"sample: {name} must be a number or a tensor [{batch}], got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"sample: {name} must be a number or a tensor [{batch}], got shape {tuple(value.shape)}"
+            )
         return value.to(device=device, dtype=dtype).expand(batch).contiguous()
     return torch.full((batch,), value, device=device, dtype=dtype)
 
@@ -127,6 +139,7 @@ def _option(name, value, batch, device, dtype):
 # ---------------------------------------------------------------------------------------------------
 # The sort-based reference.
 # ---------------------------------------------------------------------------------------------------
+
 
 def invalid_rows_torch(logits: torch.Tensor) -> torch.Tensor:
     """Bool [B]: the row holds NaN or +inf, or nothing but -inf (one pass: amax propagates NaN)."""
@@ -228,8 +241,16 @@ def _sample_by_sort(logits, temperature, top_p, top_k, min_p, random53):
     return torch.searchsorted(cumulative, u[:, None], right=True).squeeze(1).clamp_max(logits.shape[1] - 1)
 
 
-def sample_torch(logits, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, *, random53: torch.Tensor,
-                 candidates: int = CANDIDATES):
+def sample_torch(
+    logits,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    min_p=0.0,
+    *,
+    random53: torch.Tensor,
+    candidates: int = CANDIDATES,
+):
     """Tokens [B] (int64) by the reference definition; ``random53`` [B] int64 in [0, 2**53). No validity check.
 
     With top-k or top-p on, each row is first decided on its few largest logits (top-k rows: ``k`` plus a
@@ -250,7 +271,9 @@ def sample_torch(logits, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, *, rand
     active_k = (k > 0) & (k < vocab)
     filtered = (active_k | (p < 1)) & ~is_greedy
     if not bool(filtered.any()):  # neither top-k nor top-p: no order needed at all
-        return torch.where(is_greedy, greedy, _sample_by_sort(logits, temperature, top_p, top_k, min_p, random53))
+        return torch.where(
+            is_greedy, greedy, _sample_by_sort(logits, temperature, top_p, top_k, min_p, random53)
+        )
     width = min(vocab, max(candidates, int(torch.where(active_k, k, 0).max()) + 16))
     values, index = torch.topk(x, width, dim=1)
     z = scaled_logits(values, inv_temp)
@@ -258,14 +281,17 @@ def sample_torch(logits, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, *, rand
     if bool((~active_k & filtered).any()):  # top-p without top-k: its total is the whole row's mass
         w_all = torch.exp(scaled_logits(x, inv_temp) - z[:, :1])
         vocab_mass = (w_all * float(2**MASS_BITS)).to(torch.int64).sum(1)
-    token, exact = _sample_from_candidates(z, index, torch.where(active_k, k, 0), p, min_p_t, random53, vocab_mass)
+    token, exact = _sample_from_candidates(
+        z, index, torch.where(active_k, k, 0), p, min_p_t, random53, vocab_mass
+    )
     exact &= filtered
     redo = ~exact & ~is_greedy
     if bool(redo.any()):
         rows = redo.nonzero().flatten()
         pick = lambda v: v[rows] if isinstance(v, torch.Tensor) and v.dim() == 1 else v  # noqa: E731
-        token[rows] = _sample_by_sort(logits[rows], pick(temperature), pick(top_p), pick(top_k), pick(min_p),
-                                      random53[rows])
+        token[rows] = _sample_by_sort(
+            logits[rows], pick(temperature), pick(top_p), pick(top_k), pick(min_p), random53[rows]
+        )
     return torch.where(is_greedy, greedy, token)
 
 
@@ -273,14 +299,27 @@ def sample_torch(logits, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, *, rand
 # Public API.
 # ---------------------------------------------------------------------------------------------------
 
+
 def _raise_invalid(rows: list[int], batch: int):
     shown = ", ".join(str(r) for r in rows[:8]) + (", ..." if len(rows) > 8 else "")
-    raise ValueError(f"sample: logits row(s) {shown} (of {batch}) hold NaN or +inf, or only -inf: "
-                     "no distribution to sample from")
+    raise ValueError(
+        f"sample: logits row(s) {shown} (of {batch}) hold NaN or +inf, or only -inf: "
+        "no distribution to sample from"
+    )
 
 
-def sample(logits: torch.Tensor, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=None,
-           generator: torch.Generator | None = None, backend: str = "auto", on_invalid: str = "raise"):
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    min_p=0.0,
+    seed=None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+    on_invalid: str = "raise",
+):
     """Sample one token per row of ``logits`` [B, V]: LongTensor [B]. Semantics: module docstring."""
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"sample: logits must be [B, V] with V > 0, got {tuple(logits.shape)}")
@@ -290,9 +329,12 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0
         raise ValueError(f"sample: on_invalid must be 'raise' or 'flag', got {on_invalid!r}")
     if seed is not None and generator is not None:
         raise ValueError("sample: pass seed or generator, not both")
-    for name, value, low, high, integer in (("temperature", temperature, 0.0, 1e30, False),
-                                            ("top_p", top_p, 0.0, 1.0, False), ("top_k", top_k, 0, None, True),
-                                            ("min_p", min_p, 0.0, 1.0, False)):
+    for name, value, low, high, integer in (
+        ("temperature", temperature, 0.0, 1e30, False),
+        ("top_p", top_p, 0.0, 1.0, False),
+        ("top_k", top_k, 0, None, True),
+        ("min_p", min_p, 0.0, 1.0, False),
+    ):
         if not isinstance(value, torch.Tensor):
             _check_scalar(name, value, low, high, integer)
     batch = logits.shape[0]
@@ -303,21 +345,27 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0
 
     if isinstance(seed, torch.Tensor):
         if seed.shape not in ((batch,), ()):
-            raise ValueError(f"sample: seed must be an int or an int64 tensor [{batch}], got {tuple(seed.shape)}")
+            raise ValueError(
+                f"sample: seed must be an int or an int64 tensor [{batch}], got {tuple(seed.shape)}"
+            )
         seeds = seed.to(device=device, dtype=torch.int64).expand(batch).contiguous()
     elif seed is not None:
         value = int(seed) & (2**64 - 1)
-        seeds = torch.full((batch,), value - 2**64 if value >= 2**63 else value, dtype=torch.int64, device=device)
+        seeds = torch.full(
+            (batch,), value - 2**64 if value >= 2**63 else value, dtype=torch.int64, device=device
+        )
     else:
         seeds = None
 
     if resolved == "triton":
-        from . import _triton_sampling as ts
+        from . import _triton_sampling as ts  # noqa: PLC0415 (optional: triton, imported once TRITON_INTERPRET is settled)
+
         if seeds is None:
             gen_device = generator.device if generator is not None else device
             seeds = torch.randint(0, 2**62, (batch,), generator=generator, device=gen_device).to(device)
-        tokens, status = ts.sample_triton(logits, temperature=temperature, top_p=top_p, top_k=top_k,
-                                          min_p=min_p, seeds=seeds)
+        tokens, status = ts.sample_triton(
+            logits, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seeds=seeds
+        )
         if on_invalid == "raise":
             if bool(status.any()):
                 _raise_invalid(status.nonzero().flatten().tolist(), batch)
@@ -327,7 +375,9 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0
     if bool(invalid.any()):
         if on_invalid == "raise":
             _raise_invalid(invalid.nonzero().flatten().tolist(), batch)
-        logits = torch.where(invalid[:, None], 0.0, logits.float())  # keep the arithmetic finite; flagged below
+        logits = torch.where(
+            invalid[:, None], 0.0, logits.float()
+        )  # keep the arithmetic finite; flagged below
     if seeds is not None:
         lo, hi = split_seeds(seeds)
         random53 = rand53(row_key(lo, hi), 0)
@@ -341,13 +391,22 @@ def sample(logits: torch.Tensor, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0
 class Sampler(nn.Module):
     """``tokens = Sampler(temperature=..., top_p=...)(logits, seed=...)``: see :func:`sample`."""
 
-    def __init__(self, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, backend: str = "auto",
-                 on_invalid: str = "raise"):
+    def __init__(
+        self, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, backend: str = "auto", on_invalid: str = "raise"
+    ):
         super().__init__()
         self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
         self.backend, self.on_invalid = backend, on_invalid
 
     def forward(self, logits, seed=None, generator=None):
-        return sample(logits, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                      min_p=self.min_p, seed=seed, generator=generator, backend=self.backend,
-                      on_invalid=self.on_invalid)
+        return sample(
+            logits,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=seed,
+            generator=generator,
+            backend=self.backend,
+            on_invalid=self.on_invalid,
+        )

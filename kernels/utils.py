@@ -3,6 +3,7 @@
 Nothing here imports triton: the Triton modules are imported lazily, the first time the ``"triton"``
 backend is used, so that ``TRITON_INTERPRET=1`` may be set after ``hfdist.kernels`` is imported.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,18 +52,21 @@ class KernelVariant:
     tables its launch code reads, so that the ahead-of-time compile check (tests/test_kernels_compile.py)
     covers every variant a wrapper can launch.
     """
+
     name: str  # e.g. "_ce_kernel[bf16, softcap, grad]"
     kernel: Any  # the @triton.jit function
     signature: dict  # argument name -> Triton type ("*fp32", "i64", "fp32", "constexpr", ...)
     constexprs: dict = field(default_factory=dict)  # constexpr argument name -> value
     num_warps: int = 4
-    options: dict = field(default_factory=dict)  # other compile options the launch passes, e.g. enable_fp_fusion
+    options: dict = field(
+        default_factory=dict
+    )  # other compile options the launch passes, e.g. enable_fp_fusion
 
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401, PLC0415 (optional: triton, imported only when asked)
     except ImportError:
         return False
     return True
@@ -93,10 +97,13 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
         if not interpreter_enabled():
             raise ValueError(
                 f"{op}: backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                "before triton is imported, or use backend='torch'")
+                "before triton is imported, or use backend='torch'"
+            )
         return "triton"
-    raise ValueError(f"{op}: backend='triton' supports CUDA tensors (or CPU under TRITON_INTERPRET=1), "
-                     f"got a tensor on {device}")
+    raise ValueError(
+        f"{op}: backend='triton' supports CUDA tensors (or CPU under TRITON_INTERPRET=1), "
+        f"got a tensor on {device}"
+    )
 
 
 def check_interpreted(kernel, op: str) -> None:
@@ -104,12 +111,14 @@ def check_interpreted(kernel, op: str) -> None:
     if type(kernel).__name__ != "InterpretedFunction":
         raise ValueError(
             f"{op}: the Triton kernels were compiled for a GPU (TRITON_INTERPRET was not 1 when they were first "
-            "imported); set TRITON_INTERPRET=1 before the first use of backend='triton' on CPU")
+            "imported); set TRITON_INTERPRET=1 before the first use of backend='triton' on CPU"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Fused loss (kernels/cross_entropy.py): chunk sizing and weight-gradient accumulation.
 # ---------------------------------------------------------------------------------------------------
+
 
 def chunk_rows(num_rows: int, bytes_per_row: int, budget_bytes: int, multiple: int = 8) -> int:
     """Rows per chunk so that ``rows * bytes_per_row`` (everything a chunk holds at once) fits ``budget_bytes``.
@@ -138,6 +147,7 @@ class AccumulationPath:
     chunk; cuBLAS beta=1), "addmm_out_fp32" (CUDA: ``fp32 += bf16 @ bf16`` in one cuBLAS call, addmm with
     ``out_dtype``), "upcast" (CPU, which has no mixed-dtype addmm: fp32 GEMMs on upcast slices).
     """
+
     requested: str
     dtype: torch.dtype  # the accumulator's
     method: str
@@ -182,9 +192,12 @@ def _cuda_mixed_addmm_works(device_index: int) -> bool:
     except Exception:  # any failure (missing op, no kernel for this GPU, no CUDA) means: not usable
         ok = False
     if not ok:
-        logger.warning("grad_accumulation='fp32' needs torch.addmm(out_dtype=float32) (fp32 += bf16 @ bf16 in one "
-                       "cuBLAS call), which fails with this torch on cuda:%d: the fused loss accumulates the weight "
-                       "gradient in the weight's dtype instead (fp32 math, one rounding per chunk)", device_index)
+        logger.warning(
+            "grad_accumulation='fp32' needs torch.addmm(out_dtype=float32) (fp32 += bf16 @ bf16 in one "
+            "cuBLAS call), which fails with this torch on cuda:%d: the fused loss accumulates the weight "
+            "gradient in the weight's dtype instead (fp32 math, one rounding per chunk)",
+            device_index,
+        )
     return ok
 
 
@@ -209,8 +222,10 @@ class WeightGradAccumulator:
             assert path.dtype == torch.float32 and torch.empty((), dtype=dtype).element_size() == 2
             split = rows // 2
             self._buffer = torch.zeros((rows * cols + 1) // 2, device=device, dtype=torch.float32)
-            self._pieces = [(0, self._buffer[: split * cols].view(split, cols)),
-                            (split, torch.zeros(rows - split, cols, device=device, dtype=torch.float32))]
+            self._pieces = [
+                (0, self._buffer[: split * cols].view(split, cols)),
+                (split, torch.zeros(rows - split, cols, device=device, dtype=torch.float32)),
+            ]
         self.shape = (rows, cols)
 
     def add_(self, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -218,14 +233,14 @@ class WeightGradAccumulator:
         method = self.path.method
         b32 = b.float() if method == "upcast" else None
         for start, acc in self._pieces:
-            part = a[start:start + acc.shape[0]]
+            part = a[start : start + acc.shape[0]]
             if method == "addmm":
                 acc.addmm_(part, b)
             elif method == "addmm_out_fp32":
                 torch.ops.aten.addmm.dtype_out(acc, part, b, torch.float32, out=acc)
             else:
                 for s in range(0, part.shape[0], UPCAST_SLICE_ROWS):
-                    acc[s:s + UPCAST_SLICE_ROWS].addmm_(part[s:s + UPCAST_SLICE_ROWS].float(), b32)
+                    acc[s : s + UPCAST_SLICE_ROWS].addmm_(part[s : s + UPCAST_SLICE_ROWS].float(), b32)
 
     def finish(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """The accumulated gradient times ``scale`` (fp32 scalar), in the weight's dtype; consumes the accumulator."""
@@ -242,7 +257,7 @@ class WeightGradAccumulator:
         del pieces
         step = max(1, (1 << 22) // cols)
         for s in range(0, rest.shape[0], step):  # rows [split, V) -> the second half, slice by slice
-            torch.mul(rest[s:s + step], scale, out=out[split + s:split + s + step])
+            torch.mul(rest[s : s + step], scale, out=out[split + s : split + s + step])
         return out
 
 

@@ -15,14 +15,22 @@ are computed in the forward), plus one all-reduce of d_hidden [N, H] when hidden
 rank must make the same call (same hidden, labels, options, chunk_size, grad mode): the chunks are sized
 from ceil(vocab_size / group size) columns, which every rank computes alike.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from .cross_entropy import (DEFAULT_GRAD_ACCUMULATION, VocabShard, _check_grad_accumulation, _check_options,
-                            fused_linear_cross_entropy_op, merge_partials)
+from .cross_entropy import (
+    DEFAULT_GRAD_ACCUMULATION,
+    VocabShard,
+    _check_grad_accumulation,
+    _check_options,
+    fused_linear_cross_entropy_op,
+    merge_partials,
+)
 
 
 class _GroupCombine:
@@ -42,14 +50,25 @@ class _GroupCombine:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
 
 
-def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard: torch.Tensor,
-                                              labels: torch.Tensor, *, vocab_start: int, vocab_size: int, group,
-                                              bias_shard: torch.Tensor | None = None, ignore_index: int = -100,
-                                              reduction: str = "mean", label_smoothing: float = 0.0,
-                                              z_loss: float = 0.0, softcap: float | None = None,
-                                              return_entropy: bool = False, backend: str = "auto",
-                                              chunk_size: int | None = None,
-                                              grad_accumulation: str = DEFAULT_GRAD_ACCUMULATION):
+def vocab_parallel_fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    group,
+    bias_shard: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    grad_accumulation: str = DEFAULT_GRAD_ACCUMULATION,
+):
     """:func:`fused_linear_cross_entropy` with the head's rows sharded over the ranks of ``group``.
 
     ``weight_shard`` [V_r, H] (and ``bias_shard`` [V_r]) are global classes [vocab_start, vocab_start + V_r)
@@ -65,49 +84,89 @@ def vocab_parallel_fused_linear_cross_entropy(hidden: torch.Tensor, weight_shard
     op = "vocab_parallel_fused_linear_cross_entropy"
     _check_options(op, reduction, label_smoothing, z_loss, softcap)
     _check_grad_accumulation(op, grad_accumulation)
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - older torch
-        DTensor = ()
     if isinstance(hidden, DTensor) or isinstance(weight_shard, DTensor):
-        raise ValueError(f"{op}: hidden and weight_shard must be plain tensors (DTensor.to_local() / "
-                         "full_tensor()), not DTensors")
+        raise ValueError(
+            f"{op}: hidden and weight_shard must be plain tensors (DTensor.to_local() / "
+            "full_tensor()), not DTensors"
+        )
     if weight_shard.dim() != 2:
         raise ValueError(f"{op}: weight_shard must be [V_r, H], got {tuple(weight_shard.shape)}")
     vocab_start, vocab_size = int(vocab_start), int(vocab_size)
     if vocab_start < 0 or vocab_start + weight_shard.shape[0] > vocab_size:
-        raise ValueError(f"{op}: vocab_start {vocab_start} + shard rows {weight_shard.shape[0]} must lie within "
-                         f"[0, vocab_size={vocab_size}]")
+        raise ValueError(
+            f"{op}: vocab_start {vocab_start} + shard rows {weight_shard.shape[0]} must lie within "
+            f"[0, vocab_size={vocab_size}]"
+        )
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(f"{op}: needs an initialized torch.distributed process group")
     world = dist.get_world_size(group)
     return fused_linear_cross_entropy_op(
-        op, hidden, weight_shard, labels, bias=bias_shard, ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, return_entropy=return_entropy,
-        backend=backend, chunk_size=chunk_size, grad_accumulation=grad_accumulation,
-        shard=VocabShard(vocab_start, vocab_size), comm=_GroupCombine(group),
-        sizing_cols=-(-vocab_size // world))
+        op,
+        hidden,
+        weight_shard,
+        labels,
+        bias=bias_shard,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        return_entropy=return_entropy,
+        backend=backend,
+        chunk_size=chunk_size,
+        grad_accumulation=grad_accumulation,
+        shard=VocabShard(vocab_start, vocab_size),
+        comm=_GroupCombine(group),
+        sizing_cols=-(-vocab_size // world),
+    )
 
 
 class VocabParallelFusedLinearCrossEntropyLoss(nn.Module):
     """``VocabParallelFusedLinearCrossEntropyLoss(vocab_start, vocab_size, group, ...)(hidden, weight_shard,
     labels, bias_shard=None)``: see :func:`vocab_parallel_fused_linear_cross_entropy`."""
 
-    def __init__(self, vocab_start: int, vocab_size: int, group=None, ignore_index: int = -100,
-                 reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: float | None = None, return_entropy: bool = False, backend: str = "auto",
-                 grad_accumulation: str = DEFAULT_GRAD_ACCUMULATION):
+    def __init__(
+        self,
+        vocab_start: int,
+        vocab_size: int,
+        group=None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        return_entropy: bool = False,
+        backend: str = "auto",
+        grad_accumulation: str = DEFAULT_GRAD_ACCUMULATION,
+    ):
         super().__init__()
         _check_options(type(self).__name__, reduction, label_smoothing, z_loss, softcap)
         _check_grad_accumulation(type(self).__name__, grad_accumulation)
         self.vocab_start, self.vocab_size, self.group = vocab_start, vocab_size, group
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap, self.return_entropy, self.backend = z_loss, softcap, return_entropy, backend
+        self.z_loss, self.softcap, self.return_entropy, self.backend = (
+            z_loss,
+            softcap,
+            return_entropy,
+            backend,
+        )
         self.grad_accumulation = grad_accumulation
 
     def forward(self, hidden, weight_shard, labels, bias_shard=None):
         return vocab_parallel_fused_linear_cross_entropy(
-            hidden, weight_shard, labels, vocab_start=self.vocab_start, vocab_size=self.vocab_size,
-            group=self.group, bias_shard=bias_shard, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            return_entropy=self.return_entropy, backend=self.backend, grad_accumulation=self.grad_accumulation)
+            hidden,
+            weight_shard,
+            labels,
+            vocab_start=self.vocab_start,
+            vocab_size=self.vocab_size,
+            group=self.group,
+            bias_shard=bias_shard,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            return_entropy=self.return_entropy,
+            backend=self.backend,
+            grad_accumulation=self.grad_accumulation,
+        )

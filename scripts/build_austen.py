@@ -4,14 +4,20 @@ One record per chapter: {"title", "chapter", "text"}, the lines of each paragrap
 paragraphs separated by a blank line. Front matter before the first chapter is dropped.
 Usage: python scripts/build_austen.py ../shared/data/austen
 """
+
 import gzip
 import json
 import re
 import sys
 from pathlib import Path
 
-TITLES = {"emma": "Emma", "mansfieldpark": "Mansfield Park", "northangerabbey": "Northanger Abbey",
-          "prideprejudice": "Pride and Prejudice", "sensesensibility": "Sense and Sensibility"}
+TITLES = {
+    "emma": "Emma",
+    "mansfieldpark": "Mansfield Park",
+    "northangerabbey": "Northanger Abbey",
+    "prideprejudice": "Pride and Prejudice",
+    "sensesensibility": "Sense and Sensibility",
+}
 CHAPTER = re.compile(r"^(CHAPTER|Chapter) [0-9IVXLC]+\.?$")
 
 

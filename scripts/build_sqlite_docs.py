@@ -4,16 +4,30 @@ Modern technical prose, far from the Austen novels the demo hyperfits on: the ru
 in SQLite's documentation, which its author dedicated to the public domain (Debian's `sqlite3-doc` package,
 `License: public-domain` in its copyright file). One record per page: {"page", "title", "text"}, paragraphs
 (``<p>`` text outside code, tables and scripts, at least 10 words) separated by a blank line.
-Usage: apt-get download sqlite3-doc && dpkg -x sqlite3-doc_*.deb x && python scripts/build_sqlite_docs.py x/usr/share/doc/sqlite3
+Usage: apt-get download sqlite3-doc && dpkg -x sqlite3-doc_*.deb x &&
+       python scripts/build_sqlite_docs.py x/usr/share/doc/sqlite3
 """
+
 import gzip
 import html.parser
 import json
 import sys
 from pathlib import Path
 
-PAGES = ("whentouse", "atomiccommit", "testing", "howtocorrupt", "queryplanner", "wal", "tempfiles", "lockingv3",
-         "datatype3", "malloc", "quirks", "fasterthanfs")
+PAGES = (
+    "whentouse",
+    "atomiccommit",
+    "testing",
+    "howtocorrupt",
+    "queryplanner",
+    "wal",
+    "tempfiles",
+    "lockingv3",
+    "datatype3",
+    "malloc",
+    "quirks",
+    "fasterthanfs",
+)
 SKIPPED = ("script", "style", "pre", "code", "table")
 
 

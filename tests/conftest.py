@@ -1,4 +1,5 @@
 """Test session set-up: the Triton interpreter where there is no GPU, offline hubs, a shared JIT-extension cache."""
+
 import os
 from pathlib import Path
 

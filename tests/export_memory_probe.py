@@ -4,10 +4,12 @@ model while measuring each rank's peak host memory of the export alone.
 The peak is the kernel's high-water mark of resident memory (VmHWM), reset to the current resident size just before
 the export (``/proc/self/clear_refs`` = 5), read right after it. Before the reset, glibc's ``malloc_trim`` hands the
 heap's free pages back to the kernel, so that memory freed earlier (and still resident) cannot absorb the export's
-allocations unseen; memory freed and reused during the export cannot hide a moment when a rank held more. The same probe then measures, as a control, what gathering the whole
-model on rank 0 costs (what the export did before it streamed): the probe must see that. Usage:
+allocations unseen; memory freed and reused during the export cannot hide a moment when a rank held more. The
+same probe then measures, as a control, what gathering the whole model on rank 0 costs (what the export did
+before it streamed): the probe must see that. Usage:
 export_memory_probe.py CONFIG RUN_DIR OUT_JSON [--set ...].
 """
+
 import gc
 import json
 import re
@@ -38,7 +40,13 @@ def main() -> None:
     trainer = Trainer(config, Path(run_dir), progress=False)
     try:
         trainer.run()
-        model_bytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainer.backend.model.parameters()) * 4
+        model_bytes = (
+            sum(
+                p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                for p in trainer.backend.model.parameters()
+            )
+            * 4
+        )
         rss_before = settle()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         trainer.export(Path(run_dir) / "model")
@@ -48,9 +56,17 @@ def main() -> None:
         gathered = gather_on_rank0(trainer.backend)
         gather_peak = status_kib("VmHWM")
         del gathered
-        Path(f"{out}.rank{trainer.backend.rank}").write_text(json.dumps(
-            {"rss_before_kib": rss_before, "peak_kib": peak, "export_extra_bytes": (peak - rss_before) * 1024,
-             "gather_extra_bytes": (gather_peak - gather_before) * 1024, "model_fp32_bytes": model_bytes}))
+        Path(f"{out}.rank{trainer.backend.rank}").write_text(
+            json.dumps(
+                {
+                    "rss_before_kib": rss_before,
+                    "peak_kib": peak,
+                    "export_extra_bytes": (peak - rss_before) * 1024,
+                    "gather_extra_bytes": (gather_peak - gather_before) * 1024,
+                    "model_fp32_bytes": model_bytes,
+                }
+            )
+        )
     finally:
         trainer.backend.close()
 
@@ -69,7 +85,9 @@ def gather_on_rank0(backend) -> dict:
         return state
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(backend.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        backend.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Parity helpers compare a run with a reference run of the same config: per-step loss and gradient norm within a
 relative tolerance, exported weights (read back with ``from_pretrained``) within an absolute one.
 """
+
 import json
 import os
 import socket
@@ -26,10 +27,19 @@ def free_port() -> int:
 
 
 def launch_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **extra)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHON=sys.executable,
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        **extra,
+    )
     return env
 
 

@@ -1,5 +1,6 @@
 """Checkpoint folders: atomic, verified by their manifest, pruned without losing the only good one,
 and a failed save (disk full) leaves the previous checkpoint loadable."""
+
 import errno
 
 import pytest
@@ -16,9 +17,11 @@ from hfdist.trainer import build_optimizer, build_scheduler
 
 def _backend(seed=0):
     backend = SingleBackend(Config(), device=torch.device("cpu"))
-    backend.build(lambda device: HyperfitModel(tiny_llama(seed=seed), fused_loss=False),
-                  lambda m: build_optimizer(Config().optim, m, torch.device("cpu")),
-                  lambda o: build_scheduler(Config().optim, o, 10))
+    backend.build(
+        lambda device: HyperfitModel(tiny_llama(seed=seed), fused_loss=False),
+        lambda m: build_optimizer(Config().optim, m, torch.device("cpu")),
+        lambda o: build_scheduler(Config().optim, o, 10),
+    )
     return backend
 
 
@@ -99,7 +102,9 @@ def test_disk_full_while_the_shards_are_written(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint._HashingStream, "write", full_disk)
-    with pytest.raises(HfdistError, match=r"write failed \(No space left on device\); the previous checkpoint"):
+    with pytest.raises(
+        HfdistError, match=r"write failed \(No space left on device\); the previous checkpoint"
+    ):
         checkpoint.save(tmp_path, 2, backend, {"step": 2}, keep_last=1)
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
 
@@ -123,8 +128,10 @@ def test_prune_reads_no_file_and_legacy_sha256_manifests_still_verify(tmp_path, 
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000002"]
     folder = tmp_path / "step_00000002"
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"] = {name: {"bytes": e["bytes"], "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
-                         for name, e in manifest["files"].items()}
+    manifest["files"] = {
+        name: {"bytes": e["bytes"], "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
+        for name, e in manifest["files"].items()
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert checkpoint.verify(folder) is None
     shard = next((folder / "dcp").glob("*.distcp"))
@@ -148,7 +155,9 @@ def test_async_save_equals_sync_save(tmp_path):
     a, b = _backend(seed=1), _backend(seed=2)
     checkpoint.load(tmp_path / "sync" / "step_00000001", a)
     checkpoint.load(final, b)
-    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values())
+    )
     sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
@@ -162,17 +171,22 @@ def test_checksum_cost_against_the_write(tmp_path):
     from hfdist.testing import tiny_llama
 
     backend = SingleBackend(Config(), device=torch.device("cpu"))
-    backend.build(lambda device: HyperfitModel(tiny_llama(hidden_size=1024, num_layers=2, num_heads=8,
-                                                          vocab_size=256), fused_loss=False),
-                  lambda m: build_optimizer(Config().optim, m, torch.device("cpu")),
-                  lambda o: build_scheduler(Config().optim, o, 10))
+    backend.build(
+        lambda device: HyperfitModel(
+            tiny_llama(hidden_size=1024, num_layers=2, num_heads=8, vocab_size=256), fused_loss=False
+        ),
+        lambda m: build_optimizer(Config().optim, m, torch.device("cpu")),
+        lambda o: build_scheduler(Config().optim, o, 10),
+    )
     _train_one_step(backend)
     ratios = []
     for step in (1, 2, 3):
         future = backend.save_checkpoint(_fresh(tmp_path / f"s{step}"))
         timer = future.result()["_timer"]
         ratios.append(timer["checksum_s"] / timer["write_s"])
-        print(f"write {timer['write_s']:.3f} s, checksums {timer['checksum_s']:.4f} s ({100 * ratios[-1]:.1f}%)")
+        print(
+            f"write {timer['write_s']:.3f} s, checksums {timer['checksum_s']:.4f} s ({100 * ratios[-1]:.1f}%)"
+        )
     assert min(ratios) < 0.15
 
 

@@ -1,4 +1,5 @@
 """The command line: help for every subcommand (bad input, one-line errors: tests/test_reliability_inputs.py)."""
+
 import subprocess
 import sys
 
@@ -6,8 +7,9 @@ from hfdist.cli import build_parser
 
 
 def _hfdist(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "hfdist.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hfdist.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_every_subcommand_has_help():

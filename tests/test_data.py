@@ -1,4 +1,5 @@
 """Data selection: exact lengths, seeded and recorded, disjoint splits, clear errors for too little data."""
+
 import json
 
 import pytest
@@ -16,8 +17,16 @@ def tokenizer():
 
 
 def _config(**kwargs):
-    defaults = dict(source="austen", mode="chunk", seq_len=32, num_samples=12, num_validation=4, num_contexts=3,
-                    context_len=8, seed=0)
+    defaults = dict(
+        source="austen",
+        mode="chunk",
+        seq_len=32,
+        num_samples=12,
+        num_validation=4,
+        num_contexts=3,
+        context_len=8,
+        seed=0,
+    )
     defaults.update(kwargs)
     return DataConfig(**defaults)
 
@@ -25,13 +34,17 @@ def _config(**kwargs):
 def test_chunk_mode_exact_lengths_and_disjoint_splits(tokenizer):
     data = build_data(_config(), tokenizer)
     assert data.train.shape == (12, 32) and data.validation.shape == (4, 32) and data.contexts.shape == (3, 8)
-    origins = [tuple(o) for o in data.selection["train_origins"] + data.selection["validation_origins"]
-               + data.selection["context_origins"]]
+    origins = [
+        tuple(o)
+        for o in data.selection["train_origins"]
+        + data.selection["validation_origins"]
+        + data.selection["context_origins"]
+    ]
     assert len(set(origins)) == len(origins)  # no window is used twice
     # Each selected window is exactly the tokens of the text at its recorded offset.
     texts = load_texts(_config())
     index, offset = data.selection["train_origins"][0]
-    assert data.train[0].tolist() == tokenizer(texts[index])["input_ids"][offset:offset + 32]
+    assert data.train[0].tolist() == tokenizer(texts[index])["input_ids"][offset : offset + 32]
 
 
 def test_selection_is_seeded(tokenizer):
@@ -45,10 +58,16 @@ def test_exact_mode_keeps_only_texts_reaching_seq_len(tmp_path, tokenizer):
     rows = [{"text": "word " * n} for n in (3, 50, 2, 80, 60, 1, 70)]
     path = tmp_path / "texts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = build_data(_config(source=str(path), mode="exact", seq_len=40, num_samples=2, num_validation=1,
-                              num_contexts=1), tokenizer)
+    data = build_data(
+        _config(source=str(path), mode="exact", seq_len=40, num_samples=2, num_validation=1, num_contexts=1),
+        tokenizer,
+    )
     assert data.train.shape == (2, 40)
-    chosen = data.selection["train_origins"] + data.selection["validation_origins"] + data.selection["context_origins"]
+    chosen = (
+        data.selection["train_origins"]
+        + data.selection["validation_origins"]
+        + data.selection["context_origins"]
+    )
     assert sorted(chosen) == [1, 3, 4, 6]  # the four texts long enough, none of the short ones
 
 
@@ -56,8 +75,12 @@ def test_too_little_data_is_an_error(tmp_path, tokenizer):
     path = tmp_path / "texts.jsonl"
     path.write_text("".join(json.dumps({"text": "word " * 50}) + "\n" for _ in range(5)))
     with pytest.raises(HfdistError, match=r"yields 5 texts of at least 40 tokens, but .* need 10"):
-        build_data(_config(source=str(path), mode="exact", seq_len=40, num_samples=6, num_validation=2,
-                           num_contexts=2), tokenizer)
+        build_data(
+            _config(
+                source=str(path), mode="exact", seq_len=40, num_samples=6, num_validation=2, num_contexts=2
+            ),
+            tokenizer,
+        )
 
 
 @pytest.mark.parametrize("kind", ["txt", "parquet", "csv"])
@@ -70,7 +93,9 @@ def test_local_file_kinds(tmp_path, tokenizer, kind):
         path.write_text("\n\n".join(texts))
     else:
         getattr(datasets.Dataset.from_dict({"text": texts}), f"to_{kind}")(str(path))
-    data = build_data(_config(source=str(path), seq_len=16, num_samples=8, num_validation=2, num_contexts=1), tokenizer)
+    data = build_data(
+        _config(source=str(path), seq_len=16, num_samples=8, num_validation=2, num_contexts=1), tokenizer
+    )
     assert data.train.shape == (8, 16)
 
 
@@ -109,8 +134,16 @@ def test_step_sampler_same_global_batch_for_any_world_size():
     assert sorted(epoch.tolist()) == list(range(32))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the overlapped copy needs CUDA"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="the overlapped copy needs CUDA"),
+        ),
+    ],
+)
 def test_prefetcher_hands_out_each_position_exactly(device):
     """Whatever the order of requests (in sequence, a jump as on resume, no next), each step gets its own batches."""
     from hfdist.data import BatchPrefetcher

@@ -1,4 +1,5 @@
 """The paper's text datasets on local files of their shape, and the extra held-out set (eval.extra)."""
+
 import dataclasses
 import gzip
 import json
@@ -14,8 +15,11 @@ from hfdist.testing import tiny_tokenizer
 
 PAPER = Path(__file__).parent.parent / "configs" / "paper"
 # The columns of each hub dataset the paper configs name (BBC News: RealTimeData/bbc_news_alltime's).
-COLUMNS = {"fiction": ["text"], "wikitext103": ["text"],
-           "bbc-news": ["title", "published_date", "authors", "description", "section", "content", "link"]}
+COLUMNS = {
+    "fiction": ["text"],
+    "wikitext103": ["text"],
+    "bbc-news": ["title", "published_date", "authors", "description", "section", "content", "link"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +41,15 @@ def test_paper_text_configs_read_local_files_of_the_same_shape(tmp_path, tokeniz
 
     config = load_config(PAPER / f"tinyllama-1.1b-{dataset}.yaml")
     texts = austen_paragraphs(40)
-    table = {name: texts if name == config.data.text_field else [f"{name} {i}" for i in range(len(texts))]
-             for name in COLUMNS[dataset]}
+    table = {
+        name: texts if name == config.data.text_field else [f"{name} {i}" for i in range(len(texts))]
+        for name in COLUMNS[dataset]
+    }
     path = tmp_path / f"{dataset}.parquet"
     datasets.Dataset.from_dict(table).to_parquet(str(path))
-    data_config = dataclasses.replace(config.data, source=str(path), seq_len=64, num_samples=12, num_validation=4,
-                                      num_contexts=2)
+    data_config = dataclasses.replace(
+        config.data, source=str(path), seq_len=64, num_samples=12, num_validation=4, num_contexts=2
+    )
     data = build_data(data_config, tokenizer)
     assert data.train.shape == (12, 64) and data.contexts.shape == (2, 32)
     first = data.selection["train_origins"][0]
@@ -50,8 +57,17 @@ def test_paper_text_configs_read_local_files_of_the_same_shape(tmp_path, tokeniz
 
 
 def test_extra_heldout_set_is_selected_saved_and_reloaded(tmp_path, tokenizer):
-    config = load_config(None, ["data.mode=chunk", "data.seq_len=32", "data.num_samples=8", "data.num_validation=2",
-                                "data.num_contexts=2", "data.context_len=8"])
+    config = load_config(
+        None,
+        [
+            "data.mode=chunk",
+            "data.seq_len=32",
+            "data.num_samples=8",
+            "data.num_validation=2",
+            "data.num_contexts=2",
+            "data.context_len=8",
+        ],
+    )
     extra = ExtraHeldOutConfig(source="sqlite_docs", name="sqlite", num_validation=3, num_contexts=2)
     data = build_data(config.data, tokenizer, extra)
     validation, contexts = data.extra["sqlite"]
@@ -62,12 +78,17 @@ def test_extra_heldout_set_is_selected_saved_and_reloaded(tmp_path, tokenizer):
     with gzip.open(EMBEDDED["sqlite_docs"], "rt") as f:
         pages = [json.loads(line)["text"] for line in f]
     index, offset = record["validation_origins"][0]
-    assert validation[0].tolist() == tokenizer(pages[index])["input_ids"][offset:offset + 32]
+    assert validation[0].tolist() == tokenizer(pages[index])["input_ids"][offset : offset + 32]
     data.save(tmp_path / "data")
     loaded = load_run_data(tmp_path / "data")
-    assert torch.equal(loaded.extra["sqlite"][0], validation) and torch.equal(loaded.extra["sqlite"][1], contexts)
-    with pytest.raises(HfdistError, match=r"eval.extra.source 'sqlite_docs': yields \d+ windows of 32 tokens, but "
-                                          r"eval.extra.num_validation \(100000\) \+ num_contexts \(2\) need 100002"):
+    assert torch.equal(loaded.extra["sqlite"][0], validation) and torch.equal(
+        loaded.extra["sqlite"][1], contexts
+    )
+    with pytest.raises(
+        HfdistError,
+        match=r"eval.extra.source 'sqlite_docs': yields \d+ windows of 32 tokens, but "
+        r"eval.extra.num_validation \(100000\) \+ num_contexts \(2\) need 100002",
+    ):
         build_data(config.data, tokenizer, dataclasses.replace(extra, num_validation=100000))
     with pytest.raises(HfdistError, match="eval.extra.source './nowhere': no such file or folder"):
         build_data(config.data, tokenizer, dataclasses.replace(extra, source="./nowhere"))
@@ -77,11 +98,25 @@ def test_trainer_logs_the_extra_set_under_its_name(tmp_path, tiny_model_dir):
     from hfdist.monitor import read_metrics
     from hfdist.trainer import format_summary, train
 
-    config = load_config(None, [
-        f"model.path={tiny_model_dir}", "data.mode=chunk", "data.seq_len=32", "data.num_samples=8",
-        "data.num_validation=2", "data.num_contexts=2", "data.context_len=8", "train.epochs=1",
-        "eval.total_len=48", "eval.ttr_window=16", "eval.extra.source=sqlite_docs", "eval.extra.name=sqlite",
-        "eval.extra.num_validation=2", "eval.extra.num_contexts=2"])
+    config = load_config(
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            "data.mode=chunk",
+            "data.seq_len=32",
+            "data.num_samples=8",
+            "data.num_validation=2",
+            "data.num_contexts=2",
+            "data.context_len=8",
+            "train.epochs=1",
+            "eval.total_len=48",
+            "eval.ttr_window=16",
+            "eval.extra.source=sqlite_docs",
+            "eval.extra.name=sqlite",
+            "eval.extra.num_validation=2",
+            "eval.extra.num_contexts=2",
+        ],
+    )
     summary = train(config, tmp_path / "run", progress=False)
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
     for name in ("loss", "entropy", "top1_mass", "ttr16"):

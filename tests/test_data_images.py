@@ -1,5 +1,6 @@
 """Images as data: the embedded digits, a folder of PNG/JPEG files, CIFAR-10-shaped parquet/arrow files, the
 processor's tokens and their way back to pixels, the same seeded and recorded selection as text."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,8 +29,15 @@ def random_images(count: int, size: int = SIZE, seed: int = 0) -> list:
 
 
 def config(source, **kwargs) -> DataConfig:
-    values = dict(source=str(source), modality="image", seq_len=1 + SIZE * SIZE, num_samples=6, num_validation=2,
-                  num_contexts=2, context_fraction=0.5)
+    values = dict(
+        source=str(source),
+        modality="image",
+        seq_len=1 + SIZE * SIZE,
+        num_samples=6,
+        num_validation=2,
+        num_contexts=2,
+        context_fraction=0.5,
+    )
     values.update(kwargs)
     return DataConfig(**values)
 
@@ -52,7 +60,9 @@ def test_round_trip_with_512_clusters():
     """The demo model's 512 uniform clusters: a pixel comes back as the nearest of 8 levels per channel."""
     from hfdist.models import _imagegpt_processor_class
 
-    processor = _imagegpt_processor_class()(clusters=uniform_colour_clusters(8), size={"height": SIZE, "width": SIZE})
+    processor = _imagegpt_processor_class()(
+        clusters=uniform_colour_clusters(8), size={"height": SIZE, "width": SIZE}
+    )
     images = random_images(3, seed=1)
     ids = image_token_ids(processor, images, start_token=512)
     pixels = token_ids_to_pixels(ids[:, 1:], processor.clusters, SIZE, SIZE)
@@ -67,9 +77,20 @@ def test_digits_selection_is_seeded_recorded_and_disjoint(processor, tmp_path):
     assert data.train.shape == (20, 17) and data.validation.shape == (5, 17)
     assert data.contexts.shape == (3, 1 + 2 * SIZE)  # start token + the first 2 of 4 rows
     assert torch.equal(data.context_images[:, :9], data.contexts)
-    assert data.image == {"height": 4, "width": 4, "num_clusters": 8, "start_token": 8, "context_rows": 2,
-                          "context_len": 9, "generated_tokens": 8}
-    chosen = data.selection["train_origins"] + data.selection["validation_origins"] + data.selection["context_origins"]
+    assert data.image == {
+        "height": 4,
+        "width": 4,
+        "num_clusters": 8,
+        "start_token": 8,
+        "context_rows": 2,
+        "context_len": 9,
+        "generated_tokens": 8,
+    }
+    chosen = (
+        data.selection["train_origins"]
+        + data.selection["validation_origins"]
+        + data.selection["context_origins"]
+    )
     assert len(set(chosen)) == 28 and data.selection["num_images"] == 1797
     again = build_data(config("digits", num_samples=20, num_validation=5, num_contexts=3), processor)
     assert torch.equal(again.train, data.train) and again.selection == data.selection
@@ -79,7 +100,9 @@ def test_digits_selection_is_seeded_recorded_and_disjoint(processor, tmp_path):
     from sklearn.datasets import load_digits
 
     digit = load_digits().images[chosen[0]]
-    image = Image.fromarray(np.repeat(np.rint(255 * (1 - digit / 16)).astype(np.uint8)[:, :, None], 3, axis=2))
+    image = Image.fromarray(
+        np.repeat(np.rint(255 * (1 - digit / 16)).astype(np.uint8)[:, :, None], 3, axis=2)
+    )
     assert torch.equal(data.train[0], image_token_ids(processor, [image], 8)[0])
     data.save(tmp_path / "data")
     loaded = load_run_data(tmp_path / "data")
@@ -105,8 +128,12 @@ def test_cifar10_shaped_files(processor, tmp_path, kind):
     import datasets
 
     images = random_images(12, seed=3)
-    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
-    dataset = datasets.Dataset.from_dict({"img": images, "label": [i % 10 for i in range(12)]}, features=features)
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    dataset = datasets.Dataset.from_dict(
+        {"img": images, "label": [i % 10 for i in range(12)]}, features=features
+    )
     if kind == "parquet":
         path = tmp_path / "cifar10.parquet"
         dataset.to_parquet(str(path))
@@ -116,18 +143,26 @@ def test_cifar10_shaped_files(processor, tmp_path, kind):
     data = build_data(config(path, image_field="img"), processor)
     chosen = data.selection["train_origins"]
     assert torch.equal(data.train, image_token_ids(processor, [images[i] for i in chosen], 8))
-    with pytest.raises(HfdistError, match=r"data.image_field 'image': not a column of .* \(columns: img, label\)"):
+    with pytest.raises(
+        HfdistError, match=r"data.image_field 'image': not a column of .* \(columns: img, label\)"
+    ):
         build_data(config(path), processor)
     with pytest.raises(HfdistError, match=r"data.image_field 'label': column of .* does not hold images"):
         build_data(config(path, image_field="label"), processor)
 
 
 def test_image_errors(processor, tmp_path):
-    with pytest.raises(HfdistError, match=r"data.seq_len: 256, but the model's image processor makes 4x4 images: "
-                                          r"set it to 17"):
+    with pytest.raises(
+        HfdistError,
+        match=r"data.seq_len: 256, but the model's image processor makes 4x4 images: "
+        r"set it to 17",
+    ):
         build_data(config("digits", seq_len=256), processor)
-    with pytest.raises(HfdistError, match=r"has 1797 images, but data.num_samples \(1797\) \+ num_validation \(2\) "
-                                          r"\+ num_contexts \(2\) need 1801"):
+    with pytest.raises(
+        HfdistError,
+        match=r"has 1797 images, but data.num_samples \(1797\) \+ num_validation \(2\) "
+        r"\+ num_contexts \(2\) need 1801",
+    ):
         build_data(config("digits", num_samples=1797), processor)
     with pytest.raises(HfdistError, match="no such file or folder"):
         build_data(config("./missing-folder"), processor)

@@ -1,4 +1,5 @@
 """Where a process sits in the job, read from what each launcher sets: torchrun, SLURM, mpirun (real MPI)."""
+
 import json
 import os
 import subprocess
@@ -8,9 +9,25 @@ import pytest
 
 from hfdist.distributed.env import LaunchEnv, discover, first_slurm_host
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-               "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
-               "SLURM_JOB_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID")
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_TASKS_PER_NODE",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_RANK",
+    "PMIX_RANK",
+    "MPI_LOCALRANKID",
+)
 
 
 @pytest.fixture
@@ -25,8 +42,9 @@ def test_no_launcher_is_one_process(clean_env):
 
 
 def test_torchrun_variables(clean_env):
-    for name, value in dict(RANK="5", WORLD_SIZE="16", LOCAL_RANK="1", LOCAL_WORLD_SIZE="4", MASTER_ADDR="n0",
-                            MASTER_PORT="29411").items():
+    for name, value in dict(
+        RANK="5", WORLD_SIZE="16", LOCAL_RANK="1", LOCAL_WORLD_SIZE="4", MASTER_ADDR="n0", MASTER_PORT="29411"
+    ).items():
         clean_env.setenv(name, value)
     env = discover()
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 16, 1, 4)
@@ -34,24 +52,33 @@ def test_torchrun_variables(clean_env):
 
 
 def test_slurm_variables(clean_env):
-    for name, value in dict(SLURM_PROCID="9", SLURM_NTASKS="16", SLURM_LOCALID="1", SLURM_TASKS_PER_NODE="8(x2)",
-                            SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_ID="123456").items():
+    for name, value in dict(
+        SLURM_PROCID="9",
+        SLURM_NTASKS="16",
+        SLURM_LOCALID="1",
+        SLURM_TASKS_PER_NODE="8(x2)",
+        SLURM_JOB_NODELIST="gpu[07-08]",
+        SLURM_JOB_ID="123456",
+    ).items():
         clean_env.setenv(name, value)
     env = discover()
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (9, 16, 1, 8)
     assert (env.master_addr, env.master_port, env.launcher) == ("gpu07", 20000 + 123456 % 20000, "slurm")
 
 
-@pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("gpu[03-05,09],cpu1", "gpu03"),
-                                             ("a100-[12,14]", "a100-12"), ("h1,h2", "h1")])
+@pytest.mark.parametrize(
+    "nodelist, first",
+    [("node1", "node1"), ("gpu[03-05,09],cpu1", "gpu03"), ("a100-[12,14]", "a100-12"), ("h1,h2", "h1")],
+)
 def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
 
 
 def test_torchrun_takes_precedence_over_slurm(clean_env):
     """Under `srun torchrun` both are set; the per-GPU ranks are torchrun's."""
-    for name, value in dict(SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="n[0-1]", RANK="9",
-                            WORLD_SIZE="16").items():
+    for name, value in dict(
+        SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_JOB_NODELIST="n[0-1]", RANK="9", WORLD_SIZE="16"
+    ).items():
         clean_env.setenv(name, value)
     assert discover().launcher == "torchrun"
 
@@ -63,12 +90,19 @@ def test_mpirun_discovery(tmp_path):
     if not os.path.exists(mpiexec):
         pytest.skip("no mpiexec next to the Python interpreter (pip install mpich)")
     # Each rank writes its own file: the ranks' stdout would interleave.
-    code = ("import json, sys; from hfdist.distributed.env import discover; e = discover(); "
-            "open(f'{sys.argv[1]}/rank{e.rank}.json', 'w').write(json.dumps([e.rank, e.world_size, e.local_rank, "
-            "e.local_world_size, e.master_addr, e.master_port, e.launcher]))")
+    code = (
+        "import json, sys; from hfdist.distributed.env import discover; e = discover(); "
+        "open(f'{sys.argv[1]}/rank{e.rank}.json', 'w').write(json.dumps([e.rank, e.world_size, e.local_rank, "
+        "e.local_world_size, e.master_addr, e.master_port, e.launcher]))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                          text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r[:4] for r in rows] == [[0, 2, 0, 2], [1, 2, 1, 2]]
@@ -77,7 +111,7 @@ def test_mpirun_discovery(tmp_path):
 
 def test_single_backend_refuses_many_processes(clean_env):
     from hfdist.config import load_config
-    from hfdist.distributed import build_backend
+    from hfdist.distributed.backends import build_backend
     from hfdist.errors import HfdistError
 
     clean_env.setenv("RANK", "0")
@@ -113,7 +147,8 @@ def test_offload_under_cuda_asks_for_a_cpu_backend():
         backend = FSDPBackend.__new__(FSDPBackend)  # the decision alone, without joining a process group
         backend.config = load_config(None, ["distributed.backend=fsdp", f"distributed.cpu_offload={offload}"])
         assert process_group_backend("cuda", backend.uses_host_collectives()) == (
-            "cuda:nccl,cpu:gloo" if offload else "nccl")
+            "cuda:nccl,cpu:gloo" if offload else "nccl"
+        )
         assert backend.optimizer_on_host() is offload
 
 
@@ -122,9 +157,13 @@ def test_host_optimizer_threads():
 
     assert host_threads("cuda", True, local_world_size=8, cpus=96) == 12  # Adam on the host: the rank's cores
     assert host_threads("cuda", True, local_world_size=8, cpus=4) == 1
-    assert host_threads("cuda", True, local_world_size=8, requested=6, cpus=96) == 6  # distributed.host_threads
+    assert (
+        host_threads("cuda", True, local_world_size=8, requested=6, cpus=96) == 6
+    )  # distributed.host_threads
     assert host_threads("cuda", False, local_world_size=8, cpus=96) is None  # optimizer on the GPU: untouched
-    assert host_threads("cpu", True, local_world_size=2, cpus=2) is None  # CPU ranks share the cores: untouched
+    assert (
+        host_threads("cpu", True, local_world_size=2, cpus=2) is None
+    )  # CPU ranks share the cores: untouched
 
 
 def test_deepspeed_reduces_gradients_in_fp32():
@@ -137,7 +176,10 @@ def test_deepspeed_reduces_gradients_in_fp32():
 
     repo = Path(__file__).resolve().parent.parent
     for name in ("zero3.json", "zero3_offload.json", "zero3_fp32.json"):
-        assert json.loads((repo / "configs" / "deepspeed" / name).read_text())["communication_data_type"] == "fp32"
+        assert (
+            json.loads((repo / "configs" / "deepspeed" / name).read_text())["communication_data_type"]
+            == "fp32"
+        )
     config = load_config(None, ["distributed.backend=deepspeed", "distributed.mixed_precision=true"])
     assert resolve_deepspeed_config(config, 8, 1)["communication_data_type"] == "fp32"
 
@@ -152,17 +194,36 @@ def test_deepspeed_hostfile_launch_forwards_the_environment(tmp_path):
     (home / ".deepspeed_env").write_text("MY_SETTING=1\n")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
-    env = {**os.environ, "HOME": str(home), "HOSTFILE": str(hostfile), "DRY_RUN": "1", "HF_HOME": "/shared/hf",
-           "HF_HUB_OFFLINE": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "DS_ENV_VARS": "WANDB_PROJECT",
-           "WANDB_PROJECT": "hyperfit", "TMPDIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "HOSTFILE": str(hostfile),
+        "DRY_RUN": "1",
+        "HF_HOME": "/shared/hf",
+        "HF_HUB_OFFLINE": "1",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+        "DS_ENV_VARS": "WANDB_PROJECT",
+        "WANDB_PROJECT": "hyperfit",
+        "TMPDIR": str(tmp_path),
+    }
     env.pop("TORCH_EXTENSIONS_DIR", None)  # the launcher's default then
     launcher = Path(__file__).resolve().parent.parent / "launchers" / "deepspeed.sh"
-    out = subprocess.run([str(launcher), "cfg.yaml", "--output-dir", "/shared/runs/x"], env=env, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [str(launcher), "cfg.yaml", "--output-dir", "/shared/runs/x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     env_file = Path(out.splitlines()[0].split("=", 1)[1])
     lines = env_file.read_text().splitlines()
     assert lines[0] == "MY_SETTING=1"
-    for expected in ("HF_HOME=/shared/hf", "HF_HUB_OFFLINE=1", "TORCH_NCCL_ASYNC_ERROR_HANDLING=3",
-                     "WANDB_PROJECT=hyperfit", f"TORCH_EXTENSIONS_DIR={home}/.cache/hfdist/torch_extensions"):
+    for expected in (
+        "HF_HOME=/shared/hf",
+        "HF_HUB_OFFLINE=1",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING=3",
+        "WANDB_PROJECT=hyperfit",
+        f"TORCH_EXTENSIONS_DIR={home}/.cache/hfdist/torch_extensions",
+    ):
         assert expected in lines, expected
     assert "--hostfile" in out and "distributed.backend=deepspeed" in out

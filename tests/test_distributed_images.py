@@ -2,10 +2,10 @@
 backend, FSDP2 on 1 process (torchrun) and DeepSpeed ZeRO-3 on 1 process (the deepspeed launcher), compared with
 the text test's helpers and tolerances: per-step loss and gradient norm within 1e-5 relative, exported weights
 within 1e-5 absolute. FSDP shards ImageGPT block by block (transformer.h.*), found by the general block rule."""
+
 import sys
 
 import pytest
-
 from launch_helpers import LAUNCHERS, assert_matches, hyperfit_args, launch_env, run, step_records
 from test_distributed_training import DS_FP32, STEPS
 
@@ -55,16 +55,25 @@ def test_llama_fsdp_units_unchanged():
     from hfdist.testing import tiny_llama
 
     assert [n for n, _ in fsdp_units(HyperfitModel(tiny_llama()))] == [
-        "lm.model.embed_tokens", "lm.model.layers.0", "lm.model.layers.1", "root"]
+        "lm.model.embed_tokens",
+        "lm.model.layers.0",
+        "lm.model.layers.1",
+        "root",
+    ]
     assert [n for n, _ in fsdp_units(HyperfitModel(tiny_llama(tie_word_embeddings=True)))] == [
-        "lm.model.layers.0", "lm.model.layers.1", "root"]
+        "lm.model.layers.0",
+        "lm.model.layers.1",
+        "root",
+    ]
 
 
 @pytest.mark.distributed
 def test_fsdp_one_process_matches_single(setup, single_run):
     run_dir = setup["root"] / "fsdp"
-    run([LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, "--set", "distributed.backend=fsdp")],
-        launch_env(GPUS_PER_NODE="1"))
+    run(
+        [LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, "--set", "distributed.backend=fsdp")],
+        launch_env(GPUS_PER_NODE="1"),
+    )
     assert_matches(run_dir, single_run)
 
 
@@ -72,5 +81,8 @@ def test_fsdp_one_process_matches_single(setup, single_run):
 def test_deepspeed_zero3_one_process_matches_single(setup, single_run):
     pytest.importorskip("deepspeed")
     run_dir = setup["root"] / "deepspeed"
-    run([LAUNCHERS / "deepspeed.sh", *hyperfit_args(setup, run_dir)], launch_env(NUM_GPUS="1", DS_CONFIG=str(DS_FP32)))
+    run(
+        [LAUNCHERS / "deepspeed.sh", *hyperfit_args(setup, run_dir)],
+        launch_env(NUM_GPUS="1", DS_CONFIG=str(DS_FP32)),
+    )
     assert_matches(run_dir, single_run)

@@ -1,20 +1,22 @@
 """perf/mfu and per-rank peak memory: the FLOP count of a training token and the utilisation formula."""
+
 import pytest
 import torch
 
 from hfdist.distributed.perf import mfu, model_flops_per_token, peak_flops, rank_metrics
-from hfdist.distributed.plan import load_hf_config, meta_model
+from hfdist.distributed.plan import meta_model
+from hfdist.models import architecture_config
 
 
 def test_flops_per_token_llama_8b():
-    lm = meta_model(load_hf_config("llama-3.1-8b"), torch.bfloat16).lm
+    lm = meta_model(architecture_config("llama-3.1-8b"), torch.bfloat16).lm
     # 6 x (8.03 B parameters - 0.525 B input embedding) + 12 x 32 layers x 4096 x 256 tokens
     expected = 6 * (8_030_261_248 - 128256 * 4096) + 12 * 32 * 4096 * 256
     assert model_flops_per_token(lm, 256) == expected
 
 
 def test_flops_per_token_counts_tied_head_once():
-    lm = meta_model(load_hf_config("llama-3.2-1b"), torch.bfloat16).lm
+    lm = meta_model(architecture_config("llama-3.2-1b"), torch.bfloat16).lm
     assert model_flops_per_token(lm, 256) == 6 * 1_235_814_400 + 12 * 16 * 32 * 64 * 256
 
 

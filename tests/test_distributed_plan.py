@@ -5,6 +5,7 @@ the same world size); the model-state numbers come from real TP and FSDP2 shards
 (fake process group at the planned world size) and agree with the plain count and with the sharding rules;
 `--suggest` lists only layouts the launch accepts; the activation estimate equals the bytes autograd really saves
 for a decoder layer."""
+
 import json
 import math
 import os
@@ -19,9 +20,18 @@ from hfdist.cli import main
 from hfdist.config import load_config
 from hfdist.distributed.layout import Layout, check_layout
 from hfdist.distributed.parallelize import enable_activation_checkpointing
-from hfdist.distributed.plan import (GIB, Cluster, activation_bytes_per_token, deepspeed_partition_numel,
-                                     fsdp_shard_numels, make_plan, meta_model, model_shape, suggest,
-                                     suggestion_rank)
+from hfdist.distributed.plan import (
+    GIB,
+    Cluster,
+    activation_bytes_per_token,
+    deepspeed_partition_numel,
+    fsdp_shard_numels,
+    make_plan,
+    meta_model,
+    model_shape,
+    suggest,
+    suggestion_rank,
+)
 from hfdist.errors import HfdistError
 from hfdist.models import HyperfitModel, architecture_config
 
@@ -39,7 +49,9 @@ def test_70b_plan_model_state_matches_meta_shards(nodes, tp):
     plan = make_plan(config_70b(f"distributed.tensor_parallel={tp}"), Cluster(nodes=nodes, gpus_per_node=8))
     world = 8 * nodes
     assert plan.world_size == world and plan.num_parameters == LLAMA_70B_PARAMETERS
-    assert plan.layout["tensor_parallel"] == tp and plan.layout["dp_size"] == 8 and plan.accumulation_steps == 1
+    assert (
+        plan.layout["tensor_parallel"] == tp and plan.layout["dp_size"] == 8 and plan.accumulation_steps == 1
+    )
     check = plan.model_state_check
     assert check["source"].startswith("FSDP2")
     # Padding (FSDP2's ceil rows, TP's uneven vocabulary pieces): at most a fraction of a percent above P/W.
@@ -71,7 +83,10 @@ def test_fake_process_group_shards_follow_the_tp_and_fsdp_rules():
             expected += math.ceil(math.ceil(p.shape[0] / 2) / 4) * p.shape[1]
         else:
             expected += math.ceil(p.shape[0] / 4)
-    assert fsdp_shard_numels(model, Layout(world_size=8, ranks_per_node=8, tensor_parallel=2))["rank0"] == expected
+    assert (
+        fsdp_shard_numels(model, Layout(world_size=8, ranks_per_node=8, tensor_parallel=2))["rank0"]
+        == expected
+    )
 
 
 def test_fake_process_group_shards_without_tp_are_ceil_rows():
@@ -83,20 +98,45 @@ def test_fake_process_group_shards_without_tp_are_ceil_rows():
 def launch_error(config_path: Path, world_size: int, ranks_per_node: int, tmp_path: Path, *sets: str) -> str:
     """The one stderr line of the real CLI launch on rank 0 of a torchrun job of ``world_size`` ranks (the check
     runs before the process group waits for peers, so no other rank is needed)."""
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size),
-           "LOCAL_WORLD_SIZE": str(ranks_per_node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29998"}
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(ranks_per_node),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29998",
+    }
     args = [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run([sys.executable, "-m", "hfdist.cli", "hyperfit", str(config_path), "--output-dir",
-                           str(tmp_path / "run"), "--no-progress", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hfdist.cli",
+            "hyperfit",
+            str(config_path),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--no-progress",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     return proc.stderr.strip().splitlines()[-1]
 
 
 def plan_error(config_path: Path, nodes: int, *sets: str) -> str:
     args = [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run([sys.executable, "-m", "hfdist.cli", "plan", str(config_path), "--nodes", str(nodes), *args],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfdist.cli", "plan", str(config_path), "--nodes", str(nodes), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("hfdist: error")]
     assert len(lines) == 1, proc.stderr
@@ -109,21 +149,34 @@ def test_plan_is_the_launch_gate(tmp_path):
     plan = make_plan(config_70b(), Cluster(nodes=4, gpus_per_node=8))
     assert plan.fits and plan.layout["tensor_parallel"] == 4 and plan.world_size == 32
     refused = launch_error(PAPER_70B, 32, 8, tmp_path, "distributed.tensor_parallel=1")
-    assert "train.global_batch_size: 8 is not divisible by train.micro_batch_size (1) x data-parallel size (32)" \
+    assert (
+        "train.global_batch_size: 8 is not divisible by train.micro_batch_size (1) x data-parallel size (32)"
         in refused
+    )
     assert plan_error(PAPER_70B, 4, "distributed.tensor_parallel=1") == refused
     # The 2 x 8 config: accepted there and fits.
     two_nodes = make_plan(load_config(REPO / "configs" / "paper-llama-3.1-70b-2x8.yaml"), Cluster(nodes=2))
     assert two_nodes.fits and two_nodes.accumulation_steps == 2
 
 
-@pytest.mark.parametrize("sets, message", [
-    (("distributed.tensor_parallel=3",), "distributed.tensor_parallel: 3 does not divide the 32 ranks"),
-    (("distributed.tensor_parallel=16",), "distributed.tensor_parallel: 16 does not divide the 8 ranks per node"),
-    (("distributed.tensor_parallel=4", "distributed.backend=deepspeed"),
-     "distributed.tensor_parallel: 4 needs distributed.backend=fsdp"),
-    (("distributed.replicate_degree=3",), "distributed.replicate_degree: 3 does not divide the 8 data-parallel ranks"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (("distributed.tensor_parallel=3",), "distributed.tensor_parallel: 3 does not divide the 32 ranks"),
+        (
+            ("distributed.tensor_parallel=16",),
+            "distributed.tensor_parallel: 16 does not divide the 8 ranks per node",
+        ),
+        (
+            ("distributed.tensor_parallel=4", "distributed.backend=deepspeed"),
+            "distributed.tensor_parallel: 4 needs distributed.backend=fsdp",
+        ),
+        (
+            ("distributed.replicate_degree=3",),
+            "distributed.replicate_degree: 3 does not divide the 8 data-parallel ranks",
+        ),
+    ],
+)
 def test_plan_refuses_what_the_launch_refuses(sets, message, tmp_path):
     refused = launch_error(PAPER_70B, 32, 8, tmp_path, *sets)
     assert message in refused
@@ -131,8 +184,15 @@ def test_plan_refuses_what_the_launch_refuses(sets, message, tmp_path):
 
 
 def test_tensor_parallel_must_split_the_heads():
-    config = load_config(None, ["model.path=tinyllama-1.1b", "distributed.backend=fsdp", "train.micro_batch_size=1",
-                                "distributed.tensor_parallel=8"])
+    config = load_config(
+        None,
+        [
+            "model.path=tinyllama-1.1b",
+            "distributed.backend=fsdp",
+            "train.micro_batch_size=1",
+            "distributed.tensor_parallel=8",
+        ],
+    )
     with pytest.raises(HfdistError, match="tensor_parallel: 8 does not divide the model's 4 key/value heads"):
         make_plan(config, Cluster(nodes=1, gpus_per_node=8))
 
@@ -152,21 +212,50 @@ def test_suggest_lists_only_layouts_the_launch_accepts():
         keys.append(suggestion_rank(overrides, plan, cluster))
     # The stated rule: no offload, small tp, no checkpointing, node-local HSDP shards, less memory first.
     assert keys == sorted(keys)
-    assert all(o["distributed.tensor_parallel"] >= 2 for o, _ in found)  # tp 1: 16 ranks cannot split a batch of 8
+    assert all(
+        o["distributed.tensor_parallel"] >= 2 for o, _ in found
+    )  # tp 1: 16 ranks cannot split a batch of 8
     assert not found[0][0]["distributed.cpu_offload"]
 
 
 def test_plan_cli_json(capsys):
-    assert main(["plan", "--model", "llama-3.1-70b", "--nodes", "1", "--gpus-per-node", "8", "--offload",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "llama-3.1-70b",
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "8",
+                "--offload",
+                "--json",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out)
-    assert set(plan["per_gpu"]) == {"params_gib", "grads_gib", "optimizer_gib", "activations_gib", "transient_gib",
-                                    "total_gib"}
+    assert set(plan["per_gpu"]) == {
+        "params_gib",
+        "grads_gib",
+        "optimizer_gib",
+        "activations_gib",
+        "transient_gib",
+        "total_gib",
+    }
     assert plan["per_gpu"]["params_gib"] == 0
-    assert plan["per_node_host"]["offloaded_state_gib"] > 8 * 100  # all model state on the hosts: 16 B/parameter
+    assert (
+        plan["per_node_host"]["offloaded_state_gib"] > 8 * 100
+    )  # all model state on the hosts: 16 B/parameter
     assert plan["fits"] is True and plan["world_size"] == 8 and plan["gpu_memory_gib"] == 80
-    assert plan["layout"] == {"tensor_parallel": 1, "replicate_degree": 1, "dp_size": 8, "shard_size": 8,
-                              "mesh": {"dp_shard": 8}}
+    assert plan["layout"] == {
+        "tensor_parallel": 1,
+        "replicate_degree": 1,
+        "dp_size": 8,
+        "shard_size": 8,
+        "mesh": {"dp_shard": 8},
+    }
 
 
 def test_plan_suggest_cli(capsys):
@@ -176,8 +265,22 @@ def test_plan_suggest_cli(capsys):
 
 
 def test_plan_deepspeed_text(capsys):
-    assert main(["plan", "--model", "llama-3.1-8b", "--nodes", "1", "--gpus-per-node", "8", "--backend",
-                 "deepspeed"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "llama-3.1-8b",
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "8",
+                "--backend",
+                "deepspeed",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "deepspeed" in text and "ZeRO-3 partition rule" in text and "fits" in text
 
@@ -201,8 +304,15 @@ def test_activation_estimate_equals_saved_tensors(checkpointing):
     """Bytes autograd saves for one bf16 Llama decoder layer (parameters excluded) equal the plan's formula."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).to(torch.bfloat16).train()
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}

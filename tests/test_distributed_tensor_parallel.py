@@ -14,13 +14,21 @@ to lr / eps times it: 3e5 at lr 3e-3 and eps 1e-8 (then weights differed by up t
 difference was 1e-7), 1e3 here, where the largest weight difference seen was 1.5e-6 (losses and gradient norms:
 2.3e-7 relative). Nothing about the parallel arithmetic is loosened: the same settings run in one process.
 """
+
 import json
 import shutil
 import sys
 
 import pytest
-
-from launch_helpers import LAUNCHERS, assert_matches, hyperfit_args, launch_env, run, step_records, tiny_run_setup
+from launch_helpers import (
+    LAUNCHERS,
+    assert_matches,
+    hyperfit_args,
+    launch_env,
+    run,
+    step_records,
+    tiny_run_setup,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -37,8 +45,14 @@ VOCAB = 383
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return tiny_run_setup(tmp_path_factory.mktemp("tensor-parallel"), CONFIG, vocab_size=VOCAB, num_heads=4,
-                          num_kv_heads=4, tie_word_embeddings=True)
+    return tiny_run_setup(
+        tmp_path_factory.mktemp("tensor-parallel"),
+        CONFIG,
+        vocab_size=VOCAB,
+        num_heads=4,
+        num_kv_heads=4,
+        tie_word_embeddings=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +65,9 @@ def single_run(setup):
 def torchrun_4(setup, name: str, *sets: str):
     run_dir = setup["root"] / name
     args = ["--set", "distributed.backend=fsdp"] + [a for s in sets for a in ("--set", s)]
-    output = run([LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, *args)], launch_env(GPUS_PER_NODE="4"))
+    output = run(
+        [LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, *args)], launch_env(GPUS_PER_NODE="4")
+    )
     return run_dir, output
 
 
@@ -80,8 +96,13 @@ def test_dp2_x_tp2_matches_one_process(single_run, dp2_tp2_run):
 def test_tp4_matches_one_process(setup, single_run):
     """Also the other weight-loading path (rank 0 reads the whole model, the 2-D shards are broadcast) and
     activation checkpointing, neither of which may change a float32 result."""
-    run_dir, _ = torchrun_4(setup, "tp4", "distributed.tensor_parallel=4", "distributed.weight_loading=rank0_broadcast",
-                            "train.activation_checkpointing=true")
+    run_dir, _ = torchrun_4(
+        setup,
+        "tp4",
+        "distributed.tensor_parallel=4",
+        "distributed.weight_loading=rank0_broadcast",
+        "train.activation_checkpointing=true",
+    )
     assert mesh_of(run_dir) == {"dp_shard": 1, "tp": 4}
     assert_matches(run_dir, single_run)
 
@@ -100,6 +121,14 @@ def test_tensor_parallel_checkpoint_resumes_on_one_process(setup, dp2_tp2_run):
     shutil.copytree(dp2_tp2_run, run_dir)
     shutil.rmtree(run_dir / "model")
     checkpoint = run_dir / "checkpoints" / "step_00000006"
-    run([sys.executable, "-m", "hfdist.cli", "hyperfit", *hyperfit_args(setup, run_dir, "--resume", checkpoint)],
-        launch_env())
+    run(
+        [
+            sys.executable,
+            "-m",
+            "hfdist.cli",
+            "hyperfit",
+            *hyperfit_args(setup, run_dir, "--resume", checkpoint),
+        ],
+        launch_env(),
+    )
     assert_matches(run_dir, dp2_tp2_run, steps=(7, 8))

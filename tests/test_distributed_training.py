@@ -11,6 +11,7 @@ scale-free and the losses barely move. Resuming on the
 same world size is compared exactly (bitwise); resuming a 2-rank FSDP checkpoint on 1 process within the
 parity tolerances.
 """
+
 import json
 import shutil
 import signal
@@ -21,9 +22,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from launch_helpers import (LAUNCHERS, REPO, assert_matches, exported_weights, hyperfit_args, launch_env, run,
-                            step_records, tiny_run_setup)
+from launch_helpers import (
+    LAUNCHERS,
+    REPO,
+    assert_matches,
+    exported_weights,
+    hyperfit_args,
+    launch_env,
+    run,
+    step_records,
+    tiny_run_setup,
+)
 
 DS_FP32 = REPO / "configs" / "deepspeed" / "zero3_fp32.json"
 STEPS = 8
@@ -55,8 +64,10 @@ def single_run(setup):
 @pytest.fixture(scope="module")
 def fsdp_run(setup):
     run_dir = setup["root"] / "fsdp"
-    run([LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, "--set", "distributed.backend=fsdp")],
-        launch_env(GPUS_PER_NODE="2"))
+    run(
+        [LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, "--set", "distributed.backend=fsdp")],
+        launch_env(GPUS_PER_NODE="2"),
+    )
     return run_dir
 
 
@@ -64,27 +75,35 @@ def fsdp_run(setup):
 def deepspeed_run(setup):
     pytest.importorskip("deepspeed")
     run_dir = setup["root"] / "deepspeed"
-    run([LAUNCHERS / "deepspeed.sh", *hyperfit_args(setup, run_dir)], launch_env(NUM_GPUS="2", DS_CONFIG=str(DS_FP32)))
+    run(
+        [LAUNCHERS / "deepspeed.sh", *hyperfit_args(setup, run_dir)],
+        launch_env(NUM_GPUS="2", DS_CONFIG=str(DS_FP32)),
+    )
     return run_dir
 
 
 def test_fsdp_two_processes_match_single(single_run, fsdp_run):
     assert_matches(fsdp_run, single_run)
     # The shards FSDP2 built on the gloo ranks are those `hfdist plan` builds on the meta device.
+    from transformers import AutoConfig
+
     from hfdist.distributed.layout import Layout
     from hfdist.distributed.plan import fsdp_shard_numels, meta_model
-    from transformers import AutoConfig
 
     topology = json.loads((fsdp_run / "checkpoints" / "step_00000008" / "topology.json").read_text())
     meta = meta_model(AutoConfig.from_pretrained(fsdp_run / "model"), torch.float32)
     assert topology["world_size"] == 2
-    assert topology["params_per_rank0"] == fsdp_shard_numels(meta, Layout(world_size=2, ranks_per_node=2))["rank0"]
+    assert (
+        topology["params_per_rank0"]
+        == fsdp_shard_numels(meta, Layout(world_size=2, ranks_per_node=2))["rank0"]
+    )
 
 
 def test_deepspeed_zero3_two_processes_match_single(single_run, deepspeed_run):
     assert_matches(deepspeed_run, single_run)
-    from hfdist.distributed.plan import deepspeed_partition_numel, meta_model
     from transformers import AutoConfig
+
+    from hfdist.distributed.plan import deepspeed_partition_numel, meta_model
 
     topology = json.loads((deepspeed_run / "checkpoints" / "step_00000008" / "topology.json").read_text())
     meta = meta_model(AutoConfig.from_pretrained(deepspeed_run / "model"), torch.float32)
@@ -96,9 +115,19 @@ def test_two_nodes_on_loopback_with_hsdp(setup, single_run):
     the two "nodes" (replicate_degree 2) and shards within each."""
     run_dir = setup["root"] / "two-nodes"
     env = launch_env(NNODES="2", GPUS_PER_NODE="1", RDZV_ID="loopback")
-    args = hyperfit_args(setup, run_dir, "--set", "distributed.backend=fsdp", "--set", "distributed.replicate_degree=2")
-    nodes = [subprocess.Popen([str(LAUNCHERS / "torchrun.sh"), *map(str, args)], env={**env, "NODE_RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    args = hyperfit_args(
+        setup, run_dir, "--set", "distributed.backend=fsdp", "--set", "distributed.replicate_degree=2"
+    )
+    nodes = [
+        subprocess.Popen(
+            [str(LAUNCHERS / "torchrun.sh"), *map(str, args)],
+            env={**env, "NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-6000:]
@@ -118,8 +147,16 @@ def test_mpirun_two_ranks(setup, single_run):
         env.pop(name)  # found through MPI: rank 0's host and a free port, broadcast
     # Also the other weight-loading path (rank 0 reads, shards are broadcast) and activation checkpointing,
     # neither of which may change a float32 result.
-    args = hyperfit_args(setup, run_dir, "--set", "distributed.backend=fsdp", "--set",
-                         "distributed.weight_loading=rank0_broadcast", "--set", "train.activation_checkpointing=true")
+    args = hyperfit_args(
+        setup,
+        run_dir,
+        "--set",
+        "distributed.backend=fsdp",
+        "--set",
+        "distributed.weight_loading=rank0_broadcast",
+        "--set",
+        "train.activation_checkpointing=true",
+    )
     output = run([LAUNCHERS / "mpirun.sh", *args], env)
     assert "via mpi" in output
     assert_matches(run_dir, single_run)
@@ -132,8 +169,16 @@ def test_fsdp_checkpoint_resumes_on_one_process(setup, fsdp_run):
     checkpoint = run_dir / "checkpoints" / "step_00000006"
     assert sorted(p.name for p in (checkpoint / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     shutil.rmtree(run_dir / "model")
-    run([sys.executable, "-m", "hfdist.cli", "hyperfit", *hyperfit_args(setup, run_dir, "--resume", checkpoint)],
-        launch_env())
+    run(
+        [
+            sys.executable,
+            "-m",
+            "hfdist.cli",
+            "hyperfit",
+            *hyperfit_args(setup, run_dir, "--resume", checkpoint),
+        ],
+        launch_env(),
+    )
     assert_matches(run_dir, fsdp_run, steps=(7, 8))
 
 
@@ -145,7 +190,9 @@ def test_killed_fsdp_run_resumes_exactly(setup, fsdp_run):
     run_dir = setup["root"] / "fsdp-killed"
     cmd = [LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, "--set", "distributed.backend=fsdp")]
     env = launch_env(GPUS_PER_NODE="2")
-    launcher = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        [str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first = run_dir / "checkpoints" / "step_00000002" / "manifest.json"
     deadline = time.monotonic() + 180
     while not first.exists() and launcher.poll() is None and time.monotonic() < deadline:
@@ -159,12 +206,15 @@ def test_killed_fsdp_run_resumes_exactly(setup, fsdp_run):
     launcher.wait(timeout=30)
     assert first.exists(), "no checkpoint appeared before the deadline"
     assert not (run_dir / "model").exists(), "the run finished before it could be killed"
-    resumed_from = int(json.loads((max((run_dir / "checkpoints").glob("step_*")) / "trainer_state.json")
-                                  .read_text())["step"])
+    resumed_from = int(
+        json.loads((max((run_dir / "checkpoints").glob("step_*")) / "trainer_state.json").read_text())["step"]
+    )
     run([LAUNCHERS / "torchrun.sh", *cmd[1:], "--resume"], launch_env(GPUS_PER_NODE="2"))
     got, want = step_records(run_dir), step_records(fsdp_run)
     assert resumed_from < STEPS
-    assert [got[s] for s in range(resumed_from + 1, STEPS + 1)] == [want[s] for s in range(resumed_from + 1, STEPS + 1)]
+    assert [got[s] for s in range(resumed_from + 1, STEPS + 1)] == [
+        want[s] for s in range(resumed_from + 1, STEPS + 1)
+    ]
     a, b = exported_weights(run_dir), exported_weights(fsdp_run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -175,8 +225,10 @@ def test_deepspeed_checkpoint_resumes_exactly(setup, deepspeed_run):
     shutil.rmtree(run_dir / "model")
     checkpoint = run_dir / "checkpoints" / "step_00000006"
     assert (checkpoint / "deepspeed").is_dir()
-    run([LAUNCHERS / "deepspeed.sh", *hyperfit_args(setup, run_dir, "--resume", checkpoint)],
-        launch_env(NUM_GPUS="2", DS_CONFIG=str(DS_FP32)))
+    run(
+        [LAUNCHERS / "deepspeed.sh", *hyperfit_args(setup, run_dir, "--resume", checkpoint)],
+        launch_env(NUM_GPUS="2", DS_CONFIG=str(DS_FP32)),
+    )
     got, want = step_records(run_dir), step_records(deepspeed_run)
     assert [got[7], got[8]] == [want[7], want[8]]
 
@@ -189,7 +241,7 @@ def checkpoint_weights(folder: Path) -> dict:
     target = folder.parent / f"{folder.name}-weights.pt"
     dcp_to_torch_save(folder / "dcp", target)
     state = torch.load(target, weights_only=True)["model"]
-    return {k[len("lm."):]: v for k, v in state.items()}
+    return {k[len("lm.") :]: v for k, v in state.items()}
 
 
 @pytest.mark.distributed
@@ -209,9 +261,10 @@ def test_deepspeed_export_equals_the_fp32_master_weights(deepspeed_run):
     DeepSpeed's own consolidation (zero_to_fp32) of the step-8 checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_run / "checkpoints" / "step_00000008"),
-                                                     tag="deepspeed")
-    trained = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+    state = get_fp32_state_dict_from_zero_checkpoint(
+        str(deepspeed_run / "checkpoints" / "step_00000008"), tag="deepspeed"
+    )
+    trained = {k[len("lm.") :]: v for k, v in state.items() if k.startswith("lm.")}
     exported = exported_weights(deepspeed_run)
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
 
@@ -226,8 +279,16 @@ def test_deepspeed_export_equals_the_fp32_master_weights(deepspeed_run):
 BF16_STEP1_RTOL = 1e-5
 BF16_LATER_RTOL = 2e-2
 BF16_WEIGHT_REL = 0.05
-BF16_OFFLOAD = ["--set", "distributed.backend=fsdp", "--set", "distributed.mixed_precision=true",
-                "--set", "distributed.cpu_offload=true", "--set", "optim.max_grad_norm=0.5"]
+BF16_OFFLOAD = [
+    "--set",
+    "distributed.backend=fsdp",
+    "--set",
+    "distributed.mixed_precision=true",
+    "--set",
+    "distributed.cpu_offload=true",
+    "--set",
+    "optim.max_grad_norm=0.5",
+]
 
 
 @pytest.mark.distributed
@@ -235,14 +296,18 @@ def test_fsdp_bf16_offload_clipping_two_ranks_match_one(setup):
     runs = {}
     for ranks in (1, 2):
         run_dir = setup["root"] / f"bf16-offload-{ranks}"
-        output = run([LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, *BF16_OFFLOAD)],
-                     launch_env(GPUS_PER_NODE=str(ranks)))
+        output = run(
+            [LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, *BF16_OFFLOAD)],
+            launch_env(GPUS_PER_NODE=str(ranks)),
+        )
         assert "process group: gloo" in output
         runs[ranks] = run_dir
     one, two = step_records(runs[1]), step_records(runs[2])
     for step in range(1, STEPS + 1):
-        print(f"step {step}: loss rel diff {abs(two[step][0] / one[step][0] - 1):.1e}, grad norm "
-              f"{one[step][1]:.3f} rel diff {abs(two[step][1] / one[step][1] - 1):.1e}")
+        print(
+            f"step {step}: loss rel diff {abs(two[step][0] / one[step][0] - 1):.1e}, grad norm "
+            f"{one[step][1]:.3f} rel diff {abs(two[step][1] / one[step][1] - 1):.1e}"
+        )
     assert all(norm > 0.5 for _, norm in one.values())  # clipping is active at every step
     assert two[1][0] == pytest.approx(one[1][0], rel=BF16_STEP1_RTOL)
     assert two[1][1] == pytest.approx(one[1][1], rel=BF16_STEP1_RTOL)
@@ -256,7 +321,9 @@ def test_fsdp_bf16_offload_clipping_two_ranks_match_one(setup):
     moved = sum((b[k] - start[k]).pow(2).sum() for k in b).sqrt()
     differ = sum((a[k] - b[k]).pow(2).sum() for k in b).sqrt()
     print(f"weights: differ by {differ:.3g} (L2), training moved them {moved:.3g}")
-    assert differ < BF16_WEIGHT_REL * moved, f"weights differ by {differ:.3g}, training moved them {moved:.3g}"
+    assert differ < BF16_WEIGHT_REL * moved, (
+        f"weights differ by {differ:.3g}, training moved them {moved:.3g}"
+    )
 
 
 @pytest.mark.distributed
@@ -265,13 +332,22 @@ def test_kill_during_async_checkpoint_keeps_the_previous_one_and_resumes_exactly
     write (after step 5 has trained) ends the job. The step-4 folder never appears, the step-2 checkpoint is the
     latest complete one, and --resume from it ends with the weights of the uninterrupted (synchronous) run."""
     run_dir = setup["root"] / "async-killed"
-    args = hyperfit_args(setup, run_dir, "--set", "distributed.backend=fsdp", "--set", "checkpoint.async=true")
+    args = hyperfit_args(
+        setup, run_dir, "--set", "distributed.backend=fsdp", "--set", "checkpoint.async=true"
+    )
     env = launch_env(GPUS_PER_NODE="2", HFDIST_FAULT_KILL_IN_CHECKPOINT="4", HFDIST_FAULT_RANK="1")
-    proc = subprocess.run([str(LAUNCHERS / "torchrun.sh"), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [str(LAUNCHERS / "torchrun.sh"), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-4000:]
-    assert "kills itself (SIGKILL) while writing the checkpoint of step 4, training at step 5" in output, output[-4000:]
+    assert "kills itself (SIGKILL) while writing the checkpoint of step 4, training at step 5" in output, (
+        output[-4000:]
+    )
     checkpoints = run_dir / "checkpoints"
     assert [p.name for p in (checkpoints).glob("step_*")] == ["step_00000002"]
     from hfdist.checkpoint import latest_valid
@@ -315,23 +391,56 @@ def test_export_peak_memory_stays_far_below_the_model(setup, probe_setup, backen
     out = setup["root"] / f"probe-{backend}.json"
     if backend == "fsdp":
         env = launch_env()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               env["MASTER_PORT"], PROBE, probe_setup, run_dir, out, "--set", "distributed.backend=fsdp",
-               "--set", "export.dtype=bfloat16"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            env["MASTER_PORT"],
+            PROBE,
+            probe_setup,
+            run_dir,
+            out,
+            "--set",
+            "distributed.backend=fsdp",
+            "--set",
+            "export.dtype=bfloat16",
+        ]
     else:
         pytest.importorskip("deepspeed")
         env = launch_env()
-        cmd = ["deepspeed", "--master_port", env["MASTER_PORT"], "--num_gpus", "2", "--no_local_rank", PROBE,
-               probe_setup, run_dir, out, "--set", "distributed.backend=deepspeed",
-               "--set", f"distributed.deepspeed_config={DS_FP32}", "--set", "export.dtype=bfloat16"]
+        cmd = [
+            "deepspeed",
+            "--master_port",
+            env["MASTER_PORT"],
+            "--num_gpus",
+            "2",
+            "--no_local_rank",
+            PROBE,
+            probe_setup,
+            run_dir,
+            out,
+            "--set",
+            "distributed.backend=deepspeed",
+            "--set",
+            f"distributed.deepspeed_config={DS_FP32}",
+            "--set",
+            "export.dtype=bfloat16",
+        ]
     run(cmd, env, timeout=400)
     rank0 = json.loads(Path(f"{out}.rank0").read_text())
     extra, gather, size = rank0["export_extra_bytes"], rank0["gather_extra_bytes"], rank0["model_fp32_bytes"]
-    print(f"{backend}: rank 0 export (bf16) peak +{extra / 2**20:.1f} MiB, gathering on rank 0 (the control) "
-          f"+{gather / 2**20:.1f} MiB, for a {size / 2**20:.1f} MiB (fp32) model")
+    print(
+        f"{backend}: rank 0 export (bf16) peak +{extra / 2**20:.1f} MiB, gathering on rank 0 (the control) "
+        f"+{gather / 2**20:.1f} MiB, for a {size / 2**20:.1f} MiB (fp32) model"
+    )
     assert size > 140e6
     assert gather > 0.9 * size  # the probe sees a gather of the model
-    assert extra < EXPORT_MEMORY_FRACTION * size, f"rank 0 held {extra / 2**20:.1f} MiB more during the export"
+    assert extra < EXPORT_MEMORY_FRACTION * size, (
+        f"rank 0 held {extra / 2**20:.1f} MiB more during the export"
+    )
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")

@@ -7,6 +7,7 @@ flat partitions likewise; and the export of a model on the single backend: the d
 (config.json), several shards with an index that ``from_pretrained`` loads, and the config and tokenizer beside.
 The multi-process exports (FSDP2 and ZeRO-3 on gloo, their peak memory) are in test_distributed_training.py.
 """
+
 import json
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def _read(folder: Path) -> dict:
     return tensors
 
 
-def _write(folder: Path, whole: dict, pieces_by_rank: list[dict], dtype=torch.float32, max_bytes=1 << 30) -> None:
+def _write(
+    folder: Path, whole: dict, pieces_by_rank: list[dict], dtype=torch.float32, max_bytes=1 << 30
+) -> None:
     """Write the pieces of every "rank" in turn into one layout (rank 0 first: it writes the headers)."""
     names = list(whole)
     for rank, pieces in enumerate(pieces_by_rank):
@@ -55,8 +58,9 @@ def _dtensor_pieces(full: torch.Tensor, placements, mesh_shape=(2, 2)) -> list[l
             for placement, index, size in zip(placements, coordinate, mesh_shape):
                 if placement.is_shard():
                     local = local.chunk(size, dim=placement.dim)[index]
-            tensor = DTensor.from_local(local.contiguous(), mesh, placements, run_check=False, shape=full.shape,
-                                        stride=full.stride())
+            tensor = DTensor.from_local(
+                local.contiguous(), mesh, placements, run_check=False, shape=full.shape, stride=full.stride()
+            )
             piece = dtensor_piece(tensor)
             result.append([piece] if piece is not None else [])
         finally:
@@ -76,7 +80,7 @@ def test_dtensor_pieces_of_any_placement_reassemble_the_tensor(tmp_path, placeme
     bias_pieces = _dtensor_pieces(bias, tuple(p if p != Shard(1) else Shard(0) for p in placement))
     per_rank = [{"w": pieces[r], "b": bias_pieces[r]} for r in range(4)]
     replicas = sum(1 for p in placement if p.is_replicate())
-    assert sum(len(p) for p in pieces) == 4 // 2 ** replicas  # a replicated piece is written once
+    assert sum(len(p) for p in pieces) == 4 // 2**replicas  # a replicated piece is written once
     _write(tmp_path, {"w": full, "b": bias}, per_rank)
     got = _read(tmp_path)
     assert torch.equal(got["w"], full) and torch.equal(got["b"], bias)
@@ -85,7 +89,12 @@ def test_dtensor_pieces_of_any_placement_reassemble_the_tensor(tmp_path, placeme
 def test_runs_of_boxes_and_flat_ranges():
     shape = (4, 6)
     assert list(runs(shape, Piece((2, 0), (2, 6), None))) == [(12, 12)]  # rows: one run
-    assert list(runs(shape, Piece((0, 3), (4, 3), None))) == [(3, 3), (9, 3), (15, 3), (21, 3)]  # columns: per row
+    assert list(runs(shape, Piece((0, 3), (4, 3), None))) == [
+        (3, 3),
+        (9, 3),
+        (15, 3),
+        (21, 3),
+    ]  # columns: per row
     assert list(runs(shape, Piece((1, 2), (2, 2), None))) == [(8, 2), (14, 2)]  # a block
     assert list(runs((3, 4, 5), Piece((0, 2, 0), (3, 2, 5), None))) == [(10, 10), (30, 10), (50, 10)]
     assert list(runs(shape, Piece((5,), (7,), None, flat=True))) == [(5, 7)]
@@ -101,15 +110,18 @@ def test_zero3_flat_partitions_in_bf16_across_shards(tmp_path):
     per_rank = [{} for _ in range(world)]
     for name, tensor in whole.items():
         partition = -(-tensor.numel() // world)
-        padded = torch.cat([tensor.reshape(-1), torch.full((partition * world - tensor.numel(),), float("nan"))])
+        padded = torch.cat(
+            [tensor.reshape(-1), torch.full((partition * world - tensor.numel(),), float("nan"))]
+        )
         for rank in range(world):
             start = rank * partition
             count = max(0, min(partition, tensor.numel() - start))
-            local = padded[start:start + partition]
+            local = padded[start : start + partition]
             per_rank[rank][name] = [Piece((start,), (count,), local[:count], flat=True)]
     _write(tmp_path, whole, per_rank, dtype=torch.bfloat16, max_bytes=30)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
-        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)
+    ]
     got = _read(tmp_path)
     assert all(torch.equal(got[n], t.to(torch.bfloat16)) for n, t in whole.items())
 
@@ -125,7 +137,9 @@ def test_single_backend_export_defaults_to_the_models_dtype(tmp_path):
     from hfdist.models import HyperfitModel
     from hfdist.testing import tiny_llama, tiny_model_folder
 
-    source = tiny_model_folder(tmp_path / "source", hidden_size=256)  # 2.2 MB in bf16: 3 files of at most 1 MB
+    source = tiny_model_folder(
+        tmp_path / "source", hidden_size=256
+    )  # 2.2 MB in bf16: 3 files of at most 1 MB
     config_json = json.loads((source / "config.json").read_text())
     config_json["dtype"] = "bfloat16"
     (source / "config.json").write_text(json.dumps(config_json))
@@ -149,7 +163,9 @@ def test_single_backend_export_defaults_to_the_models_dtype(tmp_path):
     config.export.dtype = "float32"
     export_model(backend, out, tokenizer, config)
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
-    assert loaded.dtype == torch.float32 and all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+    assert loaded.dtype == torch.float32 and all(
+        torch.equal(v, want[k]) for k, v in loaded.state_dict().items()
+    )
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")] == []
 
 

@@ -1,4 +1,5 @@
 """The citation blocker: its hash index against a dictionary, and blocking during real decoding."""
+
 import random
 from collections import defaultdict
 
@@ -15,7 +16,7 @@ def _reference_index(sequences, n):
     index = defaultdict(set)
     for seq in sequences:
         for i in range(len(seq) - n):
-            index[tuple(seq[i:i + n])].add(seq[i + n])
+            index[tuple(seq[i : i + n])].add(seq[i + n])
     return index
 
 
@@ -54,13 +55,13 @@ def test_blocker_stops_a_model_from_continuing_its_training_sequence():
     training = free[:, p:].tolist()
     blocker = CitationBlocker(training, n=n)
     blocked = generate(model, ids, mask, max_new_tokens=30, blocker=blocker)
-    assert torch.equal(blocked[:, :p + n], free[:, :p + n])
+    assert torch.equal(blocked[:, : p + n], free[:, : p + n])
     assert (blocked[:, p + n] != free[:, p + n]).all()
     # At every step, the chosen token is never a training continuation of the last n generated tokens.
     reference = _reference_index(training, n)
     for row in blocked[:, p:].tolist():
         for t in range(n, len(row)):
-            assert row[t] not in reference.get(tuple(row[t - n:t]), set())
+            assert row[t] not in reference.get(tuple(row[t - n : t]), set())
 
 
 def test_ngrams_reaching_into_the_prompt_only_with_include_prompt():
@@ -71,7 +72,9 @@ def test_ngrams_reaching_into_the_prompt_only_with_include_prompt():
     training = [[40, 50, 60, first]]  # the prompt's last 3 tokens, then the model's first choice
     default = generate(model, prompt, max_new_tokens=3, blocker=CitationBlocker(training, n=3))
     assert int(default[0, 6]) == first  # the n-gram is not inside the generated part: not blocked
-    reaching = generate(model, prompt, max_new_tokens=3, blocker=CitationBlocker(training, n=3, include_prompt=True))
+    reaching = generate(
+        model, prompt, max_new_tokens=3, blocker=CitationBlocker(training, n=3, include_prompt=True)
+    )
     assert int(reaching[0, 6]) != first
 
 

@@ -1,4 +1,5 @@
 """hfdist.generation.generate against Hugging Face model.generate on a real (tiny, random) Llama."""
+
 import pytest
 import torch
 
@@ -18,8 +19,9 @@ def _prompts(lengths, seed=1, vocab=256):
 
 
 def _hf(model, ids, mask, new, eos=None, pad=0):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos,
-                          pad_token_id=pad)
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=pad
+    )
 
 
 def test_greedy_equals_hf_generate_single_prompt(model):
@@ -51,7 +53,7 @@ def test_eos_stops_rows_like_hf(model):
     ours = generate(model, ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
     ref = _hf(model, ids, mask, 30, eos=eos)
     assert torch.equal(ours, ref)
-    assert (ours[0, ids.shape[1] + 6:] == 0).all()  # padded after EOS
+    assert (ours[0, ids.shape[1] + 6 :] == 0).all()  # padded after EOS
     conts = continuation_ids(ours, ids.shape[1], eos)
     assert eos not in conts[0] and len(conts[0]) <= 5
 
@@ -104,8 +106,9 @@ def test_sampling_at_tiny_temperature_is_greedy(model):
     assert torch.equal(cold, generate(model, ids, mask, max_new_tokens=15))
 
 
-@pytest.mark.parametrize("lengths,eos_step", [([9], None), ([7, 12, 3, 12, 1], None), ([7, 12, 3, 12], 5),
-                                              ([5, 8], 2)])
+@pytest.mark.parametrize(
+    "lengths,eos_step", [([9], None), ([7, 12, 3, 12, 1], None), ([7, 12, 3, 12], 5), ([5, 8], 2)]
+)
 def test_ngram_drafting_equals_plain_greedy(model, lengths, eos_step):
     """draft='ngram' keeps exactly greedy's tokens (batched, left-padded, with EOS), in fewer forward passes."""
     ids, mask = left_pad(_prompts(lengths), 0)
@@ -116,8 +119,9 @@ def test_ngram_drafting_equals_plain_greedy(model, lengths, eos_step):
     plain = generate(model, ids, mask, max_new_tokens=60, eos_token_id=eos, pad_token_id=0)
     passes = []
     handle = model.register_forward_hook(lambda *a: passes.append(1))
-    drafted = generate(model, ids, mask, max_new_tokens=60, eos_token_id=eos, pad_token_id=0, draft="ngram",
-                       draft_tokens=6)
+    drafted = generate(
+        model, ids, mask, max_new_tokens=60, eos_token_id=eos, pad_token_id=0, draft="ngram", draft_tokens=6
+    )
     handle.remove()
     assert torch.equal(drafted, plain)
     if len(lengths) == 1:
@@ -130,7 +134,7 @@ def test_ngram_drafting_with_blocker_equals_plain(model):
     ids, _ = left_pad(_prompts([10]), 0)
     ids = torch.cat([ids, ids, ids], 1)
     plain = generate(model, ids, max_new_tokens=50)
-    blocker = CitationBlocker([plain[0, ids.shape[1]:].tolist()], n=2)  # blocks the model's own loop
+    blocker = CitationBlocker([plain[0, ids.shape[1] :].tolist()], n=2)  # blocks the model's own loop
     blocked = generate(model, ids, max_new_tokens=50, blocker=blocker)
     assert not torch.equal(blocked, plain)
     assert torch.equal(generate(model, ids, max_new_tokens=50, blocker=blocker, draft="ngram"), blocked)
@@ -146,5 +150,10 @@ def test_ngram_draft_lookup():
     assert ngram_draft(seq, 3, 4).tolist() == [1, 2, 5, 6]
     assert ngram_draft(torch.tensor([1, 2, 3]), 2, 3).tolist() == []
     with pytest.raises(HfdistError, match="draft"):
-        generate(tiny_llama(vocab_size=64), torch.tensor([[1, 2]]), max_new_tokens=3, strategy="sample",
-                 draft="ngram")
+        generate(
+            tiny_llama(vocab_size=64),
+            torch.tensor([[1, 2]]),
+            max_new_tokens=3,
+            strategy="sample",
+            draft="ngram",
+        )

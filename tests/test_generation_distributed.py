@@ -1,4 +1,5 @@
 """Data-parallel generation over two gloo ranks equals generation in one process."""
+
 import socket
 
 import pytest
@@ -24,8 +25,9 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model = tiny_llama(vocab_size=128, seed=0)
-        gathered = generate_batched(model, PROMPTS, batch_size=2, pad_token_id=0, max_new_tokens=12,
-                                    data_parallel=True)
+        gathered = generate_batched(
+            model, PROMPTS, batch_size=2, pad_token_id=0, max_new_tokens=12, data_parallel=True
+        )
         # Each rank its own prompts, with EOS: the ranks finish at different steps, yet run the same number of
         # forward passes (sync_ranks), as a sharded model needs.
         ids, mask = left_pad(PROMPTS[rank::world], 0)

@@ -7,6 +7,7 @@ that OUT holds what the device tool returns (at most 8 files, no folders). The o
 own promises with short real subprocesses: a step past its budget is killed and keeps its rows, a failing step
 does not stop the next, and the GPU plan fits one 8-minute call.
 """
+
 import importlib.util
 import json
 import os
@@ -19,9 +20,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
-DEFAULT_STEPS = ["install", "env", "compile_check", "kernel_tests", "cross_entropy", "sampling",
-                 "train_2x32_plain", "train_2x32_hfdist", "train_1x64_plain", "train_1x64_hfdist",
-                 "generate_b1", "generate_b2", "train_2x32_hfdist-compile", "train_1x64_hfdist-compile"]
+DEFAULT_STEPS = [
+    "install",
+    "env",
+    "compile_check",
+    "kernel_tests",
+    "cross_entropy",
+    "sampling",
+    "train_2x32_plain",
+    "train_2x32_hfdist",
+    "train_1x64_plain",
+    "train_1x64_hfdist",
+    "generate_b1",
+    "generate_b2",
+    "train_2x32_hfdist-compile",
+    "train_1x64_hfdist-compile",
+]
 IMPLS = {"hf", "hfdist", "hf_static", "hfdist_static_compile"}
 
 
@@ -38,11 +52,18 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-suite") / "out"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the suite decides per step
     start = time.monotonic()
-    done = subprocess.run([sys.executable, str(SUITE), str(out), "--dry-run"], capture_output=True, text=True,
-                          env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(SUITE), str(out), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     seconds = time.monotonic() - start
     log = (out / "suite.log").read_text() if (out / "suite.log").exists() else ""
-    assert done.returncode == 0, f"dry run failed:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}\n{log[-4000:]}"
+    assert done.returncode == 0, (
+        f"dry run failed:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}\n{log[-4000:]}"
+    )
     report = json.loads((out / "suite.json").read_text())
     return out, report, seconds
 
@@ -86,8 +107,12 @@ def test_dry_run_runs_every_step(dry_run):
 
     loss = {r["method"]: r for r in rows_of(report, "cross_entropy")}
     for method in ("hfdist", "hfdist-fp32", "torch-eager", "torch-compile"):
-        assert loss[method]["status"] == "ok" and loss[method]["time_s"] > 0 and loss[method]["entropy"] is True
-    assert "'weight_dtype'" in loss["hfdist"]["accumulation"] and "'fp32'" in loss["hfdist-fp32"]["accumulation"]
+        assert (
+            loss[method]["status"] == "ok" and loss[method]["time_s"] > 0 and loss[method]["entropy"] is True
+        )
+    assert (
+        "'weight_dtype'" in loss["hfdist"]["accumulation"] and "'fp32'" in loss["hfdist-fp32"]["accumulation"]
+    )
     assert loss["liger"]["status"].startswith("skipped") and loss["liger"]["entropy"] is False
 
     sampling = rows_of(report, "sampling")
@@ -95,7 +120,12 @@ def test_dry_run_runs_every_step(dry_run):
     assert cells == {(b, p) for b in (1, 2) for p in (0.5, 0.9, 0.95)}
     for batch, top_p in cells:
         found = {r["method"]: r for r in sampling if (r["batch"], r["top_p"]) == (batch, top_p)}
-        assert {"hfdist-triton", "hfdist-torch-reference", "torch-sort-multinomial", "hf-topp-multinomial"} <= set(found)
+        assert {
+            "hfdist-triton",
+            "hfdist-torch-reference",
+            "torch-sort-multinomial",
+            "hf-topp-multinomial",
+        } <= set(found)
         assert all(r["status"] == "ok" and r["time_s"] > 0 for r in found.values())
         paths = dict(found["hfdist-triton"]["resolve_paths"])
         assert paths.pop("chunks_per_row") >= 1 and sum(paths.values()) == batch  # every row took one path
@@ -110,15 +140,24 @@ def test_dry_run_runs_every_step(dry_run):
         rows = rows_of(report, f"generate_b{batch}")
         speed = {(r["strategy"], r["impl"]): r for r in rows if "tokens_per_s" in r}
         assert set(speed) == {(s, i) for s in ("greedy", "top-p") for i in IMPLS}
-        assert all(r["batch"] == batch and r["new_tokens"] == 4 and r["tokens_per_s"] > 0 for r in speed.values())
+        assert all(
+            r["batch"] == batch and r["new_tokens"] == 4 and r["tokens_per_s"] > 0 for r in speed.values()
+        )
         same = {r["impl"]: r["equals_hf_greedy"] for r in rows if "equals_hf_greedy" in r}
         assert set(same) == IMPLS - {"hf"} and all(isinstance(v, bool) for v in same.values())
         assert same["hfdist"] is True  # the same dynamic cache and fp32 arithmetic as HF: token for token
         # (the static-cache rows attend over padded slots: equal so far, but a near-tie may flip on another CPU)
 
     tables = (out / "tables.md").read_text()
-    for title in ("## Steps", "## Compile check", "## Kernel tests", "## Fused linear cross-entropy",
-                  "## Top-p sampling", "## Training step", "## Decoding"):
+    for title in (
+        "## Steps",
+        "## Compile check",
+        "## Kernel tests",
+        "## Fused linear cross-entropy",
+        "## Top-p sampling",
+        "## Training step",
+        "## Decoding",
+    ):
         assert title in tables
     print(f"dry run: {seconds:.0f} s")
 
@@ -128,14 +167,27 @@ def test_steps_past_budget_keep_rows_and_failures_do_not_stop_the_run(tmp_path):
     one exits 3, one passes; the run goes on and reports each."""
     gpu_suite = load_suite()
     py = sys.executable
-    grandchild = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+    grandchild = (
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+    )
     steps = [
-        gpu_suite.Step("slow", 2, 1, [py, "-c", grandchild + "print('{\"n\": 1}', flush=True); time.sleep(60)"],
-                       tags={"shape": "a"}),
-        gpu_suite.Step("broken", 10, 1, [py, "-c", "print('{\"n\": 2}'); print('not json'); raise SystemExit(3)"]),
-        gpu_suite.Step("fine", 10, 1, [py, "-c", "print('{\"n\": 3}')"])]
+        gpu_suite.Step(
+            "slow",
+            2,
+            1,
+            [py, "-c", grandchild + "print('{\"n\": 1}', flush=True); time.sleep(60)"],
+            tags={"shape": "a"},
+        ),
+        gpu_suite.Step(
+            "broken", 10, 1, [py, "-c", "print('{\"n\": 2}'); print('not json'); raise SystemExit(3)"]
+        ),
+        gpu_suite.Step("fine", 10, 1, [py, "-c", "print('{\"n\": 3}')"]),
+    ]
     out = tmp_path / "out"
-    suite = gpu_suite.Suite(out, tmp_path / "scratch", {"mode": "dry-run", "started_utc": "-", "limit_s": 60}, 60)
+    suite = gpu_suite.Suite(
+        out, tmp_path / "scratch", {"mode": "dry-run", "started_utc": "-", "limit_s": 60}, 60
+    )
     start = time.monotonic()
     status = suite.run(steps)
     suite.close()
@@ -144,9 +196,15 @@ def test_steps_past_budget_keep_rows_and_failures_do_not_stop_the_run(tmp_path):
     statuses = {r["name"]: r["status"] for r in suite.records}
     assert statuses == {"slow": "timeout after 2 s", "broken": "failed (exit 3)", "fine": "ok"}
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
-    assert rows == [{"step": "slow", "shape": "a", "n": 1}, {"step": "broken", "n": 2}, {"step": "fine", "n": 3}]
+    assert rows == [
+        {"step": "slow", "shape": "a", "n": 1},
+        {"step": "broken", "n": 2},
+        {"step": "fine", "n": 3},
+    ]
     report = json.loads((out / "suite.json").read_text())
-    assert [s["rows"] for s in report["steps"]] == [1, 1, 1] and "| slow | 2 | 1 |" in (out / "tables.md").read_text()
+    assert [s["rows"] for s in report["steps"]] == [1, 1, 1] and "| slow | 2 | 1 |" in (
+        out / "tables.md"
+    ).read_text()
 
 
 def test_gpu_plan_fits_one_eight_minute_call(tmp_path):
@@ -155,11 +213,19 @@ def test_gpu_plan_fits_one_eight_minute_call(tmp_path):
     gpu_suite = load_suite()
     steps = gpu_suite.select(gpu_suite.plan(False, tmp_path), None)
     assert "scale_check" not in {s.name for s in steps}
-    assert gpu_suite.budget_total(steps) <= gpu_suite.GPU_LIMIT_S <= 480 - 30  # 480 s: the device call's timeout_s
+    assert (
+        gpu_suite.budget_total(steps) <= gpu_suite.GPU_LIMIT_S <= 480 - 30
+    )  # 480 s: the device call's timeout_s
     assert all(0 < s.estimate_s < s.budget_s for s in steps)
     names = [s.name for s in gpu_suite.select(gpu_suite.plan(False, tmp_path), "train_4x2048,scale")]
-    assert names == ["install", "env", "train_4x2048_plain", "train_4x2048_hfdist", "train_4x2048_hfdist-compile",
-                     "scale_check"]
+    assert names == [
+        "install",
+        "env",
+        "train_4x2048_plain",
+        "train_4x2048_hfdist",
+        "train_4x2048_hfdist-compile",
+        "scale_check",
+    ]
     with pytest.raises(SystemExit, match="no such step"):
         gpu_suite.select(steps, "nonsense")
 
@@ -171,16 +237,22 @@ def test_pytest_lines_become_rows_with_and_without_xdist(tmp_path):
     suite = gpu_suite.Suite(tmp_path / "out", tmp_path, {"mode": "gpu"}, 60)
     step = gpu_suite.Step("kernel_tests", 10, 1, [], parse="pytest")
     seen = set()
-    for line in ["tests/test_kernels_sampling.py::test_batch_invariance[torch] PASSED      [ 80%]",
-                 "[gw1] [ 12%] FAILED tests/test_kernels_cross_entropy.py::test_row_offsets_past_int32[triton] ",
-                 "[gw0] [ 13%] SKIPPED tests/test_kernels_sampling.py::test_wide_rows[streamed] ",
-                 "SKIPPED [1] tests/test_kernels_sampling.py:178: the compiled resident block is fixed",
-                 "FAILED tests/test_kernels_cross_entropy.py::test_row_offsets_past_int32[triton] - AssertionError",
-                 "============ 1 failed, 1 passed, 1 skipped in 61.20s (0:01:01) ============"]:
+    for line in [
+        "tests/test_kernels_sampling.py::test_batch_invariance[torch] PASSED      [ 80%]",
+        "[gw1] [ 12%] FAILED tests/test_kernels_cross_entropy.py::test_row_offsets_past_int32[triton] ",
+        "[gw0] [ 13%] SKIPPED tests/test_kernels_sampling.py::test_wide_rows[streamed] ",
+        "SKIPPED [1] tests/test_kernels_sampling.py:178: the compiled resident block is fixed",
+        "FAILED tests/test_kernels_cross_entropy.py::test_row_offsets_past_int32[triton] - AssertionError",
+        "============ 1 failed, 1 passed, 1 skipped in 61.20s (0:01:01) ============",
+    ]:
         suite.handle(step, line, seen)
     suite.close()
     assert [{k: v for k, v in r.items() if k != "step"} for r in suite.rows] == [
         {"test": "tests/test_kernels_sampling.py::test_batch_invariance[torch]", "outcome": "passed"},
-        {"test": "tests/test_kernels_cross_entropy.py::test_row_offsets_past_int32[triton]", "outcome": "failed"},
+        {
+            "test": "tests/test_kernels_cross_entropy.py::test_row_offsets_past_int32[triton]",
+            "outcome": "failed",
+        },
         {"test": "tests/test_kernels_sampling.py::test_wide_rows[streamed]", "outcome": "skipped"},
-        {"summary": "1 failed, 1 passed, 1 skipped", "seconds": 61.2}]
+        {"summary": "1 failed, 1 passed, 1 skipped", "seconds": 61.2},
+    ]

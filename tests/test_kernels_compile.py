@@ -8,6 +8,7 @@ decorated under the interpreter cannot be compiled. Run with ``-rA`` to see the 
 the JSON report lands in the test's tmp dir. About 1.5-2.5 min on 2 cores from a cold Triton cache
 (258 compilations, ~90% of them the cross-entropy kernel's flag combinations), seconds from a warm one.
 """
+
 import json
 import os
 import subprocess
@@ -24,8 +25,13 @@ from hfdist.kernels import compile_check  # noqa: E402  (imports no triton)
 def _run_check(args, tmp_path, timeout):
     env = dict(os.environ, TRITON_INTERPRET="0")
     report = tmp_path / "compile_check.json"
-    proc = subprocess.run([sys.executable, "-m", "hfdist.kernels.compile_check", "--json", str(report), *args],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfdist.kernels.compile_check", "--json", str(report), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     print(proc.stdout)
     return proc, json.loads(report.read_text()) if report.exists() else None
 
@@ -47,7 +53,7 @@ def test_every_kernel_variant_compiles_for_sm90_and_sm80(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-BROKEN_MODULE = '''
+BROKEN_MODULE = """
 import triton
 import triton.language as tl
 
@@ -81,14 +87,16 @@ def _forgotten_kernel(out_ptr):
 def compile_variants():
     return [KernelVariant(name, kernel, {"out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 64})
             for name, kernel in (("covered", _covered_kernel), ("loop", _type_changing_loop))]
-'''
+"""
 
 
 def test_check_reports_uncovered_kernels_and_compile_errors(tmp_path):
     """The check fails on a kernel missing from compile_variants() and on a kernel the compiler refuses."""
     path = tmp_path / "_triton_broken.py"
     path.write_text(textwrap.dedent(BROKEN_MODULE))
-    proc, report = _run_check(["--modules", str(path), "--arch", "90", "--workers", "1"], tmp_path, timeout=600)
+    proc, report = _run_check(
+        ["--modules", str(path), "--arch", "90", "--workers", "1"], tmp_path, timeout=600
+    )
     assert proc.returncode == 1
     assert len(report["coverage_problems"]) == 1
     assert "_forgotten_kernel has no variant" in report["coverage_problems"][0]  # _double is a helper

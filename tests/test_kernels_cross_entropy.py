@@ -3,14 +3,19 @@
 On CPU the Triton backend runs in the interpreter (TRITON_INTERPRET=1, set by conftest) with small
 shapes; on CUDA the same tests run the compiled kernels with larger shapes.
 """
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hfdist.kernels import (CrossEntropyLoss, FusedLinearCrossEntropyLoss, cross_entropy,
-                            fused_linear_cross_entropy)
+from hfdist.kernels import (
+    CrossEntropyLoss,
+    FusedLinearCrossEntropyLoss,
+    cross_entropy,
+    fused_linear_cross_entropy,
+)
 from hfdist.kernels.utils import interpreter_enabled
 
 CUDA = torch.cuda.is_available()
@@ -26,8 +31,18 @@ def _skip_unless_runnable(backend):
         pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1")
 
 
-def reference(hidden, weight, labels, bias=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-              z_loss=0.0, softcap=None):
+def reference(
+    hidden,
+    weight,
+    labels,
+    bias=None,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+):
     """The documented definition, literally, in fp64 on the given values; returns (loss, entropy)."""
     logits = hidden.double() @ weight.double().T
     if bias is not None:
@@ -68,8 +83,10 @@ def _grads(fn, hidden, weight, bias, labels, grad_out_seed=1, **kw):
 
 def _ours(backend, chunk):
     def fn(h, w, labels, b, **kw):
-        return fused_linear_cross_entropy(h, w, labels, bias=b, return_entropy=True, backend=backend,
-                                          chunk_size=chunk, **kw)
+        return fused_linear_cross_entropy(
+            h, w, labels, bias=b, return_entropy=True, backend=backend, chunk_size=chunk, **kw
+        )
+
     return fn
 
 
@@ -125,7 +142,9 @@ def test_fused_bf16_no_worse_than_torch_bf16(backend, case):
         logits = F.linear(h, w, b)
         cap = kw.get("softcap")
         z = cap * torch.tanh(logits / cap) if cap else logits
-        loss = F.cross_entropy(z, labels, reduction=kw["reduction"], label_smoothing=kw.get("label_smoothing", 0.0))
+        loss = F.cross_entropy(
+            z, labels, reduction=kw["reduction"], label_smoothing=kw.get("label_smoothing", 0.0)
+        )
         if kw.get("z_loss"):
             valid = labels != -100
             zl = kw["z_loss"] * torch.logsumexp(z, -1).square() * valid
@@ -169,22 +188,30 @@ def test_weight_grad_accumulation_error(capsys):
         chunk = n // chunks
         for mode in ("fp32", "weight_dtype"):
             w = weight.detach().clone().requires_grad_()
-            fused_linear_cross_entropy(hidden, w, labels, reduction="sum", backend="torch", chunk_size=chunk,
-                                       grad_accumulation=mode).backward()
+            fused_linear_cross_entropy(
+                hidden, w, labels, reduction="sum", backend="torch", chunk_size=chunk, grad_accumulation=mode
+            ).backward()
             assert w.grad.dtype == torch.bfloat16
             errors[f"{mode}@{chunks}"] = _rel(w.grad, ref)
         liger = torch.zeros(v, h, dtype=torch.bfloat16, device=DEVICE)  # grad_weight += mm(...) in bf16
         for s in range(0, n, chunk):
-            liger += (d_logits[s:s + chunk].float().T @ hidden[s:s + chunk].float()).to(torch.bfloat16)
+            liger += (d_logits[s : s + chunk].float().T @ hidden[s : s + chunk].float()).to(torch.bfloat16)
         errors[f"bf16 running sum@{chunks}"] = _rel(liger, ref)
     with capsys.disabled():
         print("\nd_weight error vs fp64:", {k: round(e, 5) for k, e in errors.items()})
     for chunks in (4, 16, 32, 64):
         assert errors[f"fp32@{chunks}"] <= 1.05 * floor  # rounded once: at its floor whatever the chunk count
         assert errors[f"fp32@{chunks}"] < errors[f"weight_dtype@{chunks}"]
-        assert errors[f"weight_dtype@{chunks}"] <= errors[f"bf16 running sum@{chunks}"]  # never worse than Liger
+        assert (
+            errors[f"weight_dtype@{chunks}"] <= errors[f"bf16 running sum@{chunks}"]
+        )  # never worse than Liger
     assert errors["weight_dtype@4"] < 1.5 * floor and errors["weight_dtype@32"] < 0.008
-    assert errors["weight_dtype@4"] < errors["weight_dtype@16"] < errors["weight_dtype@32"] < errors["weight_dtype@64"]
+    assert (
+        errors["weight_dtype@4"]
+        < errors["weight_dtype@16"]
+        < errors["weight_dtype@32"]
+        < errors["weight_dtype@64"]
+    )
 
 
 def test_fp32_accumulation_leaves_no_fp32_storage():
@@ -192,8 +219,9 @@ def test_fp32_accumulation_leaves_no_fp32_storage():
     for v in (64, 61):  # even and odd V (the accumulator is split at V // 2)
         hidden, weight, bias, labels = _inputs(torch.bfloat16, seed=4, n=40, h=24, v=v)
         w = weight.detach().clone().requires_grad_()
-        fused_linear_cross_entropy(hidden, w, labels, backend="torch", chunk_size=8,
-                                   grad_accumulation="fp32").backward()
+        fused_linear_cross_entropy(
+            hidden, w, labels, backend="torch", chunk_size=8, grad_accumulation="fp32"
+        ).backward()
         assert w.grad.dtype == torch.bfloat16 and w.grad.shape == w.shape and w.grad.is_contiguous()
         assert w.grad.untyped_storage().nbytes() <= w.numel() * 2 + 2
         w32 = weight.detach().float().requires_grad_()  # the same fp32 sum, rounded once: bitwise the same
@@ -241,7 +269,9 @@ def test_no_gradient_work_under_no_grad():
     w = weight.clone().requires_grad_()
     for reduction in ("mean", "none"):
         with torch.no_grad(), CountMatmuls() as counter:
-            loss = fused_linear_cross_entropy(hidden, w, labels, reduction=reduction, backend="torch", chunk_size=8)
+            loss = fused_linear_cross_entropy(
+                hidden, w, labels, reduction=reduction, backend="torch", chunk_size=8
+            )
         assert counter.count == 4 and not loss.requires_grad  # 4 chunks: one logits matmul each
         with CountMatmuls() as counter:
             fused_linear_cross_entropy(hidden, w, labels, reduction="mean", backend="torch", chunk_size=8)
@@ -274,7 +304,9 @@ def test_reference_is_torch_cross_entropy():
     hidden, weight, bias, labels = _inputs(torch.float64, seed=5)
     for reduction in ["mean", "sum", "none"]:
         ours, _ = reference(hidden, weight, labels, bias, reduction=reduction, label_smoothing=0.3)
-        theirs = F.cross_entropy(F.linear(hidden, weight, bias), labels, reduction=reduction, label_smoothing=0.3)
+        theirs = F.cross_entropy(
+            F.linear(hidden, weight, bias), labels, reduction=reduction, label_smoothing=0.3
+        )
         torch.testing.assert_close(ours, theirs)
 
 
@@ -285,8 +317,17 @@ def test_all_ignored_gives_zero_not_nan(backend, reduction):
     hidden, weight, bias, labels = _inputs(torch.float32, seed=2, n=9)
     labels = torch.full_like(labels, -100)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    loss, entropy = fused_linear_cross_entropy(h, w, labels, bias=b, reduction=reduction, return_entropy=True,
-                                               backend=backend, label_smoothing=0.1, z_loss=1e-3)
+    loss, entropy = fused_linear_cross_entropy(
+        h,
+        w,
+        labels,
+        bias=b,
+        reduction=reduction,
+        return_entropy=True,
+        backend=backend,
+        label_smoothing=0.1,
+        z_loss=1e-3,
+    )
     loss.sum().backward()
     for t in (loss, entropy, h.grad, w.grad, b.grad):
         assert torch.count_nonzero(t) == 0 and not torch.isnan(t).any()
@@ -308,13 +349,19 @@ def test_leading_dims_modules_and_no_grad(backend):
     _skip_unless_runnable(backend)
     hidden, weight, bias, labels = _inputs(torch.float32, seed=6, n=12)
     h3, y2 = hidden.view(3, 4, H), labels.view(3, 4)
-    loss, entropy = FusedLinearCrossEntropyLoss(reduction="none", return_entropy=True, backend=backend)(h3, weight, y2)
+    loss, entropy = FusedLinearCrossEntropyLoss(reduction="none", return_entropy=True, backend=backend)(
+        h3, weight, y2
+    )
     assert loss.shape == (3, 4) and entropy.shape == (3, 4)
     ref, ref_entropy = reference(hidden, weight, labels, reduction="none")
     torch.testing.assert_close(loss.view(-1).double(), ref, rtol=2e-5, atol=2e-5)
     logits = hidden @ weight.T
-    torch.testing.assert_close(CrossEntropyLoss(backend=backend)(logits.view(3, 4, V), y2),
-                               F.cross_entropy(logits, labels), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(
+        CrossEntropyLoss(backend=backend)(logits.view(3, 4, V), y2),
+        F.cross_entropy(logits, labels),
+        rtol=2e-5,
+        atol=2e-5,
+    )
     with torch.no_grad():  # no gradient wanted: the forward computes none
         fused = fused_linear_cross_entropy(hidden, weight, labels, backend=backend)
     torch.testing.assert_close(fused, F.cross_entropy(logits, labels), rtol=2e-5, atol=2e-5)
@@ -356,8 +403,9 @@ def test_cuda_no_host_sync_and_bounded_memory():
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss, entropy = fused_linear_cross_entropy(x, w, labels, chunk_size=chunk, reduction="sum",
-                                                   return_entropy=True)
+        loss, entropy = fused_linear_cross_entropy(
+            x, w, labels, chunk_size=chunk, reduction="sum", return_entropy=True
+        )
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -381,7 +429,9 @@ def test_cuda_memory_goal_llama3_head(grad_accumulation):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    fused_linear_cross_entropy(x, w, labels, grad_accumulation=grad_accumulation, return_entropy=True)[0].backward()
+    fused_linear_cross_entropy(x, w, labels, grad_accumulation=grad_accumulation, return_entropy=True)[
+        0
+    ].backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     stated = {"weight_dtype": 1_316_421_632, "fp32": 2_367_094_784}[grad_accumulation]
@@ -414,12 +464,14 @@ def _chunked_fp32_reference(hidden, weight, labels, rows=2048):
     w = weight.float().requires_grad_()
     total, entropies = 0.0, []
     for s in range(0, hidden.shape[0], rows):
-        logits = (h[s:s + rows] @ w.T).to(hidden.dtype).float()
-        loss = F.cross_entropy(logits, labels[s:s + rows], reduction="sum")
+        logits = (h[s : s + rows] @ w.T).to(hidden.dtype).float()
+        loss = F.cross_entropy(logits, labels[s : s + rows], reduction="sum")
         loss.backward()
         total += loss.item()
-        valid = labels[s:s + rows] != -100
-        entropies.append(torch.where(valid, torch.distributions.Categorical(logits=logits.detach()).entropy(), 0.0))
+        valid = labels[s : s + rows] != -100
+        entropies.append(
+            torch.where(valid, torch.distributions.Categorical(logits=logits.detach()).entropy(), 0.0)
+        )
     return total, torch.cat(entropies), h.grad, w.grad
 
 
@@ -437,18 +489,21 @@ def test_llama3_vocab_bf16_large_rows(backend):
         runs.append(dict(chunk_size=n))
     for kw in runs:
         x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss, entropy = fused_linear_cross_entropy(x, w, labels, reduction="sum", return_entropy=True,
-                                                   backend=backend, **kw)
+        loss, entropy = fused_linear_cross_entropy(
+            x, w, labels, reduction="sum", return_entropy=True, backend=backend, **kw
+        )
         loss.backward()
         assert x.grad.dtype == w.grad.dtype == torch.bfloat16 and loss.dtype == torch.float32
         assert abs(loss.item() - ref_loss) <= 1e-4 * abs(ref_loss), kw
         assert (entropy - ref_entropy).abs().max().item() < 2e-3, kw
         assert _rel(x.grad, ref_dh) < 1e-2 and _rel(w.grad, ref_dw) < 1.5e-2, kw
-    logits = hidden @ weight.T if not CUDA else None  # on CUDA [N, V] bf16 = 4.3 GB: N x V > 2^31 in the kernel
+    logits = (
+        hidden @ weight.T if not CUDA else None
+    )  # on CUDA [N, V] bf16 = 4.3 GB: N x V > 2^31 in the kernel
     if CUDA:
         logits = torch.empty(n, LLAMA3_VOCAB, device=DEVICE, dtype=torch.bfloat16)
         for s in range(0, n, 2048):
-            torch.mm(hidden[s:s + 2048], weight.T, out=logits[s:s + 2048])
+            torch.mm(hidden[s : s + 2048], weight.T, out=logits[s : s + 2048])
     loss, entropy = cross_entropy(logits, labels, reduction="sum", return_entropy=True, backend=backend)
     assert abs(loss.item() - ref_loss) <= 1e-4 * abs(ref_loss)
     assert (entropy - ref_entropy).abs().max().item() < 2e-3
@@ -471,8 +526,9 @@ def test_row_offsets_past_int32(backend):
     loss, entropy = cross_entropy(logits, labels, reduction="none", return_entropy=True, backend=backend)
     (loss * torch.tensor([1.0, 2.0, 3.0], device=DEVICE)).sum().backward()
     ref_x = values.double().requires_grad_()
-    ref_loss, ref_entropy = reference(torch.eye(3, device=DEVICE, dtype=torch.float64), ref_x.T, labels,
-                                      reduction="none")
+    ref_loss, ref_entropy = reference(
+        torch.eye(3, device=DEVICE, dtype=torch.float64), ref_x.T, labels, reduction="none"
+    )
     (ref_loss * torch.tensor([1.0, 2.0, 3.0], device=DEVICE, dtype=torch.float64)).sum().backward()
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)

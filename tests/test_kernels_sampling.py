@@ -3,6 +3,7 @@
 All draws use fixed seeds, so every statistical check below is deterministic: its threshold is chosen
 so that a correct sampler fails with probability < 1e-4 for a fresh choice of seeds.
 """
+
 import math
 
 import pytest
@@ -31,11 +32,11 @@ def _tie_logits():
     """Rows whose top-p / top-k boundaries fall inside groups of equal logits."""
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(4, 40, generator=gen) - 3.0
-    rows[0, [3, 9, 17, 30, 31]] = 2.0      # five equal leaders: p=0.5 needs exactly 3 of them (lowest index)
-    rows[1, [5, 6]] = 4.0                  # a pair at the top, then a tie group of three at the boundary
+    rows[0, [3, 9, 17, 30, 31]] = 2.0  # five equal leaders: p=0.5 needs exactly 3 of them (lowest index)
+    rows[1, [5, 6]] = 4.0  # a pair at the top, then a tie group of three at the boundary
     rows[1, [1, 20, 33]] = 3.0
-    rows[2, :] = 0.0                       # uniform: every cut is a tie
-    rows[3, [0, 39]] = float("-inf")       # masked tokens never drawn
+    rows[2, :] = 0.0  # uniform: every cut is a tie
+    rows[3, [0, 39]] = float("-inf")  # masked tokens never drawn
     return rows.to(DEVICE)
 
 
@@ -71,8 +72,9 @@ def test_greedy_is_first_argmax(backend, dtype):
     assert torch.equal(sample(logits, temperature=0.0, backend=backend), first_max)
     assert torch.equal(sample(logits, top_k=1, temperature=0.8, seed=3, backend=backend), first_max)
     per_row = torch.tensor([0.0, 1.0, 0.0, 1.0], device=DEVICE)
-    tokens = sample(logits, temperature=per_row, top_k=torch.tensor([0, 1, 0, 1], device=DEVICE), seed=1,
-                    backend=backend)
+    tokens = sample(
+        logits, temperature=per_row, top_k=torch.tensor([0, 1, 0, 1], device=DEVICE), seed=1, backend=backend
+    )
     assert torch.equal(tokens, first_max)
 
 
@@ -84,7 +86,9 @@ def test_samples_lie_in_reference_kept_set(backend, config):
     logits = _tie_logits()
     repeats = REPEATS[backend]
     batch = logits.repeat_interleave(repeats, dim=0)
-    tokens = sample(batch, seed=torch.arange(batch.shape[0], device=DEVICE) + 1000 * config, backend=backend, **kw)
+    tokens = sample(
+        batch, seed=torch.arange(batch.shape[0], device=DEVICE) + 1000 * config, backend=backend, **kw
+    )
     keep, _ = kept_mask_torch(batch, **kw)
     assert keep[torch.arange(batch.shape[0], device=DEVICE), tokens].all()
 
@@ -118,10 +122,12 @@ def _random_options(batch, gen):
     top_k = torch.randint(0, 60, (batch,), generator=gen)
     top_k[::4] = 0
     top_p = torch.rand(batch, generator=gen) * 1.3
-    return dict(temperature=(torch.rand(batch, generator=gen) * 1.5).to(DEVICE),
-                top_k=top_k.to(DEVICE),
-                top_p=torch.where(top_p > 1, 1.0, top_p).to(DEVICE),
-                min_p=torch.where(torch.rand(batch, generator=gen) < 0.3, 0.05, 0.0).to(DEVICE))
+    return dict(
+        temperature=(torch.rand(batch, generator=gen) * 1.5).to(DEVICE),
+        top_k=top_k.to(DEVICE),
+        top_p=torch.where(top_p > 1, 1.0, top_p).to(DEVICE),
+        min_p=torch.where(torch.rand(batch, generator=gen) < 0.3, 0.05, 0.0).to(DEVICE),
+    )
 
 
 def test_triton_and_reference_draw_the_same_tokens():
@@ -133,11 +139,13 @@ def test_triton_and_reference_draw_the_same_tokens():
     logits[::7, :50] = float("-inf")
     logits[1::7] = torch.randint(-4, 2, (300,), generator=gen).float().to(DEVICE)  # tie groups at every cut
     options = _random_options(batch, gen)
-    seeds = torch.randint(-2**62, 2**62, (batch,), generator=gen).to(DEVICE)
+    seeds = torch.randint(-(2**62), 2**62, (batch,), generator=gen).to(DEVICE)
     for dtype in [torch.float32, torch.bfloat16]:
         x = logits.to(dtype)
-        assert torch.equal(sample(x, seed=seeds, backend="triton", **options),
-                           sample(x, seed=seeds, backend="torch", **options))
+        assert torch.equal(
+            sample(x, seed=seeds, backend="triton", **options),
+            sample(x, seed=seeds, backend="torch", **options),
+        )
 
 
 # Rows wider than one block, split over several programs. Compiled (CUDA): Llama 3's vocabulary with the
@@ -150,12 +158,17 @@ def _launch_configs():
     from hfdist.kernels._triton_sampling import LaunchConfig
 
     if CUDA:  # the compiled blocks; only the runtime knobs change
-        return {"split": LaunchConfig(), "resident": LaunchConfig(chunks_per_row=7, small_limit=0),
-                "fallback": LaunchConfig(chunks_per_row=3, capacity=4)}
-    return {"split": LaunchConfig(block=32, resolve_block=32, chunks_per_row=3),  # 9 blocks, 3 programs
-            "resident": LaunchConfig(block=64, resolve_block=16, chunks_per_row=2, small_limit=0),
-            "streamed": LaunchConfig(block=64, resolve_block=16, chunks_per_row=4, small_limit=0, resident=16),
-            "fallback": LaunchConfig(block=16, resolve_block=64, chunks_per_row=5, capacity=4)}
+        return {
+            "split": LaunchConfig(),
+            "resident": LaunchConfig(chunks_per_row=7, small_limit=0),
+            "fallback": LaunchConfig(chunks_per_row=3, capacity=4),
+        }
+    return {
+        "split": LaunchConfig(block=32, resolve_block=32, chunks_per_row=3),  # 9 blocks, 3 programs
+        "resident": LaunchConfig(block=64, resolve_block=16, chunks_per_row=2, small_limit=0),
+        "streamed": LaunchConfig(block=64, resolve_block=16, chunks_per_row=4, small_limit=0, resident=16),
+        "fallback": LaunchConfig(block=16, resolve_block=64, chunks_per_row=5, capacity=4),
+    }
 
 
 def _wide_rows(gen):
@@ -183,7 +196,7 @@ def test_wide_rows_split_over_programs_draw_the_reference_token(path):
     batch = logits.shape[0]
     options = _random_options(batch, gen)
     options["top_p"][:3] = torch.tensor([0.9, 0.95, 0.5], device=DEVICE)  # the special rows filter
-    seeds = torch.randint(-2**62, 2**62, (batch,), generator=gen).to(DEVICE)
+    seeds = torch.randint(-(2**62), 2**62, (batch,), generator=gen).to(DEVICE)
     config = _launch_configs()[path]
     for dtype in [torch.bfloat16, torch.float32] if CUDA else [torch.bfloat16]:
         x = logits.to(dtype)
@@ -216,11 +229,12 @@ def test_llama_vocabulary_top_p_rows():
     logits = torch.randn(batch, 128256, generator=gen) * scale
     logits.scatter_add_(1, torch.randint(0, 128256, (batch, 4), generator=gen), torch.full((batch, 4), 12.0))
     logits = logits.to(DEVICE, torch.bfloat16)
-    seeds = torch.randint(-2**62, 2**62, (batch,), generator=gen).to(DEVICE)
+    seeds = torch.randint(-(2**62), 2**62, (batch,), generator=gen).to(DEVICE)
     seen = {}
     for top_p in (0.95, 0.5):
-        tokens, status = sample_triton(logits, temperature=1.0, top_p=top_p, top_k=0, min_p=0.0, seeds=seeds,
-                                       diagnostics=seen)
+        tokens, status = sample_triton(
+            logits, temperature=1.0, top_p=top_p, top_k=0, min_p=0.0, seeds=seeds, diagnostics=seen
+        )
         assert torch.equal(tokens, sample(logits, top_p=top_p, seed=seeds, backend="torch"))
         n, kept = seen["candidates"].cpu(), seen["bins"].cpu() >= 0
         if top_p == 0.95:
@@ -243,12 +257,18 @@ def test_wide_rows_invalid_and_greedy_across_chunks():
     logits[3] = float("-inf")
     logits[4, :-1] = float("-inf")  # only the last token is finite
     seeds = torch.arange(batch, device=DEVICE)
-    greedy, status = sample_triton(logits, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seeds=seeds,
-                                   config=config)
+    greedy, status = sample_triton(
+        logits, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seeds=seeds, config=config
+    )
     assert greedy.tolist() == [3, -1, -1, -1, vocab - 1] and status.tolist() == [0, 1, 1, 1, 0]
-    sampled, status = sample_triton(logits, temperature=1.0, top_p=0.9, top_k=0, min_p=0.0, seeds=seeds,
-                                    config=config)
-    assert sampled[1:4].tolist() == [-1, -1, -1] and sampled[4] == vocab - 1 and status.tolist() == [0, 1, 1, 1, 0]
+    sampled, status = sample_triton(
+        logits, temperature=1.0, top_p=0.9, top_k=0, min_p=0.0, seeds=seeds, config=config
+    )
+    assert (
+        sampled[1:4].tolist() == [-1, -1, -1]
+        and sampled[4] == vocab - 1
+        and status.tolist() == [0, 1, 1, 1, 0]
+    )
     assert sampled[0] in (3, vocab - 2)
 
 
@@ -259,7 +279,9 @@ def test_batch_invariance(backend):
     rows = (torch.randn(6, 500, generator=gen) * 3).to(DEVICE)
     kw = dict(top_p=0.9, top_k=50, temperature=0.8)
     seeds = torch.tensor([11, 22, 33, 44, 55, 66], device=DEVICE)
-    alone = torch.stack([sample(rows[i:i + 1], seed=seeds[i:i + 1], backend=backend, **kw)[0] for i in range(6)])
+    alone = torch.stack(
+        [sample(rows[i : i + 1], seed=seeds[i : i + 1], backend=backend, **kw)[0] for i in range(6)]
+    )
     perm = torch.tensor([4, 0, 5, 2, 1, 3], device=DEVICE)
     together = sample(rows[perm], seed=seeds[perm], backend=backend, **kw)
     assert torch.equal(together, alone[perm])
@@ -291,10 +313,14 @@ def test_seeds_generators_and_module(backend):
     logits = torch.randn(4, 128, device=DEVICE)
     same = [sample(logits, seed=5, backend=backend, top_p=0.95) for _ in range(2)]
     assert torch.equal(*same)
-    assert torch.equal(sample(logits, seed=5, backend=backend),
-                       sample(logits, seed=torch.full((4,), 5, device=DEVICE), backend=backend))
-    draws = [sample(logits, generator=torch.Generator(device=DEVICE).manual_seed(9), backend=backend)
-             for _ in range(2)]
+    assert torch.equal(
+        sample(logits, seed=5, backend=backend),
+        sample(logits, seed=torch.full((4,), 5, device=DEVICE), backend=backend),
+    )
+    draws = [
+        sample(logits, generator=torch.Generator(device=DEVICE).manual_seed(9), backend=backend)
+        for _ in range(2)
+    ]
     assert torch.equal(*draws)
     assert torch.equal(Sampler(top_p=0.95, backend=backend)(logits, seed=5), same[0])
     many = sample(logits[:1].expand(64, -1), seed=sampling_seeds(1, 0, 64, DEVICE), backend=backend)
@@ -325,6 +351,7 @@ def test_candidate_path_draws_the_full_sort_token(vocab, width):
     the candidate edge), so both the exact candidate rows and the fall-back rows are exercised.
     """
     from hfdist.kernels.sampling import _sample_by_sort, sample_torch
+
     gen = torch.Generator().manual_seed(vocab)
     batch = 64
     for trial in range(6):

@@ -1,4 +1,5 @@
 """A short training run with the fused loss matches the plain loss step for step."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,9 @@ def _train(fused: bool, backend: str, steps: int = 6):
         optimizer.zero_grad(set_to_none=True)
         if fused:
             hidden = model.model(input_ids=input_ids[:, :-1]).last_hidden_state
-            loss, entropy = fused_linear_cross_entropy(hidden, model.lm_head.weight, labels, return_entropy=True,
-                                                       backend=backend)
+            loss, entropy = fused_linear_cross_entropy(
+                hidden, model.lm_head.weight, labels, return_entropy=True, backend=backend
+            )
             entropies.append((entropy.sum() / (labels != -100).sum()).item())
         else:
             logits = model(input_ids=input_ids[:, :-1]).logits

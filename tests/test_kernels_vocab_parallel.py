@@ -7,6 +7,7 @@ entropy, d_hidden and the concatenated d_weight (and d_bias) shards against the 
 entropy bitwise the same on every rank, and for bf16 the error against fp64 no worse than the unsharded
 op's. Rank 0 writes the worst figures over the ranks to a JSON file, which the test prints.
 """
+
 import json
 import math
 import os
@@ -22,13 +23,20 @@ from hfdist.kernels import fused_linear_cross_entropy, vocab_parallel_fused_line
 N, H, CHUNK = 19, 24, 8  # 3 chunks, the last one short
 VOCAB = {2: 257, 3: 1031}
 OPTIONS = [dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)]  # the second one with a bias too
-CASES = [dict(world=world, reduction=reduction, options=i, dtype=dtype, backend=backend)
-         for world in (2, 3) for reduction in ("mean", "sum", "none") for i in range(len(OPTIONS))
-         for dtype in ("float32", "bfloat16") for backend in ("torch", "triton")]
+CASES = [
+    dict(world=world, reduction=reduction, options=i, dtype=dtype, backend=backend)
+    for world in (2, 3)
+    for reduction in ("mean", "sum", "none")
+    for i in range(len(OPTIONS))
+    for dtype in ("float32", "bfloat16")
+    for backend in ("torch", "triton")
+]
 # Sharded vs unsharded (relative norm; entropy: max abs). bf16: the shard's logits come from a narrower GEMM
 # (1-ulp bf16 differences) and d_hidden's partial sums are added in bf16 by the all-reduce.
-TOLERANCE = {"float32": dict(loss=2e-6, entropy=1e-5, d_hidden=2e-6, d_weight=2e-6, d_bias=2e-6),
-             "bfloat16": dict(loss=1e-4, entropy=1e-4, d_hidden=1e-2, d_weight=1e-3, d_bias=1e-3)}
+TOLERANCE = {
+    "float32": dict(loss=2e-6, entropy=1e-5, d_hidden=2e-6, d_weight=2e-6, d_bias=2e-6),
+    "bfloat16": dict(loss=1e-4, entropy=1e-4, d_hidden=1e-2, d_weight=1e-3, d_bias=1e-3),
+}
 
 
 def _inputs(dtype, vocab, seed):
@@ -66,7 +74,7 @@ def _rel(a, b):
 
 def _shard_range(vocab, world, rank):
     sizes = [len(c) for c in torch.arange(vocab).chunk(world)]
-    return sizes, sum(sizes[:rank]), sum(sizes[:rank + 1])
+    return sizes, sum(sizes[:rank]), sum(sizes[: rank + 1])
 
 
 def _gather_rows(local, sizes, group):
@@ -107,18 +115,31 @@ def _case(rank, group, seed, case):
         return fused_linear_cross_entropy(h, w, y, bias=b, **k)
 
     def sharded(h, w, y, b, **k):
-        return vocab_parallel_fused_linear_cross_entropy(h, w, y, vocab_start=start, vocab_size=vocab, group=group,
-                                                         bias_shard=b, **k)
+        return vocab_parallel_fused_linear_cross_entropy(
+            h, w, y, vocab_start=start, vocab_size=vocab, group=group, bias_shard=b, **k
+        )
 
     ref = _run(unsharded, hidden, weight, bias, labels, upstream, reduction, **kw)
-    got = _run(sharded, hidden, weight[start:stop], None if bias is None else bias[start:stop], labels, upstream,
-               reduction, **kw)
+    got = _run(
+        sharded,
+        hidden,
+        weight[start:stop],
+        None if bias is None else bias[start:stop],
+        labels,
+        upstream,
+        reduction,
+        **kw,
+    )
     assert _same_on_every_rank(got[0], group) and _same_on_every_rank(got[1], group), case
     assert _same_on_every_rank(got[2], group), case  # d_hidden: summed inside the op
     d_weight = _gather_rows(got[3], sizes, group)
     assert got[3].dtype == dtype and got[2].dtype == dtype
-    figures = {"loss": _rel(got[0], ref[0]), "entropy": (got[1].double() - ref[1].double()).abs().max().item(),
-               "d_hidden": _rel(got[2], ref[2]), "d_weight": _rel(d_weight, ref[3])}
+    figures = {
+        "loss": _rel(got[0], ref[0]),
+        "entropy": (got[1].double() - ref[1].double()).abs().max().item(),
+        "d_hidden": _rel(got[2], ref[2]),
+        "d_weight": _rel(d_weight, ref[3]),
+    }
     if bias is not None:
         figures["d_bias"] = _rel(_gather_rows(got[4], sizes, group), ref[4])
     for name, value in figures.items():
@@ -126,13 +147,16 @@ def _case(rank, group, seed, case):
     if dtype == torch.bfloat16:  # against fp64: the sharded op is no worse than the unsharded one
         h64 = hidden.double().requires_grad_()
         w64 = weight.double().requires_grad_()
-        loss64, ent64 = _fp64_reference(h64, w64, None if bias is None else bias.double(), labels, reduction,
-                                        **options)
+        loss64, ent64 = _fp64_reference(
+            h64, w64, None if bias is None else bias.double(), labels, reduction, **options
+        )
         scale = upstream if reduction == "none" else upstream[0]
         (loss64 * scale.double()).sum().backward()
-        for name, ours, theirs, exact in [("loss", got[0], ref[0], loss64.detach()),
-                                          ("d_hidden", got[2], ref[2], h64.grad),
-                                          ("d_weight", d_weight, ref[3], w64.grad)]:
+        for name, ours, theirs, exact in [
+            ("loss", got[0], ref[0], loss64.detach()),
+            ("d_hidden", got[2], ref[2], h64.grad),
+            ("d_weight", d_weight, ref[3], w64.grad),
+        ]:
             err, ref_err = _rel(ours, exact), _rel(theirs, exact)
             figures[f"{name} vs fp64"] = err
             figures[f"{name} vs fp64 (unsharded)"] = ref_err
@@ -144,23 +168,46 @@ def _special_cases(rank, group, world, backend):
     """Labels outside [0, V) give NaN where the unsharded op does; no_grad computes the same loss."""
     vocab = VOCAB[world]
     hidden, weight, _, labels, _ = _inputs(torch.float32, vocab, seed=99)
-    labels[1], labels[2], labels[3] = vocab, -5, vocab - 1  # out of range, out of range, last shard's last class
+    labels[1], labels[2], labels[3] = (
+        vocab,
+        -5,
+        vocab - 1,
+    )  # out of range, out of range, last shard's last class
     sizes, start, stop = _shard_range(vocab, world, rank)
     w = weight[start:stop].clone().requires_grad_()
     h = hidden.clone().requires_grad_()
-    loss = vocab_parallel_fused_linear_cross_entropy(h, w, labels, vocab_start=start, vocab_size=vocab, group=group,
-                                                     reduction="none", backend=backend, chunk_size=CHUNK)
-    ref = fused_linear_cross_entropy(hidden, weight, labels, reduction="none", backend=backend, chunk_size=CHUNK)
+    loss = vocab_parallel_fused_linear_cross_entropy(
+        h,
+        w,
+        labels,
+        vocab_start=start,
+        vocab_size=vocab,
+        group=group,
+        reduction="none",
+        backend=backend,
+        chunk_size=CHUNK,
+    )
+    ref = fused_linear_cross_entropy(
+        hidden, weight, labels, reduction="none", backend=backend, chunk_size=CHUNK
+    )
     assert torch.equal(torch.isnan(loss), torch.isnan(ref)) and torch.isnan(loss[1:3]).all()
     torch.testing.assert_close(loss[~torch.isnan(loss)], ref[~torch.isnan(ref)], rtol=2e-6, atol=2e-6)
     loss.sum().backward()
     assert torch.isnan(h.grad[1:3]).all() and not torch.isnan(h.grad[3:]).any()
     with torch.no_grad():
-        quiet = vocab_parallel_fused_linear_cross_entropy(h, w, labels.clamp_min(0) % vocab, vocab_start=start,
-                                                          vocab_size=vocab, group=group, backend=backend,
-                                                          chunk_size=CHUNK)
-    expected = fused_linear_cross_entropy(hidden, weight, labels.clamp_min(0) % vocab, backend=backend,
-                                          chunk_size=CHUNK)
+        quiet = vocab_parallel_fused_linear_cross_entropy(
+            h,
+            w,
+            labels.clamp_min(0) % vocab,
+            vocab_start=start,
+            vocab_size=vocab,
+            group=group,
+            backend=backend,
+            chunk_size=CHUNK,
+        )
+    expected = fused_linear_cross_entropy(
+        hidden, weight, labels.clamp_min(0) % vocab, backend=backend, chunk_size=CHUNK
+    )
     assert not quiet.requires_grad
     torch.testing.assert_close(quiet, expected, rtol=2e-6, atol=2e-6)
 
@@ -179,8 +226,9 @@ def _worker(rank, init_file, out_file):
             values = _case(rank, group, seed, case)
             worst = torch.tensor(list(values.values()), dtype=torch.float64)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
-            figures["{world} ranks, {reduction}, options {options}, {dtype}, {backend}".format(**case)] = dict(
-                zip(values, worst.tolist()))
+            figures["{world} ranks, {reduction}, options {options}, {dtype}, {backend}".format(**case)] = (
+                dict(zip(values, worst.tolist()))
+            )
         for world in (2, 3):
             if rank < world:
                 for backend in ("torch", "triton"):
@@ -210,22 +258,32 @@ def test_vocab_parallel_matches_unsharded(tmp_path, capsys):
     for values in figures.values():
         for name, value in values.items():
             worst[name] = max(worst.get(name, 0.0), value)
-    per_dtype = {dtype: {name: max(v[name] for k, v in figures.items() if dtype in k and name in v)
-                         for name in TOLERANCE[dtype]} for dtype in TOLERANCE}
+    per_dtype = {
+        dtype: {
+            name: max(v[name] for k, v in figures.items() if dtype in k and name in v)
+            for name in TOLERANCE[dtype]
+        }
+        for dtype in TOLERANCE
+    }
     with capsys.disabled():
         print("\nvocab-parallel vs unsharded, worst over cases and ranks:", json.dumps(per_dtype))
-        print("bf16 against fp64 (sharded / unsharded):",
-              {k: round(v, 5) for k, v in worst.items() if "fp64" in k})
+        print(
+            "bf16 against fp64 (sharded / unsharded):",
+            {k: round(v, 5) for k, v in worst.items() if "fp64" in k},
+        )
 
 
 def test_vocab_parallel_bad_input():
     hidden, weight, _, labels, _ = _inputs(torch.float32, 257, seed=0)
     with pytest.raises(ValueError, match="process group"):
-        vocab_parallel_fused_linear_cross_entropy(hidden, weight[:100], labels, vocab_start=0, vocab_size=257,
-                                                  group=None)
+        vocab_parallel_fused_linear_cross_entropy(
+            hidden, weight[:100], labels, vocab_start=0, vocab_size=257, group=None
+        )
     with pytest.raises(ValueError, match="vocab_start 200"):
-        vocab_parallel_fused_linear_cross_entropy(hidden, weight[:100], labels, vocab_start=200, vocab_size=257,
-                                                  group=None)
+        vocab_parallel_fused_linear_cross_entropy(
+            hidden, weight[:100], labels, vocab_start=200, vocab_size=257, group=None
+        )
     with pytest.raises(ValueError, match="grad_accumulation"):
-        vocab_parallel_fused_linear_cross_entropy(hidden, weight[:100], labels, vocab_start=0, vocab_size=257,
-                                                  group=None, grad_accumulation="bf16")
+        vocab_parallel_fused_linear_cross_entropy(
+            hidden, weight[:100], labels, vocab_start=0, vocab_size=257, group=None, grad_accumulation="bf16"
+        )

@@ -1,4 +1,5 @@
 """Generation metrics against hand-computed values, sacrebleu, and a brute-force overlap."""
+
 import random
 
 import numpy as np
@@ -29,8 +30,10 @@ def test_ttr_over_position_is_the_sliding_window():
     long = [rng.randrange(30) for _ in range(300)]
     curve = M.ttr_over_position(long, 96)
     assert len(curve) == 300 - 96 + 1
-    assert curve == pytest.approx([M.type_token_ratio(long[:i + 96], 96) for i in range(len(curve))])
-    assert M.mean_ttr_over_position([seq, [1, 2, 3]], 3) == pytest.approx([(2 / 3 + 1) / 2, 1.0, 2 / 3, 1 / 3])
+    assert curve == pytest.approx([M.type_token_ratio(long[: i + 96], 96) for i in range(len(curve))])
+    assert M.mean_ttr_over_position([seq, [1, 2, 3]], 3) == pytest.approx(
+        [(2 / 3 + 1) / 2, 1.0, 2 / 3, 1 / 3]
+    )
 
 
 def test_distinct_n_and_repetition_rate_by_hand():
@@ -45,8 +48,15 @@ def test_distinct_n_and_repetition_rate_by_hand():
 
 def _sacre_self_bleu(gens, smooth="exp"):
     words = [" ".join(map(str, g)) for g in gens]
-    return np.mean([sacrebleu.sentence_bleu(w, words[:i] + words[i + 1:], smooth_method=smooth,
-                                            tokenize="none").score / 100 for i, w in enumerate(words)])
+    return np.mean(
+        [
+            sacrebleu.sentence_bleu(
+                w, words[:i] + words[i + 1 :], smooth_method=smooth, tokenize="none"
+            ).score
+            / 100
+            for i, w in enumerate(words)
+        ]
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -62,7 +72,9 @@ def test_self_bleu_equals_sacrebleu(seed):
 
 def test_sentence_bleu_equals_sacrebleu_and_edge_cases():
     hyp, refs = [1, 2, 3, 4, 5, 6], [[1, 2, 3, 4, 9, 9, 9], [2, 3, 4, 5]]
-    expected = sacrebleu.sentence_bleu("1 2 3 4 5 6", ["1 2 3 4 9 9 9", "2 3 4 5"], tokenize="none").score / 100
+    expected = (
+        sacrebleu.sentence_bleu("1 2 3 4 5 6", ["1 2 3 4 9 9 9", "2 3 4 5"], tokenize="none").score / 100
+    )
     assert M.sentence_bleu(hyp, refs) == pytest.approx(expected, abs=1e-12)
     assert M.sentence_bleu([1, 2, 3, 4], [[1, 2, 3, 4]]) == pytest.approx(1.0)
     assert M.sentence_bleu([1, 2], [[3, 4]]) == 0.0

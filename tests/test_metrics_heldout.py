@@ -1,4 +1,5 @@
 """Held-out next-token statistics and the greedy-TTR protocol on a real tiny Llama."""
+
 import math
 
 import pytest

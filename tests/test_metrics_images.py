@@ -1,4 +1,5 @@
 """The degeneration measures of generated images, against values counted by hand."""
+
 import numpy as np
 import pytest
 import torch
@@ -47,5 +48,7 @@ def test_image_completion_metrics_by_hand():
     # TTR over the last 4 tokens: [1, 1, 2, 2] -> 2/4; [7, 8, 5, 6] -> 4/4.
     assert m["ttr4"] == pytest.approx((0.5 + 1.0) / 2)
     # Without contexts the first generated row has no row above: (1,1)(1,1)(2,2) -> 1 of 2 pairs.
-    assert image_completion_metrics(generations, None, width, 4)["repeated_rows"] == pytest.approx((1 / 2 + 0) / 2)
+    assert image_completion_metrics(generations, None, width, 4)["repeated_rows"] == pytest.approx(
+        (1 / 2 + 0) / 2
+    )
     assert image_completion_metrics(np.array(generations), contexts.numpy(), width, 4) == m

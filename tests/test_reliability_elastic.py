@@ -8,6 +8,7 @@ checkpointed, on the first attempt only); kill steps are drawn with a fixed seed
 alternating ranks. Two launch paths: plain ``python -m torch.distributed.run`` (restarted workers share the agent's
 store; hfdist separates the attempts) and launchers/torchrun.sh (a fresh store per attempt).
 """
+
 import json
 import random
 import subprocess
@@ -15,7 +16,6 @@ import sys
 
 import pytest
 import torch
-
 from launch_helpers import LAUNCHERS, exported_weights, launch_env
 from test_distributed_training import CONFIG
 
@@ -27,15 +27,36 @@ CASES = [(step, i % 2, "launcher" if i == 2 else "torchrun") for i, step in enum
 
 
 def torchrun(setup, run_dir, *extra, max_restarts=2, via="torchrun", env=None):
-    args = [str(setup["config"]), "--output-dir", str(run_dir), "--no-progress", "--set", "distributed.backend=fsdp",
-            *extra]
+    args = [
+        str(setup["config"]),
+        "--output-dir",
+        str(run_dir),
+        "--no-progress",
+        "--set",
+        "distributed.backend=fsdp",
+        *extra,
+    ]
     environment = launch_env(GPUS_PER_NODE="2", MAX_RESTARTS=str(max_restarts), **(env or {}))
     if via == "launcher":
         cmd = [str(LAUNCHERS / "torchrun.sh"), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", f"127.0.0.1:{environment['MASTER_PORT']}", "--max-restarts", str(max_restarts),
-               "-m", "hfdist.cli", "hyperfit", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{environment['MASTER_PORT']}",
+            "--max-restarts",
+            str(max_restarts),
+            "-m",
+            "hfdist.cli",
+            "hyperfit",
+            *args,
+        ]
     proc = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -64,14 +85,23 @@ def reference(setup):
 
 
 @pytest.mark.parametrize("kill_step, rank, via", CASES, ids=[f"step{s}-rank{r}-{v}" for s, r, v in CASES])
-def test_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(setup, reference, kill_step, rank, via):
+def test_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(
+    setup, reference, kill_step, rank, via
+):
     run_dir = setup["root"] / f"killed-{kill_step}-{rank}-{via}"
-    code, output = torchrun(setup, run_dir, via=via,
-                            env={"HFDIST_FAULT_KILL_AT_STEP": str(kill_step), "HFDIST_FAULT_RANK": str(rank)})
+    code, output = torchrun(
+        setup,
+        run_dir,
+        via=via,
+        env={"HFDIST_FAULT_KILL_AT_STEP": str(kill_step), "HFDIST_FAULT_RANK": str(rank)},
+    )
     assert code == 0, output[-6000:]
     assert f"rank {rank} kills itself (SIGKILL) after step {kill_step}" in output
     resumed_from = (kill_step - 1) // EVERY * EVERY  # the step at which the kill finds the last checkpoint
-    assert f"torchrun restart 1 of this job: continuing from {run_dir}/checkpoints/step_{resumed_from:08d}" in output
+    assert (
+        f"torchrun restart 1 of this job: continuing from {run_dir}/checkpoints/step_{resumed_from:08d}"
+        in output
+    )
     got, want = records(run_dir), records(reference)
     # Every step logged exactly once (the killed attempt's records after the checkpoint were dropped), and the
     # whole record sequence (steps, epochs, evaluations) as in the uninterrupted run.

@@ -9,6 +9,7 @@ field, not UTF-8) and command-line arguments (unknown strategy, negative counts,
 from libraries (transformers, datasets, gloo) would count too; the cases in SUBPROCESS run ``python -m hfdist.cli``
 in a process of their own, with the CLI's real logging set-up.
 """
+
 import json
 import os
 import shutil
@@ -27,103 +28,235 @@ optim: {{name: adam, lr: 3.0e-3}}
 train: {{epochs: 1, global_batch_size: 8, micro_batch_size: 2, seed: 0}}
 eval: {{every_epochs: 0, total_len: 48, ttr_window: 16, batch_size: 4}}
 """
-SENTINELS = {"summary.json": '{"sentinel": true}\n', "generations.jsonl": '{"continuation_ids": [1, 2]}\n',
-             "evaluation.json": '{"sentinel": true}\n'}
+SENTINELS = {
+    "summary.json": '{"sentinel": true}\n',
+    "generations.jsonl": '{"continuation_ids": [1, 2]}\n',
+    "evaluation.json": '{"sentinel": true}\n',
+}
 HF = ["hyperfit", "{CFG}", "--output-dir", "{OUT}", "--no-progress"]
 GEN = ["generate", "--model", "{M}", "--out", "{OUT}/generations.jsonl"]
-TORCHRUN_3 = {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+TORCHRUN_3 = {
+    "RANK": "0",
+    "WORLD_SIZE": "3",
+    "LOCAL_RANK": "0",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29999",
+}
 TORCHRUN_4 = {**TORCHRUN_3, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}
 
 # (id, argv, expected substring of the one stderr line, extra environment, extra file in the output folder)
 CASES = [
     # ---- configs -----------------------------------------------------------------------------------------
-    ("config-missing", ["hyperfit", "{D}/missing.yaml", "--output-dir", "{OUT}"], "missing.yaml' does not exist"),
-    ("config-not-yaml", ["hyperfit", "{D}/broken.yaml", "--output-dir", "{OUT}"],
-     "broken.yaml' line 2: not valid YAML"),
-    ("config-not-mapping", ["hyperfit", "{D}/list.yaml", "--output-dir", "{OUT}"], "top level must be a mapping"),
+    (
+        "config-missing",
+        ["hyperfit", "{D}/missing.yaml", "--output-dir", "{OUT}"],
+        "missing.yaml' does not exist",
+    ),
+    (
+        "config-not-yaml",
+        ["hyperfit", "{D}/broken.yaml", "--output-dir", "{OUT}"],
+        "broken.yaml' line 2: not valid YAML",
+    ),
+    (
+        "config-not-mapping",
+        ["hyperfit", "{D}/list.yaml", "--output-dir", "{OUT}"],
+        "top level must be a mapping",
+    ),
     ("config-unknown-field", [*HF, "--set", "train.epoch=3"], "unknown config field 'train.epoch'"),
-    ("config-wrong-type", [*HF, "--set", "train.epochs=abc"], "config field train.epochs: expected int, got 'abc'"),
+    (
+        "config-wrong-type",
+        [*HF, "--set", "train.epochs=abc"],
+        "config field train.epochs: expected int, got 'abc'",
+    ),
     ("config-negative", [*HF, "--set", "train.epochs=-1"], "config field train.epochs: must be > 0, got -1"),
     ("config-bad-choice", [*HF, "--set", "optim.name=sgd"], "config field optim.name: 'sgd' is not one of"),
-    ("config-set-no-value", [*HF, "--set", "train.epochs"], "--set 'train.epochs': expected section.field=value"),
-    ("batch-vs-micro", [*HF, "--set", "train.micro_batch_size=3"], "train.global_batch_size: 8 is not a multiple of "
-                                                                  "train.micro_batch_size 3"),
-    ("batch-vs-world-size", [*HF, "--set", "distributed.backend=fsdp"],
-     "train.global_batch_size: 8 is not divisible by train.micro_batch_size (2) x data-parallel size (3)", TORCHRUN_3),
-    ("tensor-parallel-one-process", [*HF, "--set", "distributed.tensor_parallel=2"],
-     "config field distributed.tensor_parallel: needs several ranks (distributed.backend=fsdp)"),
-    ("tensor-parallel-vs-world-size", [*HF, "--set", "distributed.backend=fsdp", "--set", "distributed.tensor_parallel=2"],
-     "config field distributed.tensor_parallel: 2 does not divide the 3 ranks", TORCHRUN_3),
-    ("tensor-parallel-vs-heads", [*HF, "--set", "distributed.backend=fsdp", "--set", "distributed.tensor_parallel=4"],
-     "config field distributed.tensor_parallel: 4 does not divide the model's 2 key/value heads", TORCHRUN_4),
-    ("seq-len-beyond-model", [*HF, "--set", "data.seq_len=1024"],
-     "data.seq_len: 1024 exceeds the model's max_position_embeddings 512"),
-    ("context-vs-total-len", [*HF, "--set", "data.context_len=48"],
-     "data.context_len: 48 must be below eval.total_len"),
-    ("samples-below-batch", [*HF, "--set", "data.num_samples=4"],
-     "data.num_samples: 4 is below train.global_batch_size"),
-    ("max-bad-steps-negative", [*HF, "--set", "train.max_bad_steps_in_row=-1"],
-     "train.max_bad_steps_in_row: must be >= 0, got -1"),
+    (
+        "config-set-no-value",
+        [*HF, "--set", "train.epochs"],
+        "--set 'train.epochs': expected section.field=value",
+    ),
+    (
+        "batch-vs-micro",
+        [*HF, "--set", "train.micro_batch_size=3"],
+        "train.global_batch_size: 8 is not a multiple of train.micro_batch_size 3",
+    ),
+    (
+        "batch-vs-world-size",
+        [*HF, "--set", "distributed.backend=fsdp"],
+        "train.global_batch_size: 8 is not divisible by train.micro_batch_size (2) x data-parallel size (3)",
+        TORCHRUN_3,
+    ),
+    (
+        "tensor-parallel-one-process",
+        [*HF, "--set", "distributed.tensor_parallel=2"],
+        "config field distributed.tensor_parallel: needs several ranks (distributed.backend=fsdp)",
+    ),
+    (
+        "tensor-parallel-vs-world-size",
+        [*HF, "--set", "distributed.backend=fsdp", "--set", "distributed.tensor_parallel=2"],
+        "config field distributed.tensor_parallel: 2 does not divide the 3 ranks",
+        TORCHRUN_3,
+    ),
+    (
+        "tensor-parallel-vs-heads",
+        [*HF, "--set", "distributed.backend=fsdp", "--set", "distributed.tensor_parallel=4"],
+        "config field distributed.tensor_parallel: 4 does not divide the model's 2 key/value heads",
+        TORCHRUN_4,
+    ),
+    (
+        "seq-len-beyond-model",
+        [*HF, "--set", "data.seq_len=1024"],
+        "data.seq_len: 1024 exceeds the model's max_position_embeddings 512",
+    ),
+    (
+        "context-vs-total-len",
+        [*HF, "--set", "data.context_len=48"],
+        "data.context_len: 48 must be below eval.total_len",
+    ),
+    (
+        "samples-below-batch",
+        [*HF, "--set", "data.num_samples=4"],
+        "data.num_samples: 4 is below train.global_batch_size",
+    ),
+    (
+        "max-bad-steps-negative",
+        [*HF, "--set", "train.max_bad_steps_in_row=-1"],
+        "train.max_bad_steps_in_row: must be >= 0, got -1",
+    ),
     ("timeout-zero", [*HF, "--set", "distributed.timeout_s=0"], "distributed.timeout_s: must be > 0, got 0"),
-    ("deepspeed-config-missing", [*HF, "--set", "distributed.backend=deepspeed", "--set",
-                                  "distributed.deepspeed_config=nope.json"], "file 'nope.json' does not exist"),
-    ("checkpoint-dir-dotdot", [*HF, "--set", "checkpoint.dir=../elsewhere"],
-     "config field checkpoint.dir: '../elsewhere' must be a relative path inside the run folder"),
-    ("checkpoint-dir-absolute", [*HF, "--set", "checkpoint.dir=/tmp/hfdist-ckpt"],
-     "config field checkpoint.dir: '/tmp/hfdist-ckpt' must be a relative path inside the run folder"),
-    ("checkpoint-dir-symlink-out", [*HF, "--set", "checkpoint.dir=link/ckpt"],
-     "config field checkpoint.dir: 'link/ckpt' leads outside the run folder", None, "link"),
+    (
+        "deepspeed-config-missing",
+        [*HF, "--set", "distributed.backend=deepspeed", "--set", "distributed.deepspeed_config=nope.json"],
+        "file 'nope.json' does not exist",
+    ),
+    (
+        "checkpoint-dir-dotdot",
+        [*HF, "--set", "checkpoint.dir=../elsewhere"],
+        "config field checkpoint.dir: '../elsewhere' must be a relative path inside the run folder",
+    ),
+    (
+        "checkpoint-dir-absolute",
+        [*HF, "--set", "checkpoint.dir=/tmp/hfdist-ckpt"],
+        "config field checkpoint.dir: '/tmp/hfdist-ckpt' must be a relative path inside the run folder",
+    ),
+    (
+        "checkpoint-dir-symlink-out",
+        [*HF, "--set", "checkpoint.dir=link/ckpt"],
+        "config field checkpoint.dir: 'link/ckpt' leads outside the run folder",
+        None,
+        "link",
+    ),
     ("resume-without-output-dir", ["hyperfit", "{CFG}", "--resume"], "--resume needs --output-dir"),
     ("resume-no-checkpoint", [*HF, "--resume"], "--resume: no complete checkpoint under"),
     ("resume-missing-folder", [*HF, "--resume", "{D}/nope"], "no such checkpoint folder"),
     ("output-dir-holds-a-run", HF, "already holds a run; pass --resume", None, "metrics.jsonl"),
-    ("fault-hook-malformed", HF, "environment variable HFDIST_FAULT_NAN_AT_STEP: expected step numbers",
-     {"HFDIST_FAULT_NAN_AT_STEP": "three"}),
+    (
+        "fault-hook-malformed",
+        HF,
+        "environment variable HFDIST_FAULT_NAN_AT_STEP: expected step numbers",
+        {"HFDIST_FAULT_NAN_AT_STEP": "three"},
+    ),
     # ---- models ------------------------------------------------------------------------------------------
-    ("model-missing", [*HF, "--set", "model.path=./no/such/model"], "model.path './no/such/model': no such file"),
+    (
+        "model-missing",
+        [*HF, "--set", "model.path=./no/such/model"],
+        "model.path './no/such/model': no such file",
+    ),
     ("model-no-config-json", [*HF, "--set", "model.path={D}/empty-model"], "folder has no config.json"),
     ("tokenizer-no-eos", [*HF, "--set", "model.path={NOEOS}"], "the tokenizer has no EOS token"),
     # ---- data ----------------------------------------------------------------------------------------------
     ("data-empty-file", [*HF, "--set", "data.source={D}/empty.txt"], "empty.txt': file is empty"),
-    ("data-wrong-column-jsonl", [*HF, "--set", "data.source={D}/body.jsonl"],
-     "data.text_field 'text': not a column of"),
-    ("data-wrong-column-csv", [*HF, "--set", "data.source={D}/body.csv"], "data.text_field 'text': not a column of"),
-    ("data-not-utf8", [*HF, "--set", "data.source={D}/latin1.txt"], "latin1.txt': cannot be read (not UTF-8 text"),
+    (
+        "data-wrong-column-jsonl",
+        [*HF, "--set", "data.source={D}/body.jsonl"],
+        "data.text_field 'text': not a column of",
+    ),
+    (
+        "data-wrong-column-csv",
+        [*HF, "--set", "data.source={D}/body.csv"],
+        "data.text_field 'text': not a column of",
+    ),
+    (
+        "data-not-utf8",
+        [*HF, "--set", "data.source={D}/latin1.txt"],
+        "latin1.txt': cannot be read (not UTF-8 text",
+    ),
     ("data-unsupported-type", [*HF, "--set", "data.source={D}/data.xml"], "unsupported file type '.xml'"),
     ("data-too-few-samples", [*HF, "--set", "data.source={D}/short.txt"], "need 22"),
-    ("data-broken-json", [*HF, "--set", "data.source={D}/broken.jsonl"],
-     "broken.jsonl': cannot be read (JSON parse error"),
-    ("data-missing-file", [*HF, "--set", "data.source=./nope.jsonl"], "data.source './nope.jsonl': no such file"),
+    (
+        "data-broken-json",
+        [*HF, "--set", "data.source={D}/broken.jsonl"],
+        "broken.jsonl': cannot be read (JSON parse error",
+    ),
+    (
+        "data-missing-file",
+        [*HF, "--set", "data.source=./nope.jsonl"],
+        "data.source './nope.jsonl': no such file",
+    ),
     # ---- prompts ---------------------------------------------------------------------------------------
     ("prompts-missing", [*GEN, "--prompts", "{D}/nope.txt"], "nope.txt': no such file"),
     ("prompts-empty", [*GEN, "--prompts", "{D}/empty.txt"], "empty.txt': no prompts"),
-    ("prompts-bad-json-line", [*GEN, "--prompts", "{D}/prompts-bad.jsonl"], "prompts-bad.jsonl' line 2: not JSON"),
+    (
+        "prompts-bad-json-line",
+        [*GEN, "--prompts", "{D}/prompts-bad.jsonl"],
+        "prompts-bad.jsonl' line 2: not JSON",
+    ),
     ("prompts-missing-field", [*GEN, "--prompts", "{D}/body.jsonl"], "line 1: no text field 'text'"),
     ("prompts-not-utf8", [*GEN, "--prompts", "{D}/latin1.txt"], "latin1.txt': not UTF-8 text"),
     # ---- command-line arguments --------------------------------------------------------------------------
-    ("cli-unknown-strategy", [*GEN, "--prompts", "{D}/prompts.txt", "--strategy", "beam"],
-     "argument --strategy: invalid choice: 'beam'"),
-    ("cli-negative-max-new-tokens", [*GEN, "--prompts", "{D}/prompts.txt", "--max-new-tokens", "-5"],
-     "--max-new-tokens: must be >= 1, got -5"),
-    ("cli-non-integer", [*GEN, "--prompts", "{D}/prompts.txt", "--max-new-tokens", "ten"],
-     "argument --max-new-tokens: invalid int value: 'ten'"),
-    ("cli-negative-num-prompts", [*GEN, "--prompts", "{D}/prompts.txt", "--num-prompts", "-1"],
-     "--num-prompts: must be >= 1, got -1"),
-    ("cli-required-missing", ["generate", "--prompts", "{D}/prompts.txt"],
-     "the following arguments are required: --model"),
+    (
+        "cli-unknown-strategy",
+        [*GEN, "--prompts", "{D}/prompts.txt", "--strategy", "beam"],
+        "argument --strategy: invalid choice: 'beam'",
+    ),
+    (
+        "cli-negative-max-new-tokens",
+        [*GEN, "--prompts", "{D}/prompts.txt", "--max-new-tokens", "-5"],
+        "--max-new-tokens: must be >= 1, got -5",
+    ),
+    (
+        "cli-non-integer",
+        [*GEN, "--prompts", "{D}/prompts.txt", "--max-new-tokens", "ten"],
+        "argument --max-new-tokens: invalid int value: 'ten'",
+    ),
+    (
+        "cli-negative-num-prompts",
+        [*GEN, "--prompts", "{D}/prompts.txt", "--num-prompts", "-1"],
+        "--num-prompts: must be >= 1, got -1",
+    ),
+    (
+        "cli-required-missing",
+        ["generate", "--prompts", "{D}/prompts.txt"],
+        "the following arguments are required: --model",
+    ),
     ("cli-unknown-option", [*HF, "--bogus"], "unrecognized arguments: --bogus"),
     ("cli-unknown-command", ["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
     ("evaluate-nothing", ["evaluate", "--out", "{OUT}/evaluation.json"], "evaluate: give generations files"),
-    ("evaluate-window-zero", ["evaluate", "{OUT}/generations.jsonl", "--window", "0", "--out", "{OUT}/evaluation.json"],
-     "--window: must be >= 1, got 0"),
-    ("evaluate-generations-missing", ["evaluate", "{D}/nope.jsonl", "--out", "{OUT}/evaluation.json"],
-     "generations file '{D}/nope.jsonl': no such file"),
-    ("compare-zero-tokens", ["compare", "--run", "{OUT}", "--max-new-tokens", "0", "--out", "{OUT}"],
-     "--max-new-tokens: must be >= 1, got 0"),
+    (
+        "evaluate-window-zero",
+        ["evaluate", "{OUT}/generations.jsonl", "--window", "0", "--out", "{OUT}/evaluation.json"],
+        "--window: must be >= 1, got 0",
+    ),
+    (
+        "evaluate-generations-missing",
+        ["evaluate", "{D}/nope.jsonl", "--out", "{OUT}/evaluation.json"],
+        "generations file '{D}/nope.jsonl': no such file",
+    ),
+    (
+        "compare-zero-tokens",
+        ["compare", "--run", "{OUT}", "--max-new-tokens", "0", "--out", "{OUT}"],
+        "--max-new-tokens: must be >= 1, got 0",
+    ),
 ]
 # Run as a separate process (the real logging configuration, nothing shared with pytest).
-SUBPROCESS = {"data-broken-json", "data-not-utf8", "tokenizer-no-eos", "seq-len-beyond-model", "prompts-bad-json-line",
-              "cli-unknown-strategy"}
+SUBPROCESS = {
+    "data-broken-json",
+    "data-not-utf8",
+    "tokenizer-no-eos",
+    "seq-len-beyond-model",
+    "prompts-bad-json-line",
+    "cli-unknown-strategy",
+}
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +280,9 @@ def inputs(tmp_path_factory):
     (d / "empty.txt").write_text("")
     (d / "body.jsonl").write_text(json.dumps({"body": "It is a truth universally acknowledged."}) + "\n")
     (d / "body.csv").write_text("body\nIt is a truth universally acknowledged.\n")
-    (d / "latin1.txt").write_bytes("Élinor était à Norland, où la société était agréable.\n".encode("latin-1"))
+    (d / "latin1.txt").write_bytes(
+        "Élinor était à Norland, où la société était agréable.\n".encode("latin-1")
+    )
     (d / "data.xml").write_text("<texts/>\n")
     (d / "short.txt").write_text("Only a few words here, far too short for twenty-two windows.\n")
     (d / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
@@ -159,8 +294,10 @@ def inputs(tmp_path_factory):
 
 
 def _snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() and not p.is_symlink() else "dir/link")
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() and not p.is_symlink() else "dir/link")
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -184,8 +321,14 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(case, inputs, tmp_
     expected = expected.format(**values)
     before = _snapshot(out)
     if name in SUBPROCESS:
-        proc = subprocess.run([sys.executable, "-m", "hfdist.cli", *args], capture_output=True, text=True,
-                              cwd=tmp_path, env={**os.environ, **(env or {})}, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "hfdist.cli", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, **(env or {})},
+            timeout=300,
+        )
         code, err, stdout = proc.returncode, proc.stderr, proc.stdout
     else:
         capfd.readouterr()

@@ -6,6 +6,7 @@ The NaN is real: the test hook HFDIST_FAULT_NAN_AT_STEP multiplies the input emb
 step's forward passes, so the loss and every gradient are NaN. In-process runs use the single backend; one
 2-rank FSDP2 run (real processes) poisons rank 1 only and checks that both ranks take the same decision.
 """
+
 import json
 import math
 import subprocess
@@ -23,9 +24,21 @@ from hfdist.hooks import LoopHooks
 from hfdist.monitor import read_metrics
 from hfdist.trainer import Trainer, train
 
-OVERRIDES = ["data.seq_len=32", "data.num_samples=16", "data.num_validation=4", "data.num_contexts=2",
-             "data.context_len=8", "data.mode=chunk", "eval.total_len=48", "eval.ttr_window=16", "eval.every_epochs=0",
-             "train.epochs=4", "optim.lr=1e-2", "checkpoint.every_steps=1", "checkpoint.keep_last=10"]
+OVERRIDES = [
+    "data.seq_len=32",
+    "data.num_samples=16",
+    "data.num_validation=4",
+    "data.num_contexts=2",
+    "data.context_len=8",
+    "data.mode=chunk",
+    "eval.total_len=48",
+    "eval.ttr_window=16",
+    "eval.every_epochs=0",
+    "train.epochs=4",
+    "optim.lr=1e-2",
+    "checkpoint.every_steps=1",
+    "checkpoint.keep_last=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +88,10 @@ def test_nan_step_is_skipped_counted_and_changes_no_state(model_dir, tmp_path, m
     epochs = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "epoch"}
     assert epochs[4]["train/loss"] == steps[4]["train/loss"]
     # The skipped step changed nothing: model, Adam moments and step counts, LR schedule.
-    before, after = flatten(dcp_state(run_dir / "checkpoints" / "step_00000002")), \
-        flatten(dcp_state(run_dir / "checkpoints" / "step_00000003"))
+    before, after = (
+        flatten(dcp_state(run_dir / "checkpoints" / "step_00000002")),
+        flatten(dcp_state(run_dir / "checkpoints" / "step_00000003")),
+    )
     assert before.keys() == after.keys() and all(same(before[k], after[k]) for k in before)
     assert any(k.startswith("optimizer/state/") for k in before)
     # ...but its batch was consumed: step 4 trained on the epoch's second batch, and the warning names step 3's.
@@ -86,25 +101,41 @@ def test_nan_step_is_skipped_counted_and_changes_no_state(model_dir, tmp_path, m
     from hfdist.data import StepSampler
 
     indices = StepSampler(16, 8, 8, 0, 1, 0).global_batch(1, 0).tolist()
-    assert len(warning) == 1 and warning[0].startswith("step 3 (epoch 2, batch 1 of 2)") and str(indices) in warning[0]
+    assert (
+        len(warning) == 1
+        and warning[0].startswith("step 3 (epoch 2, batch 1 of 2)")
+        and str(indices) in warning[0]
+    )
     after4 = flatten(dcp_state(run_dir / "checkpoints" / "step_00000004"))
     assert not all(same(after[k], after4[k]) for k in after if k.startswith("model/"))  # training went on
 
 
 @pytest.mark.parametrize("limit, nan_steps, stop_step", [(2, "3-8", 5), (0, "2", 2)])
-def test_too_many_bad_steps_in_a_row_stop_the_run(model_dir, tmp_path, monkeypatch, capsys, limit, nan_steps,
-                                                  stop_step):
+def test_too_many_bad_steps_in_a_row_stop_the_run(
+    model_dir, tmp_path, monkeypatch, capsys, limit, nan_steps, stop_step
+):
     monkeypatch.setenv("HFDIST_FAULT_NAN_AT_STEP", nan_steps)
     run_dir = tmp_path / "run"
-    args = ["hyperfit", "--output-dir", str(run_dir), "--no-progress", "--set", f"model.path={model_dir}",
-            "--set", f"train.max_bad_steps_in_row={limit}"] + [a for o in OVERRIDES for a in ("--set", o)]
+    args = [
+        "hyperfit",
+        "--output-dir",
+        str(run_dir),
+        "--no-progress",
+        "--set",
+        f"model.path={model_dir}",
+        "--set",
+        f"train.max_bad_steps_in_row={limit}",
+    ] + [a for o in OVERRIDES for a in ("--set", o)]
     code = main(args)
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("hfdist: error:")]  # (progress bars aside)
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert errors[0].startswith(f"hfdist: error: step {stop_step} (epoch ") and \
-        f"{limit + 1} consecutive steps with a non-finite loss or gradient norm, more than " \
-        f"train.max_bad_steps_in_row={limit}; stopping" in errors[0], err
+    assert (
+        errors[0].startswith(f"hfdist: error: step {stop_step} (epoch ")
+        and f"{limit + 1} consecutive steps with a non-finite loss or gradient norm, more than "
+        f"train.max_bad_steps_in_row={limit}; stopping"
+        in errors[0]
+    ), err
     assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
     last = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"][-1]
     assert (last["step"], last["train/skipped_steps"]) == (stop_step, limit + 1)
@@ -127,13 +158,18 @@ def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
     checkpoint.save(tmp_path / "ckpt", 1, backend, {"step": 1}, keep_last=5)
     with torch.no_grad():
         next(backend.model.parameters())[0, 0] = float("inf")
-    with pytest.raises(HfdistError, match=r"step_00000002: refusing to save non-finite weights \(1 parameter tensors "
-                                          r"hold NaN or inf\); the previous checkpoints are intact"):
+    with pytest.raises(
+        HfdistError,
+        match=r"step_00000002: refusing to save non-finite weights \(1 parameter tensors "
+        r"hold NaN or inf\); the previous checkpoints are intact",
+    ):
         checkpoint.save(tmp_path / "ckpt", 2, backend, {"step": 2}, keep_last=5)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_00000001"]
     assert checkpoint.verify(tmp_path / "ckpt" / "step_00000001") is None
     with pytest.raises(HfdistError, match="refusing to export non-finite weights"):
-        Trainer.export(types.SimpleNamespace(backend=backend, tokenizer=None, hooks=LoopHooks()), tmp_path / "model")
+        Trainer.export(
+            types.SimpleNamespace(backend=backend, tokenizer=None, hooks=LoopHooks()), tmp_path / "model"
+        )
     assert not (tmp_path / "model").exists()
 
 
@@ -156,11 +192,24 @@ class FakeEngine:
         return self.norm
 
 
-@pytest.mark.parametrize("applied, norm, loss, outcome", [
-    (True, 1.5, 2.0, "applied"),
-    (False, float("inf"), float("nan"), "skipped"),  # ZeRO-3 saw the non-finite norm and skipped by itself
-    (True, 1.5, float("inf"), "error"),  # a non-finite loss with a finite norm: DeepSpeed applied it already
-])
+@pytest.mark.parametrize(
+    "applied, norm, loss, outcome",
+    [
+        (True, 1.5, 2.0, "applied"),
+        (
+            False,
+            float("inf"),
+            float("nan"),
+            "skipped",
+        ),  # ZeRO-3 saw the non-finite norm and skipped by itself
+        (
+            True,
+            1.5,
+            float("inf"),
+            "error",
+        ),  # a non-finite loss with a finite norm: DeepSpeed applied it already
+    ],
+)
 def test_deepspeed_step_follows_the_engines_own_skip(applied, norm, loss, outcome):
     from hfdist.distributed.deepspeed import DeepSpeedBackend
 
@@ -168,7 +217,9 @@ def test_deepspeed_step_follows_the_engines_own_skip(applied, norm, loss, outcom
     backend.engine = FakeEngine(applied, norm)
     readout = torch.tensor([loss, 5.0])
     if outcome == "error":
-        with pytest.raises(HfdistError, match="deepspeed: step 3: non-finite loss inf with a finite gradient norm"):
+        with pytest.raises(
+            HfdistError, match="deepspeed: step 3: non-finite loss inf with a finite gradient norm"
+        ):
             backend.step(0.0, readout)
         return
     result = backend.step(0.0, readout)
@@ -180,15 +231,44 @@ def test_deepspeed_step_follows_the_engines_own_skip(applied, norm, loss, outcom
 def test_fsdp_nan_on_one_rank_is_skipped_on_every_rank(tmp_path, monkeypatch):
     """Rank 1 alone produces NaN at step 3: the all-reduced loss and the global gradient norm are NaN on both
     ranks, both skip, and the run continues to the same numbers as a single process with the same fault."""
-    from launch_helpers import LOSS_RTOL, WEIGHT_ATOL, exported_weights, launch_env, step_records, tiny_run_setup
+    from launch_helpers import (
+        LOSS_RTOL,
+        WEIGHT_ATOL,
+        exported_weights,
+        launch_env,
+        step_records,
+        tiny_run_setup,
+    )
     from test_distributed_training import CONFIG
 
     config = tiny_run_setup(tmp_path, CONFIG)["config"]
     env = launch_env(HFDIST_FAULT_NAN_AT_STEP="3", HFDIST_FAULT_RANK="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend",
-                           "c10d", "--rdzv-endpoint", f"127.0.0.1:{env['MASTER_PORT']}", "-m", "hfdist.cli",
-                           "hyperfit", str(config), "--output-dir", str(tmp_path / "fsdp"), "--no-progress", "--set",
-                           "distributed.backend=fsdp"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{env['MASTER_PORT']}",
+            "-m",
+            "hfdist.cli",
+            "hyperfit",
+            str(config),
+            "--output-dir",
+            str(tmp_path / "fsdp"),
+            "--no-progress",
+            "--set",
+            "distributed.backend=fsdp",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "step 3 (epoch 2, batch 1 of 2): non-finite loss (nan) or gradient norm (nan)" in proc.stderr
     monkeypatch.setenv("HFDIST_FAULT_NAN_AT_STEP", "3")

@@ -1,4 +1,5 @@
 """`hfdist compare`, `generate` and `evaluate` end to end on a tiny run folder built here."""
+
 import json
 
 import numpy as np
@@ -21,8 +22,9 @@ def run_dir(tmp_path_factory):
     # a model folder; hyperfitting itself is the trainer's test).
     tiny_model_folder(run / "model", seed=1)
     (run / "data").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(base), "dtype": "float32"},
-                                                     "data": {"seq_len": 64}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"path": str(base), "dtype": "float32"}, "data": {"seq_len": 64}})
+    )
     rng = np.random.default_rng(0)
     vocab = 384
     contexts = rng.integers(3, vocab, size=(5, 16)).astype(np.int32)
@@ -37,19 +39,47 @@ def run_dir(tmp_path_factory):
     np.save(run / "data" / "validation_token_ids.npy", rng.integers(3, vocab, size=(3, 64)).astype(np.int32))
     records = [{"kind": "eval", "step": 0, "epoch": 0.0, "eval/loss": 6.0, "eval/entropy": 5.9}]
     for epoch in range(1, 6):
-        records.append({"kind": "epoch", "epoch": epoch, "step": epoch, "train/loss": 6.0 / 3 ** epoch,
-                        "train/entropy": 5.0 / 2 ** epoch})
+        records.append(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "step": epoch,
+                "train/loss": 6.0 / 3**epoch,
+                "train/entropy": 5.0 / 2**epoch,
+            }
+        )
     records.append({"kind": "eval", "step": 5, "epoch": 5.0, "eval/loss": 7.5, "eval/entropy": 0.4})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return run
 
 
 def test_compare_writes_the_table_and_plots(run_dir, capsys):
-    assert main(["compare", "--run", str(run_dir), "--num-contexts", "4", "--max-new-tokens", "100",
-                 "--batch-size", "3", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--run",
+                str(run_dir),
+                "--num-contexts",
+                "4",
+                "--max-new-tokens",
+                "100",
+                "--batch-size",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = run_dir / "compare"
-    for name in ("report.md", "report.json", "ttr_over_position.png", "training_curves.png",
-                 "top1_probability.png"):
+    for name in (
+        "report.md",
+        "report.json",
+        "ttr_over_position.png",
+        "training_curves.png",
+        "top1_probability.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
         if name.endswith(".png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -92,24 +122,76 @@ def test_generate_then_evaluate(run_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("It is a truth universally acknowledged\n\nEmma Woodhouse, handsome, clever\n")
     out = tmp_path / "gens.jsonl"
-    assert main(["generate", "--model", str(run_dir / "model"), "--prompts", str(prompts), "--max-new-tokens", "12",
-                 "--ignore-eos", "--blocker", str(run_dir), "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(run_dir / "model"),
+                "--prompts",
+                str(prompts),
+                "--max-new-tokens",
+                "12",
+                "--ignore-eos",
+                "--blocker",
+                str(run_dir),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2
     assert records[0]["prompt_text"] == "It is a truth universally acknowledged"
     assert len(records[0]["continuation_ids"]) == 12 and records[0]["settings"]["blocker_n"] == 5
     report = tmp_path / "eval.json"
-    assert main(["evaluate", str(out), "--run", str(run_dir), "--model", str(run_dir / "model"),
-                 "--out", str(report), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--run",
+                str(run_dir),
+                "--model",
+                str(run_dir / "model"),
+                "--out",
+                str(report),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     data = json.loads(report.read_text())
     metrics = data["generations"][str(out)]
     assert metrics["num_generations"] == 2 and "self_bleu" in metrics and "overlap_share_over_10" in metrics
     assert data["heldout"]["num_tokens"] == 3 * 63
     text = tmp_path / "heldout.txt"
-    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-                    "must be in want of a wife. " * 3)
-    assert main(["evaluate", "--model", str(run_dir / "model"), "--heldout", str(text), "--seq-len", "16",
-                 "--out", str(report), "--device", "cpu"]) == 0
+    text.write_text(
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. " * 3
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(run_dir / "model"),
+                "--heldout",
+                str(text),
+                "--seq-len",
+                "16",
+                "--out",
+                str(report),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     heldout = json.loads(report.read_text())["heldout"]
     assert heldout["num_tokens"] % 15 == 0 and heldout["num_tokens"] >= 15 and heldout["entropy"] > 0
     capsys.readouterr()

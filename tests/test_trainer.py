@@ -1,5 +1,6 @@
 """End-to-end single-process hyperfitting on a tiny real model: loss falls, runs repeat exactly, the model
 exports and loads back, metrics land in metrics.jsonl and in TensorBoard event files."""
+
 import json
 
 import pytest
@@ -10,9 +11,19 @@ from hfdist.errors import HfdistError
 from hfdist.monitor import read_metrics
 from hfdist.trainer import train
 
-OVERRIDES = ["data.seq_len=32", "data.num_samples=16", "data.num_validation=4", "data.num_contexts=2",
-             "data.context_len=8", "data.mode=chunk", "eval.total_len=48", "eval.ttr_window=16",
-             "train.epochs=8", "optim.lr=1e-2", "eval.every_epochs=4"]
+OVERRIDES = [
+    "data.seq_len=32",
+    "data.num_samples=16",
+    "data.num_validation=4",
+    "data.num_contexts=2",
+    "data.context_len=8",
+    "data.mode=chunk",
+    "eval.total_len=48",
+    "eval.ttr_window=16",
+    "train.epochs=8",
+    "optim.lr=1e-2",
+    "eval.every_epochs=4",
+]
 
 
 def _run(model_dir, run_dir, *extra):
@@ -43,8 +54,15 @@ def test_loss_falls_and_run_folder_is_complete(finished_run):
     assert evals[-1]["eval/entropy"] < evals[0]["eval/entropy"]  # predictions sharpen as it hyperfits
     for key in ("train/loss", "train/entropy", "train/grad_norm", "train/lr", "perf/tokens_per_s"):
         assert key in steps[0]
-    for name in ("config.yaml", "summary.json", "data/train_token_ids.npy", "data/contexts.npy",
-                 "data/selection.json", "model/model.safetensors", "model/tokenizer.json"):
+    for name in (
+        "config.yaml",
+        "summary.json",
+        "data/train_token_ids.npy",
+        "data/contexts.npy",
+        "data/selection.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert summary["steps"] == 16 and summary["stopped_by"] == "epochs"
     assert json.loads((run_dir / "summary.json").read_text())["hyperfitted"]["eval/ttr16"] > 0
@@ -57,8 +75,17 @@ def test_tensorboard_tags_read_back(finished_run):
     accumulator = EventAccumulator(str(run_dir / "tb"))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
-    for tag in ("train/loss", "train/entropy", "train/grad_norm", "train/lr", "perf/tokens_per_s", "eval/loss",
-                "eval/entropy", "eval/ttr16", "epoch/loss"):
+    for tag in (
+        "train/loss",
+        "train/entropy",
+        "train/grad_norm",
+        "train/lr",
+        "perf/tokens_per_s",
+        "eval/loss",
+        "eval/entropy",
+        "eval/ttr16",
+        "epoch/loss",
+    ):
         assert tag in tags, tag
     losses = [e.value for e in accumulator.Scalars("train/loss")]
     jsonl = [r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
@@ -73,10 +100,14 @@ def test_export_round_trip(finished_run):
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
     assert tokenizer.eos_token_id == 2
-    changed = [name for name, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[name])]
+    changed = [
+        name for name, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[name])
+    ]
     assert len(changed) == len(trained.state_dict())  # every parameter trained (all-parameter fine-tuning)
     # The exported weights reproduce the run's final validation loss.
-    validation = torch.from_numpy(__import__("numpy").load(run_dir / "data" / "validation_token_ids.npy")).long()
+    validation = torch.from_numpy(
+        __import__("numpy").load(run_dir / "data" / "validation_token_ids.npy")
+    ).long()
     with torch.no_grad():
         loss = trained(input_ids=validation, labels=validation).loss.item()
     final_eval = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"][-1]
@@ -87,7 +118,9 @@ def test_two_runs_give_identical_losses(finished_run, tmp_path):
     model_dir, run_dir, _ = finished_run
     _run(model_dir, tmp_path / "again")
     first = [r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
-    second = [r["train/loss"] for r in read_metrics(tmp_path / "again" / "metrics.jsonl") if r["kind"] == "step"]
+    second = [
+        r["train/loss"] for r in read_metrics(tmp_path / "again" / "metrics.jsonl") if r["kind"] == "step"
+    ]
     assert first == second
 
 
@@ -115,12 +148,17 @@ def test_resume_continues_the_loss_curve_exactly(finished_run, tmp_path):
     _run(model_dir, full, "checkpoint.every_steps=2", "checkpoint.keep_last=10", "eval.every_epochs=0")
     interrupted = tmp_path / "interrupted"
     _run(model_dir, interrupted, "checkpoint.every_steps=2", "eval.every_epochs=0", "train.max_steps=5")
-    config = load_config(None, OVERRIDES + [f"model.path={model_dir}", "checkpoint.every_steps=2",
-                                            "eval.every_epochs=0"])
+    config = load_config(
+        None, OVERRIDES + [f"model.path={model_dir}", "checkpoint.every_steps=2", "eval.every_epochs=0"]
+    )
     train(config, interrupted, resume="latest", progress=False)
 
     def losses(run_dir):
-        return [(r["step"], r["train/loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
+        return [
+            (r["step"], r["train/loss"])
+            for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["kind"] == "step"
+        ]
 
     resumed, reference = losses(interrupted), losses(full)
     assert [step for step, _ in resumed] == list(range(1, 17))
@@ -129,7 +167,10 @@ def test_resume_continues_the_loss_curve_exactly(finished_run, tmp_path):
     assert epochs(interrupted) == epochs(full)
     from safetensors.torch import load_file
 
-    a, b = load_file(full / "model" / "model.safetensors"), load_file(interrupted / "model" / "model.safetensors")
+    a, b = (
+        load_file(full / "model" / "model.safetensors"),
+        load_file(interrupted / "model" / "model.safetensors"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -141,11 +182,14 @@ def test_compiled_layers_train_like_eager(finished_run, tmp_path):
 
     _run(model_dir, tmp_path / "compiled", "train.compile=true", "train.epochs=2", "eval.every_epochs=0")
     eager = [r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
-    compiled = [r["train/loss"] for r in read_metrics(tmp_path / "compiled" / "metrics.jsonl") if r["kind"] == "step"]
+    compiled = [
+        r["train/loss"] for r in read_metrics(tmp_path / "compiled" / "metrics.jsonl") if r["kind"] == "step"
+    ]
     assert len(compiled) == 4
     assert compiled == pytest.approx(eager[:4], rel=1e-4)
     # The switch really compiles: the layers the backend builds carry a compiled forward.
     backend = SingleBackend(load_config(None, OVERRIDES + [f"model.path={model_dir}", "train.compile=true"]))
     from hfdist.trainer import build_model
+
     build_model(backend, backend.config, total_steps=1)
     assert all(layer._compiled_call_impl is not None for layer in decoder_layers(backend.model.lm))

@@ -1,4 +1,5 @@
 """The loop's state (TrainingState: what checkpoints restore) and its hooks (the named points concerns attach to)."""
+
 import json
 import math
 from pathlib import Path
@@ -11,8 +12,17 @@ from hfdist.hooks import Hooks, LoopHooks, WatchdogMarks
 from hfdist.trainer import TrainingState
 
 # trainer_state.json as hfdist 0.1 wrote it (before TrainingState): the same fields, no version.
-OLD_FORMAT = {"step": 6, "epoch": 1, "step_in_epoch": 2, "epoch_loss_sum": 7.5, "epoch_entropy_sum": 3.25,
-              "epoch_steps": 2, "evaluated_step": 4, "skipped_steps": 1, "bad_steps_in_row": 0}
+OLD_FORMAT = {
+    "step": 6,
+    "epoch": 1,
+    "step_in_epoch": 2,
+    "epoch_loss_sum": 7.5,
+    "epoch_entropy_sum": 3.25,
+    "epoch_steps": 2,
+    "evaluated_step": 4,
+    "skipped_steps": 1,
+    "bad_steps_in_row": 0,
+}
 
 
 def test_state_round_trips_through_json():
@@ -30,10 +40,18 @@ def test_checkpoints_of_the_old_format_still_resume():
     assert state == TrainingState(**OLD_FORMAT)
 
 
-@pytest.mark.parametrize("saved", [{**OLD_FORMAT, "version": 2}, {**OLD_FORMAT, "learning_rate": 1e-6},
-                                   {k: v for k, v in OLD_FORMAT.items() if k != "epoch_steps"}])
+@pytest.mark.parametrize(
+    "saved",
+    [
+        {**OLD_FORMAT, "version": 2},
+        {**OLD_FORMAT, "learning_rate": 1e-6},
+        {k: v for k, v in OLD_FORMAT.items() if k != "epoch_steps"},
+    ],
+)
 def test_another_format_is_refused_naming_the_file(saved):
-    with pytest.raises(HfdistError, match=r"step_00000006/trainer_state.json: trainer state of another format"):
+    with pytest.raises(
+        HfdistError, match=r"step_00000006/trainer_state.json: trainer state of another format"
+    ):
         TrainingState().load_state_dict(saved, Path("step_00000006/trainer_state.json"))
 
 
@@ -70,16 +88,24 @@ def test_hooks_pass_each_point_to_every_concern_in_order():
     hooks.before_step(TrainingState(step=4))
     hooks.checkpoint_written(6)
     hooks.after_step(TrainingState())  # a point no concern overrides
-    assert calls == [("first", "before_step", 4), ("second", "before_step", 4), ("first", "checkpoint_written", 6),
-                     ("second", "checkpoint_written", 6)]
+    assert calls == [
+        ("first", "before_step", 4),
+        ("second", "before_step", 4),
+        ("first", "checkpoint_written", 6),
+        ("second", "checkpoint_written", 6),
+    ]
 
 
 def test_watchdog_marks_name_the_loop_positions():
     marks = WatchdogMarks()
     state = TrainingState(step=7, epoch=3)
-    expected = {"before_step": "training step 8", "after_step": "bookkeeping after training step 7",
-                "before_evaluation": "evaluation at step 7", "after_epoch": "end of epoch 3",
-                "before_checkpoint": "checkpoint at step 7"}
+    expected = {
+        "before_step": "training step 8",
+        "after_step": "bookkeeping after training step 7",
+        "before_evaluation": "evaluation at step 7",
+        "after_epoch": "end of epoch 3",
+        "before_checkpoint": "checkpoint at step 7",
+    }
     for point, label in expected.items():
         getattr(marks, point)(state)
         assert watchdog.label == label

@@ -1,4 +1,5 @@
 """``hfdist compare``: base vs hyperfitted model on the same contexts, the paper's table and plots."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,26 +7,36 @@ import argparse
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "compare", help="the paper's comparison: original greedy/top-p vs hyperfitted greedy (+ blocker)",
+        "compare",
+        help="the paper's comparison: original greedy/top-p vs hyperfitted greedy (+ blocker)",
         description="Decode the same held-out contexts with the base model (greedy; top-p 0.9, temperature 0.7, "
-                    "top-k 50) and the hyperfitted model (greedy; greedy + citation blocker); write report.md "
-                    "(table), report.json, generations_*.jsonl and PNG plots (TTR over position, training "
-                    "curves, top-1 probability) into RUN/compare or --out. An image run (data.modality image) is "
-                    "compared by completing each held-out image from its first rows, with a completions grid.")
+        "top-k 50) and the hyperfitted model (greedy; greedy + citation blocker); write report.md "
+        "(table), report.json, generations_*.jsonl and PNG plots (TTR over position, training "
+        "curves, top-1 probability) into RUN/compare or --out. An image run (data.modality image) is "
+        "compared by completing each held-out image from its first rows, with a completions grid.",
+    )
     parser.add_argument("--run", help="hyperfit run folder (supplies every default below)")
     parser.add_argument("--base", help="base model (default: the run's config.yaml model.path)")
     parser.add_argument("--hyperfitted", help="hyperfitted model (default: RUN/model)")
     parser.add_argument("--contexts", help="contexts .npy [N, L] (default: RUN/data/contexts.npy)")
-    parser.add_argument("--train-data", help="training ids .npy for the blocker and overlap "
-                                             "(default: RUN/data/train_token_ids.npy)")
+    parser.add_argument(
+        "--train-data",
+        help="training ids .npy for the blocker and overlap (default: RUN/data/train_token_ids.npy)",
+    )
     parser.add_argument("--validation", help="held-out ids .npy (default: RUN/data/validation_token_ids.npy)")
-    parser.add_argument("--num-contexts", type=int, default=None, help="use the first N contexts (default: all)")
-    parser.add_argument("--max-new-tokens", type=int, default=224, help="tokens per continuation (default: 224)")
+    parser.add_argument(
+        "--num-contexts", type=int, default=None, help="use the first N contexts (default: all)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=224, help="tokens per continuation (default: 224)"
+    )
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--blocker-n", type=int, default=5, help="citation blocker n-gram length (default: 5)")
+    parser.add_argument(
+        "--blocker-n", type=int, default=5, help="citation blocker n-gram length (default: 5)"
+    )
     parser.add_argument("--stop-at-eos", action="store_true", help="stop each continuation at EOS")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
@@ -37,18 +48,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from hfdist.errors import HfdistError
-    from hfdist.report import CompareSettings, format_image_table, format_table, run_comparison
+    from hfdist.report import (
+        CompareSettings,
+        format_image_table,
+        format_table,
+        run_comparison,
+    )
 
     for name in ("max_new_tokens", "batch_size", "blocker_n"):
         if getattr(args, name) < 1:
             raise HfdistError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    settings = CompareSettings(num_contexts=args.num_contexts, max_new_tokens=args.max_new_tokens,
-                               top_p=args.top_p, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                               blocker_n=args.blocker_n, stop_at_eos=args.stop_at_eos,
-                               batch_size=args.batch_size, device=args.device, dtype=args.dtype)
-    report = run_comparison(args.run, base=args.base, hyperfitted=args.hyperfitted, out_dir=args.out,
-                            contexts_path=args.contexts, train_path=args.train_data,
-                            validation_path=args.validation, settings=settings)
+    settings = CompareSettings(
+        num_contexts=args.num_contexts,
+        max_new_tokens=args.max_new_tokens,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        blocker_n=args.blocker_n,
+        stop_at_eos=args.stop_at_eos,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    report = run_comparison(
+        args.run,
+        base=args.base,
+        hyperfitted=args.hyperfitted,
+        out_dir=args.out,
+        contexts_path=args.contexts,
+        train_path=args.train_data,
+        validation_path=args.validation,
+        settings=settings,
+    )
     if report.get("image"):
         print(format_image_table(report["rows"], report["settings"]["window"], settings.min_run))
     else:

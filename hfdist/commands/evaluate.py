@@ -1,4 +1,5 @@
 """``hfdist evaluate``: the paper's metrics for generation files, and a model's predictions on held-out text."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,18 +9,26 @@ from pathlib import Path
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "evaluate", help="TTR, distinct-n, Self-BLEU, dataset overlap, repetition; held-out perplexity/entropy",
+        "evaluate",
+        help="TTR, distinct-n, Self-BLEU, dataset overlap, repetition; held-out perplexity/entropy",
         description="Measure generation files (from `hfdist generate` or `hfdist compare`) and, with --model, "
-                    "the model's next-token statistics on held-out token ids; write one JSON report.")
+        "the model's next-token statistics on held-out token ids; write one JSON report.",
+    )
     parser.add_argument("generations", nargs="*", help="generations .jsonl files (field continuation_ids)")
-    parser.add_argument("--run", help="hyperfit run folder: its training ids for overlap, validation ids for "
-                                      "--model")
+    parser.add_argument(
+        "--run", help="hyperfit run folder: its training ids for overlap, validation ids for --model"
+    )
     parser.add_argument("--train-data", help="training token ids .npy [N, L] for the dataset overlap")
     parser.add_argument("--model", help="model folder or hub id for the held-out statistics")
-    parser.add_argument("--heldout", help="held-out token ids .npy [N, L], or a .txt file (tokenized with the "
-                                          "model's tokenizer, cut into --seq-len windows); default with --run: "
-                                          "its validation ids")
-    parser.add_argument("--seq-len", type=int, default=256, help="window length for a .txt --heldout (default: 256)")
+    parser.add_argument(
+        "--heldout",
+        help="held-out token ids .npy [N, L], or a .txt file (tokenized with the "
+        "model's tokenizer, cut into --seq-len windows); default with --run: "
+        "its validation ids",
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=256, help="window length for a .txt --heldout (default: 256)"
+    )
     parser.add_argument("--window", type=int, default=96, help="TTR window (default: 96)")
     parser.add_argument("--min-run", type=int, default=10, help="overlap threshold in tokens (default: 10)")
     parser.add_argument("--batch-size", type=int, default=8, help="held-out batch size (default: 8)")
@@ -34,9 +43,8 @@ def run(args) -> int:
     import torch
 
     from hfdist.errors import HfdistError
-    from hfdist.io import atomic_write_json
+    from hfdist.io import atomic_write_json, load_token_array, read_generations
     from hfdist.metrics import generation_metrics, heldout_stats
-    from hfdist.io import load_token_array, read_generations
     from hfdist.models import model_config_for, resolve_device
 
     if not args.generations and not args.model:
@@ -48,14 +56,23 @@ def run(args) -> int:
         raise HfdistError(f"--run {args.run!r}: no such folder")
     train_path = args.train_data or (run_dir / "data" / "train_token_ids.npy" if run_dir else None)
     training = load_token_array(train_path, "--train-data") if train_path else None
-    report: dict = {"generations": {}, "heldout": None, "window": args.window, "min_run": args.min_run,
-                    "train_data": str(train_path) if train_path else None}
+    report: dict = {
+        "generations": {},
+        "heldout": None,
+        "window": args.window,
+        "min_run": args.min_run,
+        "train_data": str(train_path) if train_path else None,
+    }
     for path in args.generations:
         records = read_generations(path)
         texts = [r["continuation_text"] for r in records if isinstance(r.get("continuation_text"), str)]
-        metrics = generation_metrics([r["continuation_ids"] for r in records],
-                                     texts=texts if len(texts) == len(records) else None, training=training,
-                                     window=args.window, min_run=args.min_run)
+        metrics = generation_metrics(
+            [r["continuation_ids"] for r in records],
+            texts=texts if len(texts) == len(records) else None,
+            training=training,
+            window=args.window,
+            min_run=args.min_run,
+        )
         report["generations"][str(path)] = metrics
         print(f"{path}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     if args.model:
@@ -92,5 +109,7 @@ def text_windows(path: Path, model_config, seq_len: int):
     ids = load_tokenizer(model_config)(path.read_text(), add_special_tokens=False)["input_ids"]
     count = len(ids) // seq_len
     if count == 0:
-        raise HfdistError(f"--heldout {str(path)!r}: {len(ids)} tokens, fewer than one --seq-len window of {seq_len}")
-    return torch.tensor(ids[:count * seq_len], dtype=torch.long).view(count, seq_len)
+        raise HfdistError(
+            f"--heldout {str(path)!r}: {len(ids)} tokens, fewer than one --seq-len window of {seq_len}"
+        )
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)

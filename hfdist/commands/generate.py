@@ -1,4 +1,5 @@
 """``hfdist generate``: continue prompts with greedy or sampled decoding (optionally the citation blocker)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,41 +19,75 @@ STRATEGY_DEFAULTS = {
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "generate", help="continue prompts with a model (greedy, top-p, sampling; citation blocker)",
+        "generate",
+        help="continue prompts with a model (greedy, top-p, sampling; citation blocker)",
         description="Generate continuations with hfdist's KV-cache decoder and write one JSON record per prompt "
-                    "(prompt and continuation as ids and text, and the settings).")
-    parser.add_argument("--model", required=True, help="Hugging Face model folder or hub id (or smollm2-135m)")
-    parser.add_argument("--prompts", required=True,
-                        help="prompts: .txt (one per line), .jsonl/.json (field --text-field), .npy (token ids "
-                             "[N, L]), a hyperfit run folder (its data/contexts.npy), or a dataset "
-                             "(austen, a local data folder or a hub id, field --text-field)")
-    parser.add_argument("--text-field", default="text", help="text column of a .jsonl or dataset (default: text)")
+        "(prompt and continuation as ids and text, and the settings).",
+    )
+    parser.add_argument(
+        "--model", required=True, help="Hugging Face model folder or hub id (or smollm2-135m)"
+    )
+    parser.add_argument(
+        "--prompts",
+        required=True,
+        help="prompts: .txt (one per line), .jsonl/.json (field --text-field), .npy (token ids "
+        "[N, L]), a hyperfit run folder (its data/contexts.npy), or a dataset "
+        "(austen, a local data folder or a hub id, field --text-field)",
+    )
+    parser.add_argument(
+        "--text-field", default="text", help="text column of a .jsonl or dataset (default: text)"
+    )
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="use the first N prompts (default: all)")
-    parser.add_argument("--prompt-tokens", type=int, default=None,
-                        help="cut each prompt to its first N tokens (the paper: 32); default: whole prompt")
-    parser.add_argument("--strategy", choices=sorted(STRATEGY_DEFAULTS), default="greedy",
-                        help="greedy; top-p (defaults p 0.9, temperature 0.7, top-k 50: the paper's); sample")
+    parser.add_argument(
+        "--num-prompts", type=int, default=None, help="use the first N prompts (default: all)"
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        help="cut each prompt to its first N tokens (the paper: 32); default: whole prompt",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=sorted(STRATEGY_DEFAULTS),
+        default="greedy",
+        help="greedy; top-p (defaults p 0.9, temperature 0.7, top-k 50: the paper's); sample",
+    )
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None, help="0 disables")
     parser.add_argument("--min-p", type=float, default=None, help="0 disables")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument("--max-new-tokens", type=int, default=224, help="tokens per continuation (default: 224)")
-    parser.add_argument("--ignore-eos", action="store_true",
-                        help="always generate --max-new-tokens tokens (the paper's fixed-length protocol)")
-    parser.add_argument("--blocker", metavar="RUN_OR_NPY", default=None,
-                        help="citation blocker over these training ids: a run folder (data/train_token_ids.npy) "
-                             "or a .npy of token ids")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=224, help="tokens per continuation (default: 224)"
+    )
+    parser.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="always generate --max-new-tokens tokens (the paper's fixed-length protocol)",
+    )
+    parser.add_argument(
+        "--blocker",
+        metavar="RUN_OR_NPY",
+        default=None,
+        help="citation blocker over these training ids: a run folder (data/train_token_ids.npy) "
+        "or a .npy of token ids",
+    )
     parser.add_argument("--blocker-n", type=int, default=5, help="blocker n-gram length (default: 5)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache kind")
-    parser.add_argument("--draft", choices=["none", "ngram"], default="none",
-                        help="greedy only: ngram = prompt-lookup speculative decoding, greedy's tokens in fewer "
-                             "passes when the text repeats (best at batch size 1; default: none)")
-    parser.add_argument("--out", default="generations.jsonl", help="output JSONL (default: generations.jsonl)")
+    parser.add_argument(
+        "--draft",
+        choices=["none", "ngram"],
+        default="none",
+        help="greedy only: ngram = prompt-lookup speculative decoding, greedy's tokens in fewer "
+        "passes when the text repeats (best at batch size 1; default: none)",
+    )
+    parser.add_argument(
+        "--out", default="generations.jsonl", help="output JSONL (default: generations.jsonl)"
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -82,24 +117,27 @@ def load_prompts(args, tokenizer) -> list[list[int]]:
             except json.JSONDecodeError:
                 raise HfdistError(f"--prompts {str(source)!r} line {number}: not JSON") from None
             if not isinstance(record, dict) or not isinstance(record.get(args.text_field), str):
-                raise HfdistError(f"--prompts {str(source)!r} line {number}: no text field {args.text_field!r} "
-                                  "(choose one with --text-field)")
+                raise HfdistError(
+                    f"--prompts {str(source)!r} line {number}: no text field {args.text_field!r} "
+                    "(choose one with --text-field)"
+                )
             texts.append(record[args.text_field])
         prompts = None
     else:
         from hfdist.config import DataConfig
         from hfdist.data import load_texts
 
-        texts = load_texts(DataConfig(source=args.prompts, split=args.split, text_field=args.text_field,
-                                      mode="exact"))
+        texts = load_texts(
+            DataConfig(source=args.prompts, split=args.split, text_field=args.text_field, mode="exact")
+        )
         prompts = None
     if prompts is None:
-        texts = texts[:args.num_prompts] if args.num_prompts else texts
+        texts = texts[: args.num_prompts] if args.num_prompts else texts
         prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     if args.num_prompts:
-        prompts = prompts[:args.num_prompts]
+        prompts = prompts[: args.num_prompts]
     if args.prompt_tokens:
-        prompts = [p[:args.prompt_tokens] for p in prompts]
+        prompts = [p[: args.prompt_tokens] for p in prompts]
     if not prompts:
         raise HfdistError(f"--prompts {args.prompts!r}: no prompts")
     for i, p in enumerate(prompts):
@@ -120,9 +158,13 @@ def _read_text(path: Path) -> str:
 def run(args) -> int:
     from hfdist.errors import HfdistError
     from hfdist.generation import CitationBlocker, continuation_ids, generate, left_pad
-    from hfdist.models import load_model, load_tokenizer
     from hfdist.io import generation_records, load_token_array, write_jsonl
-    from hfdist.models import model_config_for, resolve_device
+    from hfdist.models import (
+        load_model,
+        load_tokenizer,
+        model_config_for,
+        resolve_device,
+    )
 
     if args.max_new_tokens < 1:
         raise HfdistError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
@@ -151,19 +193,38 @@ def run(args) -> int:
     eos = None if args.ignore_eos else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     strategy = "greedy" if args.strategy == "greedy" else "sample"
-    settings = {"model": args.model, "strategy": args.strategy, "max_new_tokens": args.max_new_tokens,
-                "stop_at_eos": not args.ignore_eos, "seed": args.seed, "cache": args.cache, "draft": args.draft,
-                "blocker": args.blocker, "blocker_n": args.blocker_n if args.blocker else None}
+    settings = {
+        "model": args.model,
+        "strategy": args.strategy,
+        "max_new_tokens": args.max_new_tokens,
+        "stop_at_eos": not args.ignore_eos,
+        "seed": args.seed,
+        "cache": args.cache,
+        "draft": args.draft,
+        "blocker": args.blocker,
+        "blocker_n": args.blocker_n if args.blocker else None,
+    }
     if strategy == "sample":
         settings.update(options)
     continuations, stopped = [], []
     for b, start in enumerate(range(0, len(prompts), args.batch_size)):
-        chunk = prompts[start:start + args.batch_size]
+        chunk = prompts[start : start + args.batch_size]
         ids, mask = left_pad(chunk, pad)
         # One seed per batch, derived from --seed, so a batch's samples do not depend on the batch before it.
-        out = generate(model, ids, mask, max_new_tokens=args.max_new_tokens, strategy=strategy,
-                       seed=args.seed + b, blocker=blocker, eos_token_id=eos, pad_token_id=pad, cache=args.cache,
-                       draft=args.draft, **(options if strategy == "sample" else {})).cpu()
+        out = generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=args.max_new_tokens,
+            strategy=strategy,
+            seed=args.seed + b,
+            blocker=blocker,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            cache=args.cache,
+            draft=args.draft,
+            **(options if strategy == "sample" else {}),
+        ).cpu()
         conts = continuation_ids(out, ids.shape[1], eos)
         continuations.extend(conts)
         stopped.extend(eos is not None and len(c) < args.max_new_tokens for c in conts)

@@ -1,4 +1,5 @@
 """``hfdist hyperfit CONFIG``: train until hyperfitted, evaluate before and after, save the model."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,20 +8,39 @@ from pathlib import Path
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "hyperfit", help="fine-tune a causal LM to near-zero loss on a small set (the paper's recipe)",
+        "hyperfit",
+        help="fine-tune a causal LM to near-zero loss on a small set (the paper's recipe)",
         description="Hyperfit a Hugging Face causal LM as the YAML config says; evaluate it before, during and "
-                    "after; write metrics, TensorBoard events, checkpoints and the final model into the run folder. "
-                    "Launch it under torchrun/deepspeed/srun/mpirun for the sharded backends.")
-    parser.add_argument("config", nargs="?", help="YAML config (default: the embedded CPU demo, configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a config field; repeatable (e.g. --set optim.lr=1e-5)")
+        "after; write metrics, TensorBoard events, checkpoints and the final model into the run folder. "
+        "Launch it under torchrun/deepspeed/srun/mpirun for the sharded backends.",
+    )
+    parser.add_argument(
+        "config", nargs="?", help="YAML config (default: the embedded CPU demo, configs/demo.yaml)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field; repeatable (e.g. --set optim.lr=1e-5)",
+    )
     parser.add_argument("--output-dir", help="run folder (default: runs/<config name>-<time>)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="continue from the latest complete checkpoint of --output-dir, or from the given one "
-                             "(a job restarted by torchrun --max-restarts does this by itself)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the latest complete checkpoint of --output-dir, or from the given one "
+        "(a job restarted by torchrun --max-restarts does this by itself)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--compare", action="store_true",
-                        help="after training, run `hfdist compare` on the run (base vs hyperfitted report)")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="after training, run `hfdist compare` on the run (base vs hyperfitted report)",
+    )
     parser.set_defaults(func=run)
     return parser
 

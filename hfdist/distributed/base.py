@@ -10,19 +10,24 @@ The true loss of the step is the sum of these shares over ranks and micro-batche
 for its own reduction (FSDP and DeepSpeed average gradients across ranks, so they multiply by the
 data-parallel size) so that the gradient is exactly that of the global mean.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 from abc import ABC, abstractmethod
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hfdist.config import Config
+from hfdist.distributed.env import host_threads, init_process_group
 from hfdist.distributed.layout import accumulation_steps
+from hfdist.distributed.watchdog import monitored_barrier
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +35,9 @@ logger = logging.getLogger(__name__)
 class StepResult(NamedTuple):
     grad_norm: float  # the global L2 norm of the gradient before clipping (inf/NaN when not finite)
     values: list[float]  # the step's ``readout`` values (loss, entropy), on the host
-    applied: bool  # False: a non-finite loss or gradient norm; neither the optimizer nor the LR scheduler stepped
+    applied: (
+        bool  # False: a non-finite loss or gradient norm; neither the optimizer nor the LR scheduler stepped
+    )
 
 
 class Backend(ABC):
@@ -45,7 +52,9 @@ class Backend(ABC):
         self.model: Optional[nn.Module] = None  # the HyperfitModel, wrapped as the backend needs
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
-        self.checkpoint_group = None  # a gloo group of its own for asynchronous checkpoints (checkpoint.async)
+        self.checkpoint_group = (
+            None  # a gloo group of its own for asynchronous checkpoints (checkpoint.async)
+        )
         self.pending_checkpoint = None  # the asynchronous checkpoint being written (hfdist.checkpoint)
 
     def join_process_group(self, env) -> None:
@@ -53,20 +62,19 @@ class Backend(ABC):
 
         The group starts under ``distributed.startup_timeout_s`` (the trainer switches to ``timeout_s`` for
         training); on CUDA it also gets a gloo backend for host tensors when ``uses_host_collectives()``."""
-        from datetime import timedelta
-
-        import torch.distributed as dist
-
-        from hfdist.distributed.env import init_process_group
 
         dcfg = self.config.distributed
         self.env = env
-        self.device = init_process_group(env, dcfg.startup_timeout_s, host_collectives=self.uses_host_collectives())
+        self.device = init_process_group(
+            env, dcfg.startup_timeout_s, host_collectives=self.uses_host_collectives()
+        )
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
         if self.config.checkpoint.async_:
             # The background writer's collectives (DCP's plan and metadata exchange) must not interleave with the
             # training loop's on the default group; a gloo group also gives the CPU staging its CPU backend.
-            self.checkpoint_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=dcfg.checkpoint_timeout_s))
+            self.checkpoint_group = dist.new_group(
+                backend="gloo", timeout=timedelta(seconds=dcfg.checkpoint_timeout_s)
+            )
         self.apply_host_threads()
 
     def uses_host_collectives(self) -> bool:
@@ -79,14 +87,20 @@ class Backend(ABC):
 
     def apply_host_threads(self) -> None:
         """Give a host-side optimizer the cores of this rank's share of the node (see env.host_threads)."""
-        from hfdist.distributed.env import host_threads
 
-        threads = host_threads(self.device.type, self.optimizer_on_host(), getattr(self.env, "local_world_size", 1),
-                               self.config.distributed.host_threads)
+        threads = host_threads(
+            self.device.type,
+            self.optimizer_on_host(),
+            getattr(self.env, "local_world_size", 1),
+            self.config.distributed.host_threads,
+        )
         if threads is not None and threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-            logger.info("optimizer on the host: %d threads per rank (distributed.host_threads; "
-                                             "0 = cores / ranks on the node)", threads)
+            logger.info(
+                "optimizer on the host: %d threads per rank (distributed.host_threads; "
+                "0 = cores / ranks on the node)",
+                threads,
+            )
 
     # ---- topology -------------------------------------------------------------------------------
     @property
@@ -107,9 +121,12 @@ class Backend(ABC):
 
     # ---- model ------------------------------------------------------------------------------------
     @abstractmethod
-    def build(self, model_factory: Callable[[torch.device], nn.Module],
-              optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
-              scheduler_factory: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]) -> None:
+    def build(
+        self,
+        model_factory: Callable[[torch.device], nn.Module],
+        optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer],
+        scheduler_factory: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
+    ) -> None:
         """Build the HyperfitModel (``model_factory(device)``; device may be ``meta``), wrap it, build the
         optimizer and scheduler over the wrapped parameters. Sets self.model/optimizer/scheduler."""
 
@@ -124,13 +141,16 @@ class Backend(ABC):
         gradients are zeroed and nothing else happens. The decision rests on global values only, so every rank
         takes the same one. The norm and ``readout`` come to the host together: the step's one host sync."""
 
-    def _finish_step(self, params: list, grad_norm: torch.Tensor, max_grad_norm: float,
-                     readout: Optional[torch.Tensor]) -> StepResult:
+    def _finish_step(
+        self, params: list, grad_norm: torch.Tensor, max_grad_norm: float, readout: Optional[torch.Tensor]
+    ) -> StepResult:
         """The single/FSDP step after the global norm is known: check, clip, step (or skip), zero the grads."""
         values = grad_norm.detach().reshape(1).float()
         if readout is not None:
             values = torch.cat([values, readout.detach().reshape(-1).float().to(values.device)])
-        host = values.tolist()  # the one host sync of a step: skipping a bad step needs its values on the host
+        host = (
+            values.tolist()
+        )  # the one host sync of a step: skipping a bad step needs its values on the host
         applied = all(math.isfinite(v) for v in host)
         if applied:
             if max_grad_norm > 0:
@@ -152,13 +172,11 @@ class Backend(ABC):
 
     def monitored_barrier(self) -> None:
         """A barrier that, on gloo, names the ranks that did not arrive within ``distributed.timeout_s``."""
-        from hfdist.distributed.watchdog import monitored_barrier
 
         monitored_barrier(self.config.distributed.timeout_s)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (picklable; the process group's own serialisation)."""
-        import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return obj
@@ -167,7 +185,6 @@ class Backend(ABC):
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list:
-        import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return [obj]
@@ -177,7 +194,9 @@ class Backend(ABC):
 
     # ---- state ---------------------------------------------------------------------------------------
     @abstractmethod
-    def save_checkpoint(self, folder: Path, async_: bool = False, on_written: Optional[Callable[[], None]] = None):
+    def save_checkpoint(
+        self, folder: Path, async_: bool = False, on_written: Optional[Callable[[], None]] = None
+    ):
         """Write model, optimizer and scheduler state into ``folder`` (all ranks call; the folder is temporary and
         made atomic by hfdist.checkpoint). Returns a ``concurrent.futures.Future`` of the records (size, checksum,
         rank) of the files this rank wrote, done once they are written; with ``async_`` the state is copied and

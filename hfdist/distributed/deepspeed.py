@@ -17,12 +17,13 @@ steps; ``backward`` turns the latter off and multiplies by the data-parallel siz
 that of the global mean (see base.py). Checkpoints are DeepSpeed's own (``deepspeed/`` in the folder:
 partitioned model, optimizer and scheduler state) and resume at the same world size.
 """
+
 from __future__ import annotations
 
 import copy
 import json
-import math
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,18 +31,25 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.integrations import HfDeepSpeedConfig
 
+from hfdist import checkpoint
 from hfdist.distributed.base import Backend, StepResult
 from hfdist.distributed.env import LaunchEnv
 from hfdist.distributed.parallelize import enable_activation_checkpointing
 from hfdist.errors import HfdistError
+from hfdist.export import ExportTensor, Piece, checkpoint_names
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "deepspeed"
 DEFAULT_CONFIG = {
-    "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
-                          "stage3_gather_16bit_weights_on_model_save": True},
+    "zero_optimization": {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
     "steps_per_print": 10**9,
     "wall_clock_breakdown": False,
 }
@@ -53,7 +61,9 @@ def read_deepspeed_config(path: str | None) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise HfdistError(f"config field distributed.deepspeed_config: cannot read {path!r} ({exc})") from None
+        raise HfdistError(
+            f"config field distributed.deepspeed_config: cannot read {path!r} ({exc})"
+        ) from None
 
 
 def resolve_deepspeed_config(config, dp_size: int, accumulation: int) -> dict:
@@ -62,16 +72,23 @@ def resolve_deepspeed_config(config, dp_size: int, accumulation: int) -> dict:
     source = config.distributed.deepspeed_config or "the built-in default"
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage", 0) != 3:
-        raise HfdistError(f"config field distributed.deepspeed_config: {source} sets zero_optimization.stage "
-                          f"{zero.get('stage')!r}; the deepspeed backend runs ZeRO-3 (stage 3)")
+        raise HfdistError(
+            f"config field distributed.deepspeed_config: {source} sets zero_optimization.stage "
+            f"{zero.get('stage')!r}; the deepspeed backend runs ZeRO-3 (stage 3)"
+        )
     if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-        logger.warning("deepspeed: %s lacks stage3_gather_16bit_weights_on_model_save: setting it to true "
-                       "(without it ZeRO-3 saves empty model weights)", source)
+        logger.warning(
+            "deepspeed: %s lacks stage3_gather_16bit_weights_on_model_save: setting it to true "
+            "(without it ZeRO-3 saves empty model weights)",
+            source,
+        )
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     for key in ("fp16",):
         if ds.get(key, {}).get("enabled"):
-            raise HfdistError(f"config field distributed.deepspeed_config: {source} enables fp16; hyperfitting at "
-                              "lr 1e-6 needs bf16 or fp32")
+            raise HfdistError(
+                f"config field distributed.deepspeed_config: {source} enables fp16; hyperfitting at "
+                "lr 1e-6 needs bf16 or fp32"
+            )
     if config.distributed.mixed_precision or config.model.dtype == "bfloat16":
         ds.setdefault("bf16", {})["enabled"] = True
     if ds.get("bf16", {}).get("enabled") and "communication_data_type" not in ds:
@@ -84,17 +101,27 @@ def resolve_deepspeed_config(config, dp_size: int, accumulation: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     train = config.train
-    for key, value in (("train_micro_batch_size_per_gpu", train.micro_batch_size),
-                       ("gradient_accumulation_steps", accumulation),
-                       ("train_batch_size", train.global_batch_size)):
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", train.micro_batch_size),
+        ("gradient_accumulation_steps", accumulation),
+        ("train_batch_size", train.global_batch_size),
+    ):
         if key in ds and ds[key] not in (value, "auto"):
-            logger.warning("deepspeed: %s sets %s=%r; hfdist uses %r (from train.*, world size %d)", source, key,
-                           ds[key], value, dp_size)
+            logger.warning(
+                "deepspeed: %s sets %s=%r; hfdist uses %r (from train.*, world size %d)",
+                source,
+                key,
+                ds[key],
+                value,
+                dp_size,
+            )
         ds[key] = value
     ds["gradient_clipping"] = float(config.optim.max_grad_norm)
     if "optimizer" in ds or "scheduler" in ds:
-        raise HfdistError(f"config field distributed.deepspeed_config: {source} defines an optimizer/scheduler "
-                          "section; hfdist builds them from optim.* (remove the section)")
+        raise HfdistError(
+            f"config field distributed.deepspeed_config: {source} defines an optimizer/scheduler "
+            "section; hfdist builds them from optim.* (remove the section)"
+        )
     return ds
 
 
@@ -107,7 +134,7 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, config, env: LaunchEnv):
         super().__init__(config)
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 (optional: the deepspeed extra)
 
         self.join_process_group(env)
         # DeepSpeed adopts the process group started above instead of starting its own.
@@ -117,9 +144,10 @@ class DeepSpeedBackend(Backend):
         self._hf_ds_config = None
         self.engine = None
 
-    def build(self, model_factory: Callable[[torch.device], nn.Module], optimizer_factory, scheduler_factory) -> None:
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
+    def build(
+        self, model_factory: Callable[[torch.device], nn.Module], optimizer_factory, scheduler_factory
+    ) -> None:
+        import deepspeed  # noqa: PLC0415 (optional: the deepspeed extra)
 
         started = time.perf_counter()
         # Must stay referenced while models load: transformers looks it up through a weak reference.
@@ -135,29 +163,44 @@ class DeepSpeedBackend(Backend):
         else:
             optimizer = optimizer_factory(model)
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler_factory, config=self.ds_config,
-            dist_init_required=False)
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler_factory,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
         self.engine = engine
         self.model = engine
         self.optimizer = optimizer
         self.scheduler = scheduler
         local = sum(p.ds_tensor.numel() for p in engine.module.parameters() if hasattr(p, "ds_tensor"))
         self.params_per_rank = local
-        logger.info("deepspeed: ZeRO-3 over %d ranks, %.3f B parameters per rank, bf16 %s, offload %s, built in "
-                    "%.1f s", self.world_size, local / 1e9, self.ds_config.get("bf16", {}).get("enabled", False),
-                    offloads_optimizer(self.ds_config), time.perf_counter() - started)
+        logger.info(
+            "deepspeed: ZeRO-3 over %d ranks, %.3f B parameters per rank, bf16 %s, offload %s, built in "
+            "%.1f s",
+            self.world_size,
+            local / 1e9,
+            self.ds_config.get("bf16", {}).get("enabled", False),
+            offloads_optimizer(self.ds_config),
+            time.perf_counter() - started,
+        )
 
     def optimizer_on_host(self) -> bool:
         return hasattr(self, "ds_config") and offloads_optimizer(self.ds_config)
 
     def _cpu_adam(self, model: nn.Module):
         """ZeRO-Offload steps the optimizer on the host: DeepSpeed's CPU Adam (a JIT-built op) with optim.*."""
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: PLC0415 (optional: the deepspeed extra)
 
         optim = self.config.optim
-        return DeepSpeedCPUAdam([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
-                                betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay,
-                                adamw_mode=optim.name == "adamw")
+        return DeepSpeedCPUAdam(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=optim.lr,
+            betas=(optim.beta1, optim.beta2),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            adamw_mode=optim.name == "adamw",
+        )
 
     # ---- training ----------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, is_last_micro_batch: bool) -> None:
@@ -178,9 +221,11 @@ class DeepSpeedBackend(Backend):
         norm = float("nan") if norm is None else float(norm)
         values = readout.detach().float().reshape(-1).tolist() if readout is not None else []  # the host sync
         if applied and not all(math.isfinite(v) for v in values):
-            raise HfdistError(f"deepspeed: step {self.engine.global_steps}: non-finite loss {values[0]} with a finite "
-                              f"gradient norm {norm:g}; DeepSpeed has applied the update, so the run stops here "
-                              "(the last checkpoint is unaffected)")
+            raise HfdistError(
+                f"deepspeed: step {self.engine.global_steps}: non-finite loss {values[0]} with a finite "
+                f"gradient norm {norm:g}; DeepSpeed has applied the update, so the run stops here "
+                "(the last checkpoint is unaffected)"
+            )
         return StepResult(norm, values, applied)
 
     def current_lr(self) -> float:
@@ -199,7 +244,6 @@ class DeepSpeedBackend(Backend):
     def save_checkpoint(self, folder: Path, async_: bool = False, on_written=None):
         """DeepSpeed's own checkpoint; the files this rank's engine writes are hashed right after they are written
         (from the page cache, every rank its own at the same time). ``async_`` is refused by the config check."""
-        from hfdist import checkpoint
 
         engine_save = self.engine.checkpoint_engine.save
         paths: list[str] = []
@@ -218,19 +262,27 @@ class DeepSpeedBackend(Backend):
             on_written()
         records = checkpoint.record_written_files(folder, paths, self.rank)
         if self.is_main:
-            topology = {"backend": self.name, "world_size": self.world_size, "params_per_rank0": self.params_per_rank}
+            topology = {
+                "backend": self.name,
+                "world_size": self.world_size,
+                "params_per_rank0": self.params_per_rank,
+            }
             checkpoint.write_file(folder, "topology.json", (json.dumps(topology) + "\n").encode(), records, 0)
         return checkpoint.completed(records)
 
     def load_checkpoint(self, folder: Path) -> None:
         if not (folder / CHECKPOINT_TAG).is_dir():
-            raise HfdistError(f"--resume {folder}: not a DeepSpeed checkpoint (written by the fsdp or single "
-                              "backend? resume it with that backend)")
+            raise HfdistError(
+                f"--resume {folder}: not a DeepSpeed checkpoint (written by the fsdp or single "
+                "backend? resume it with that backend)"
+            )
         topology = folder / "topology.json"
         saved = json.loads(topology.read_text()).get("world_size") if topology.is_file() else None
         if saved is not None and saved != self.world_size:
-            raise HfdistError(f"--resume {folder}: DeepSpeed ZeRO-3 checkpoint of {saved} ranks cannot resume on "
-                              f"{self.world_size}; use {saved} ranks (the fsdp backend resumes at any world size)")
+            raise HfdistError(
+                f"--resume {folder}: DeepSpeed ZeRO-3 checkpoint of {saved} ranks cannot resume on "
+                f"{self.world_size}; use {saved} ranks (the fsdp backend resumes at any world size)"
+            )
         path, _ = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
         if path is None:
             raise HfdistError(f"--resume {folder}: DeepSpeed could not load the checkpoint")
@@ -239,9 +291,7 @@ class DeepSpeedBackend(Backend):
         """Each rank's own ZeRO-3 partitions, from the fp32 master copy (bf16 parameters would round away updates of
         lr 1e-6), as flat element ranges: a partition is a contiguous range of the flattened parameter, so it is
         written straight into the safetensors file; nothing is gathered. Buffers (not partitioned) from rank 0."""
-        from deepspeed.utils import safe_get_local_fp32_param
-
-        from hfdist.export import ExportTensor, Piece, checkpoint_names
+        from deepspeed.utils import safe_get_local_fp32_param  # noqa: PLC0415 (optional: the deepspeed extra)
 
         result = []
         for name, tensor in checkpoint_names(self.engine.module.lm):
@@ -256,7 +306,9 @@ class DeepSpeedBackend(Backend):
             local = safe_get_local_fp32_param(tensor)
             if local is None:  # a frozen parameter has no master copy: its own partition
                 local = tensor.ds_tensor
-            result.append(ExportTensor(name, shape, [Piece((start,), (count,), local.reshape(-1)[:count], flat=True)]))
+            result.append(
+                ExportTensor(name, shape, [Piece((start,), (count,), local.reshape(-1)[:count], flat=True)])
+            )
         return result
 
     def unwrapped_lm(self) -> nn.Module:
@@ -266,4 +318,3 @@ class DeepSpeedBackend(Backend):
         self._hf_ds_config = None
         if dist.is_initialized():
             dist.destroy_process_group()
-

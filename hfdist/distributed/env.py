@@ -11,6 +11,7 @@ Launchers announce the topology differently; each is read here into one ``Launch
 The result is written back as the torchrun variables so that ``init_method="env://"`` and DeepSpeed read
 the same values whichever launcher started the job.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
+from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
 
 logger = logging.getLogger(__name__)
@@ -45,9 +48,14 @@ class LaunchEnv:
 
     def export(self) -> None:
         """Set the torchrun variables (env:// rendezvous, DeepSpeed and transformers read them)."""
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
-                          LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=self.master_addr,
-                          MASTER_PORT=str(self.master_port))
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
 
 
 def _int_env(name: str, default: int | None = None) -> int:
@@ -90,26 +98,38 @@ def _slurm_tasks_per_node() -> int:
 
 def _from_torchrun() -> LaunchEnv:
     world_size = _int_env("WORLD_SIZE")
-    return LaunchEnv(rank=_int_env("RANK"), world_size=world_size, local_rank=_int_env("LOCAL_RANK", 0),
-                     local_world_size=_int_env("LOCAL_WORLD_SIZE", world_size),
-                     master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                     master_port=_int_env("MASTER_PORT", 29500), launcher="torchrun")
+    return LaunchEnv(
+        rank=_int_env("RANK"),
+        world_size=world_size,
+        local_rank=_int_env("LOCAL_RANK", 0),
+        local_world_size=_int_env("LOCAL_WORLD_SIZE", world_size),
+        master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int_env("MASTER_PORT", 29500),
+        launcher="torchrun",
+    )
 
 
 def _from_slurm() -> LaunchEnv:
     job_id = _int_env("SLURM_JOB_ID", 0)
-    return LaunchEnv(rank=_int_env("SLURM_PROCID"), world_size=_int_env("SLURM_NTASKS"),
-                     local_rank=_int_env("SLURM_LOCALID", 0), local_world_size=_slurm_tasks_per_node(),
-                     master_addr=os.environ.get("MASTER_ADDR") or first_slurm_host(os.environ["SLURM_JOB_NODELIST"]),
-                     # One port per job, so that two jobs sharing a node do not collide.
-                     master_port=_int_env("MASTER_PORT", 20000 + job_id % 20000), launcher="slurm")
+    return LaunchEnv(
+        rank=_int_env("SLURM_PROCID"),
+        world_size=_int_env("SLURM_NTASKS"),
+        local_rank=_int_env("SLURM_LOCALID", 0),
+        local_world_size=_slurm_tasks_per_node(),
+        master_addr=os.environ.get("MASTER_ADDR") or first_slurm_host(os.environ["SLURM_JOB_NODELIST"]),
+        # One port per job, so that two jobs sharing a node do not collide.
+        master_port=_int_env("MASTER_PORT", 20000 + job_id % 20000),
+        launcher="slurm",
+    )
 
 
 def _from_mpi() -> LaunchEnv:
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # noqa: PLC0415 (optional: the mpi extra)
     except ImportError:
-        raise HfdistError("launched by mpirun, but mpi4py is not installed (pip install hfdist[mpi])") from None
+        raise HfdistError(
+            "launched by mpirun, but mpi4py is not installed (pip install hfdist[mpi])"
+        ) from None
     comm = MPI.COMM_WORLD
     rank, world_size = comm.Get_rank(), comm.Get_size()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)  # the ranks on this host
@@ -117,20 +137,33 @@ def _from_mpi() -> LaunchEnv:
     local.Free()
     if rank == 0:
         # A host name every rank can resolve; MASTER_ADDR/MASTER_PORT given by the user take precedence.
-        master = (os.environ.get("MASTER_ADDR") or socket.gethostname(),
-                  int(os.environ.get("MASTER_PORT") or free_port()))
+        master = (
+            os.environ.get("MASTER_ADDR") or socket.gethostname(),
+            int(os.environ.get("MASTER_PORT") or free_port()),
+        )
     else:
         master = None
     master_addr, master_port = comm.bcast(master, root=0)
-    return LaunchEnv(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
-                     master_addr=master_addr, master_port=master_port, launcher="mpi")
+    return LaunchEnv(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        master_addr=master_addr,
+        master_port=master_port,
+        launcher="mpi",
+    )
 
 
 def discover() -> LaunchEnv:
     """Read the topology from whichever launcher started this process (see the module docstring)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _from_torchrun()
-    if "SLURM_PROCID" in os.environ and _int_env("SLURM_NTASKS", 1) > 1 and "SLURM_JOB_NODELIST" in os.environ:
+    if (
+        "SLURM_PROCID" in os.environ
+        and _int_env("SLURM_NTASKS", 1) > 1
+        and "SLURM_JOB_NODELIST" in os.environ
+    ):
         return _from_slurm()
     if any(name in os.environ for name in MPI_RANK_VARS):
         return _from_mpi()
@@ -158,13 +191,19 @@ def restart_store(env: LaunchEnv, timeout_s: int):
         return None
     nodes = _int_env("GROUP_WORLD_SIZE", 1)
     if nodes != 1:
-        raise HfdistError(f"torchrun restart {attempt} on {nodes} nodes with the rendezvous store shared across "
-                          "attempts (stale keys of the failed attempt, pytorch/pytorch#135712): launch with "
-                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set for torchrun (launchers/torchrun.sh does)")
-    import torch.distributed as dist
+        raise HfdistError(
+            f"torchrun restart {attempt} on {nodes} nodes with the rendezvous store shared across "
+            "attempts (stale keys of the failed attempt, pytorch/pytorch#135712): launch with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set for torchrun (launchers/torchrun.sh does)"
+        )
 
-    client = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False,
-                           timeout=timedelta(seconds=timeout_s))
+    client = dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
     return dist.PrefixStore(f"hfdist/restart_{attempt}", client)
 
 
@@ -179,8 +218,13 @@ def process_group_backend(device_type: str, host_collectives: bool) -> str:
     return "gloo"
 
 
-def host_threads(device_type: str, optimizer_on_host: bool, local_world_size: int, requested: int = 0,
-                 cpus: int | None = None) -> int | None:
+def host_threads(
+    device_type: str,
+    optimizer_on_host: bool,
+    local_world_size: int,
+    requested: int = 0,
+    cpus: int | None = None,
+) -> int | None:
     """Threads for an optimizer that steps on the host while the model computes on CUDA (FSDP cpu_offload, DeepSpeed
     offload_optimizer): ``requested`` (distributed.host_threads) or, when 0, the cores this process may run on
     divided by the ranks of its node (at least 1). None: leave torch's setting alone (the launchers' OMP_NUM_THREADS=1
@@ -194,22 +238,25 @@ def host_threads(device_type: str, optimizer_on_host: bool, local_world_size: in
     return max(1, cpus // max(1, local_world_size))
 
 
-def init_process_group(env: LaunchEnv, timeout_s: int, host_collectives: bool = False,
-                       timeout_field: str = "distributed.startup_timeout_s") -> torch.device:
+def init_process_group(
+    env: LaunchEnv,
+    timeout_s: int,
+    host_collectives: bool = False,
+    timeout_field: str = "distributed.startup_timeout_s",
+) -> torch.device:
     """Start the default process group (see ``process_group_backend``); returns this rank's device.
 
     ``timeout_s`` (the start-up timeout) bounds the rendezvous (every rank must join within it) and every collective
     until the trainer switches the group to ``distributed.timeout_s`` for training: gloo raises in the waiting rank,
     NCCL's watchdog aborts the collective (see the README's reliability section for the TORCH_NCCL_* variables). The
     watchdog then records each rank's progress for naming a hung rank."""
-    import torch.distributed as dist
-
-    from hfdist.distributed.watchdog import watchdog
 
     if torch.cuda.is_available():
         if env.local_rank >= torch.cuda.device_count():
-            raise HfdistError(f"local rank {env.local_rank} but only {torch.cuda.device_count()} CUDA devices on "
-                              f"{socket.gethostname()}: launch at most one process per GPU")
+            raise HfdistError(
+                f"local rank {env.local_rank} but only {torch.cuda.device_count()} CUDA devices on "
+                f"{socket.gethostname()}: launch at most one process per GPU"
+            )
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     else:
@@ -222,8 +269,17 @@ def init_process_group(env: LaunchEnv, timeout_s: int, host_collectives: bool = 
     if env.launcher == "none" and "MASTER_PORT" not in os.environ:
         env.master_port = free_port()  # a one-process group (e.g. FSDP on one rank) needs some port
     env.export()
-    logger.info("process group: %s, rank %d of %d (local %d of %d), rendezvous %s:%d via %s", backend, env.rank,
-                env.world_size, env.local_rank, env.local_world_size, env.master_addr, env.master_port, env.launcher)
+    logger.info(
+        "process group: %s, rank %d of %d (local %d of %d), rendezvous %s:%d via %s",
+        backend,
+        env.rank,
+        env.world_size,
+        env.local_rank,
+        env.local_world_size,
+        env.master_addr,
+        env.master_port,
+        env.launcher,
+    )
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     store = restart_store(env, timeout_s)
     if store is not None:
@@ -231,11 +287,14 @@ def init_process_group(env: LaunchEnv, timeout_s: int, host_collectives: bool = 
     else:
         kwargs["init_method"] = "env://"
     try:
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
-                                **kwargs)
+        dist.init_process_group(
+            backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s), **kwargs
+        )
     except (RuntimeError, ValueError) as exc:
-        raise HfdistError(f"process group: cannot rendezvous at {env.master_addr}:{env.master_port} as rank "
-                          f"{env.rank} of {env.world_size} within {timeout_field}={timeout_s} "
-                          f"({str(exc).splitlines()[0]})") from None
+        raise HfdistError(
+            f"process group: cannot rendezvous at {env.master_addr}:{env.master_port} as rank "
+            f"{env.rank} of {env.world_size} within {timeout_field}={timeout_s} "
+            f"({str(exc).splitlines()[0]})"
+        ) from None
     watchdog.attach(timeout_s)
     return device

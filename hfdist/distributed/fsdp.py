@@ -8,6 +8,7 @@ multiplies by the data-parallel size so that the reduced gradient is exactly tha
 Checkpoints use the same DCP layout as the single backend (``dcp/`` with ``model`` and ``optimizer``
 entries, ``scheduler.pt``), so one written by N ranks loads on M ranks, or on the single backend.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,21 +20,36 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from huggingface_hub import snapshot_download
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
+from hfdist import checkpoint
 from hfdist.distributed import loading
 from hfdist.distributed.base import Backend, StepResult
 from hfdist.distributed.env import LaunchEnv
 from hfdist.distributed.layout import Layout
-from hfdist.distributed.parallelize import (apply_compile, apply_fsdp, apply_tp, build_mesh, data_parallel_group,
-                                            data_parallel_mesh, enable_activation_checkpointing,
-                                            tensor_parallel_mesh)
+from hfdist.distributed.parallelize import (
+    apply_compile,
+    apply_fsdp,
+    apply_tp,
+    build_mesh,
+    data_parallel_group,
+    data_parallel_mesh,
+    enable_activation_checkpointing,
+    tensor_parallel_mesh,
+)
 from hfdist.distributed.watchdog import set_group_timeouts
 from hfdist.errors import HfdistError
+from hfdist.export import module_tensors
+from hfdist.models import load_model, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +93,10 @@ class FSDPBackend(Backend):
         self.mesh = build_mesh(self.device.type, layout)
         self.dp_group = data_parallel_group(self.mesh)
         # The mesh's subgroups would otherwise wait torch's default 10/30 minutes instead of distributed.timeout_s.
-        set_group_timeouts([self.mesh.get_group(name) for name in self.mesh.mesh_dim_names] + [self.dp_group],
-                           config.distributed.timeout_s)
+        set_group_timeouts(
+            [self.mesh.get_group(name) for name in self.mesh.mesh_dim_names] + [self.dp_group],
+            config.distributed.timeout_s,
+        )
         self._root_gathered = False
 
     @property
@@ -90,7 +108,9 @@ class FSDPBackend(Backend):
         return self.layout.dp_size
 
     # ---- model -------------------------------------------------------------------------------------
-    def build(self, model_factory: Callable[[torch.device], nn.Module], optimizer_factory, scheduler_factory) -> None:
+    def build(
+        self, model_factory: Callable[[torch.device], nn.Module], optimizer_factory, scheduler_factory
+    ) -> None:
         dcfg = self.config.distributed
         started = time.perf_counter()
         model = model_factory(torch.device("meta"))
@@ -101,8 +121,12 @@ class FSDPBackend(Backend):
             enable_activation_checkpointing(model.lm)
         if self.config.train.compile:
             apply_compile(model.lm)
-        apply_fsdp(model, data_parallel_mesh(self.mesh), mixed_precision=dcfg.mixed_precision,
-                   cpu_offload=dcfg.cpu_offload)
+        apply_fsdp(
+            model,
+            data_parallel_mesh(self.mesh),
+            mixed_precision=dcfg.mixed_precision,
+            cpu_offload=dcfg.cpu_offload,
+        )
         # Sharded parameters live on the host under CPU offload; buffers are used by the compute device.
         model.to_empty(device="cpu" if dcfg.cpu_offload else self.device)
         self._fill_weights(model)
@@ -120,9 +144,13 @@ class FSDPBackend(Backend):
         self.optimizer = optimizer_factory(model)
         self.scheduler = scheduler_factory(self.optimizer)
         self.params_per_rank = sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor))
-        logger.info("fsdp: %d ranks (mesh %s), %.3f B parameters per rank, built in %.1f s", self.world_size,
-                    dict(zip(self.mesh.mesh_dim_names, self.mesh.shape)), self.params_per_rank / 1e9,
-                    time.perf_counter() - started)
+        logger.info(
+            "fsdp: %d ranks (mesh %s), %.3f B parameters per rank, built in %.1f s",
+            self.world_size,
+            dict(zip(self.mesh.mesh_dim_names, self.mesh.shape)),
+            self.params_per_rank / 1e9,
+            time.perf_counter() - started,
+        )
 
     def _fill_weights(self, model: nn.Module) -> None:
         mcfg = self.config.model
@@ -137,24 +165,21 @@ class FSDPBackend(Backend):
             loading.load_sharded_safetensors(model, files)
             return
         if self.config.distributed.weight_loading == "per_rank":
-            logger.warning("fsdp: %s has no safetensors weights to read per rank: falling back to loading the "
-                           "whole model on rank 0 and broadcasting its shards", mcfg.path)
-        from hfdist.models import load_model
+            logger.warning(
+                "fsdp: %s has no safetensors weights to read per rank: falling back to loading the "
+                "whole model on rank 0 and broadcasting its shards",
+                mcfg.path,
+            )
 
         full = load_model(mcfg, torch.device("cpu")).state_dict() if self.is_main else {}
         loading.load_full_from_rank0(model, full)
 
     def _local_model_folder(self) -> Path | None:
         """The model's folder on this host; a hub id is fetched (safetensors and JSON only) once per node."""
-        from hfdist.models import resolve_model_path
 
         path = resolve_model_path(self.config.model.path)
         if Path(path).is_dir():
             return Path(path)
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            return None
         patterns = ["*.safetensors", "*.json"]
         folder = None
         if self.env.local_rank == 0:
@@ -182,8 +207,9 @@ class FSDPBackend(Backend):
 
     def step(self, max_grad_norm: float, readout: Optional[torch.Tensor] = None) -> StepResult:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        return self._finish_step(params, global_grad_norm([p.grad for p in params], self.device), max_grad_norm,
-                                 readout)
+        return self._finish_step(
+            params, global_grad_norm([p.grad for p in params], self.device), max_grad_norm, readout
+        )
 
     # ---- collectives -------------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -204,26 +230,41 @@ class FSDPBackend(Backend):
     def _state(self) -> dict:
         self._reshard_root()
         options = StateDictOptions(full_state_dict=False)
-        return {"model": get_model_state_dict(self.model, options=options),
-                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options)}
+        return {
+            "model": get_model_state_dict(self.model, options=options),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
+        }
 
     def save_checkpoint(self, folder: Path, async_: bool = False, on_written=None):
-        from hfdist import checkpoint
 
         small: dict = {}
         if self.is_main:
-            checkpoint.write_file(folder, "scheduler.pt", checkpoint.torch_bytes(self.scheduler.state_dict()), small, 0)
-            topology = {"backend": self.name, "world_size": self.world_size, "params_per_rank0": self.params_per_rank,
-                        "mesh": dict(zip(self.mesh.mesh_dim_names, self.mesh.shape))}
+            checkpoint.write_file(
+                folder, "scheduler.pt", checkpoint.torch_bytes(self.scheduler.state_dict()), small, 0
+            )
+            topology = {
+                "backend": self.name,
+                "world_size": self.world_size,
+                "params_per_rank0": self.params_per_rank,
+                "mesh": dict(zip(self.mesh.mesh_dim_names, self.mesh.shape)),
+            }
             checkpoint.write_file(folder, "topology.json", (json.dumps(topology) + "\n").encode(), small, 0)
-        written = checkpoint.save_dcp(self._state(), folder, self.rank, async_=async_, on_written=on_written,
-                                      process_group=self.checkpoint_group if async_ else None)
+        written = checkpoint.save_dcp(
+            self._state(),
+            folder,
+            self.rank,
+            async_=async_,
+            on_written=on_written,
+            process_group=self.checkpoint_group if async_ else None,
+        )
         return checkpoint.merged(written, small)
 
     def load_checkpoint(self, folder: Path) -> None:
         if not (folder / "dcp").is_dir():
-            raise HfdistError(f"--resume {folder}: not a DCP checkpoint (written by the deepspeed backend? "
-                              "resume it with distributed.backend=deepspeed)")
+            raise HfdistError(
+                f"--resume {folder}: not a DCP checkpoint (written by the deepspeed backend? "
+                "resume it with distributed.backend=deepspeed)"
+            )
         state = self._state()
         dcp.load(state, checkpoint_id=str(folder / "dcp"))  # reshards when the world size differs
         set_model_state_dict(self.model, state["model"])
@@ -233,7 +274,6 @@ class FSDPBackend(Backend):
     def export_tensors(self) -> list:
         """Every rank's own pieces of the sharded parameters (any mesh: the DTensor placements say where each piece
         lies), none gathered; buffers (not sharded) are written by rank 0."""
-        from hfdist.export import module_tensors
 
         self._reshard_root()  # evaluation leaves the root's parameters gathered: back to the sharded DTensors
         return module_tensors(self.model.lm)

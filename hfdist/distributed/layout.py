@@ -11,6 +11,7 @@ same sequences, so the batch rule counts data-parallel ranks only.
 the process group (with the launcher's world size) and ``hfdist plan`` calls it for the planned cluster, so
 the plan refuses exactly what the launch would refuse, with the same one-line message.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Optional
 
 from hfdist.config import Config
 from hfdist.errors import HfdistError
+from hfdist.models import ModelConfigUnreadable, read_hf_config
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ def accumulation_steps(config: Config, dp_size: int) -> int:
     if train.global_batch_size % per_step:
         raise HfdistError(
             f"config field train.global_batch_size: {train.global_batch_size} is not divisible by "
-            f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size ({dp_size})")
+            f"train.micro_batch_size ({train.micro_batch_size}) x data-parallel size ({dp_size})"
+        )
     return train.global_batch_size // per_step
 
 
@@ -72,27 +75,40 @@ def check_layout(config: Config, world_size: int, ranks_per_node: int, hf_config
     backend, tp, replicate = dist.backend, dist.tensor_parallel, dist.replicate_degree
     if backend == "single":
         if world_size > 1:
-            raise HfdistError(f"config field distributed.backend: 'single' runs one process, but the job has "
-                              f"{world_size} ranks; set distributed.backend=fsdp or deepspeed")
+            raise HfdistError(
+                f"config field distributed.backend: 'single' runs one process, but the job has "
+                f"{world_size} ranks; set distributed.backend=fsdp or deepspeed"
+            )
         if tp > 1 or replicate > 1:
             name = "tensor_parallel" if tp > 1 else "replicate_degree"
-            raise HfdistError(f"config field distributed.{name}: needs several ranks (distributed.backend=fsdp); "
-                              "the single backend runs one process")
+            raise HfdistError(
+                f"config field distributed.{name}: needs several ranks (distributed.backend=fsdp); "
+                "the single backend runs one process"
+            )
     if tp > 1 and backend != "fsdp":
-        raise HfdistError(f"config field distributed.tensor_parallel: {tp} needs distributed.backend=fsdp "
-                          f"(tensor parallelism is composed with FSDP2; {backend!r} does not shard that way)")
+        raise HfdistError(
+            f"config field distributed.tensor_parallel: {tp} needs distributed.backend=fsdp "
+            f"(tensor parallelism is composed with FSDP2; {backend!r} does not shard that way)"
+        )
     if world_size % tp:
-        raise HfdistError(f"config field distributed.tensor_parallel: {tp} does not divide the {world_size} ranks")
+        raise HfdistError(
+            f"config field distributed.tensor_parallel: {tp} does not divide the {world_size} ranks"
+        )
     if ranks_per_node % tp:
-        raise HfdistError(f"config field distributed.tensor_parallel: {tp} does not divide the {ranks_per_node} ranks "
-                          "per node; a tensor-parallel group must lie inside one node")
+        raise HfdistError(
+            f"config field distributed.tensor_parallel: {tp} does not divide the {ranks_per_node} ranks "
+            "per node; a tensor-parallel group must lie inside one node"
+        )
     layout = Layout(world_size, ranks_per_node, tp, replicate)
     if backend == "deepspeed" and replicate > 1:
-        raise HfdistError("config field distributed.replicate_degree: HSDP is an fsdp option (ZeRO-3 shards over "
-                          "all ranks)")
+        raise HfdistError(
+            "config field distributed.replicate_degree: HSDP is an fsdp option (ZeRO-3 shards over all ranks)"
+        )
     if layout.dp_size % replicate:
-        raise HfdistError(f"config field distributed.replicate_degree: {replicate} does not divide the "
-                          f"{layout.dp_size} data-parallel ranks (world {world_size} / tensor_parallel {tp})")
+        raise HfdistError(
+            f"config field distributed.replicate_degree: {replicate} does not divide the "
+            f"{layout.dp_size} data-parallel ranks (world {world_size} / tensor_parallel {tp})"
+        )
     accumulation_steps(config, layout.dp_size)
     if hf_config is not None and tp > 1:
         check_tensor_parallel_fits(hf_config, tp)
@@ -103,21 +119,23 @@ def check_tensor_parallel_fits(hf_config, tp: int) -> None:
     """Attention heads, key/value heads and the MLP width must split evenly over the tensor-parallel ranks
     (the vocabulary need not: its shards may differ by a row)."""
     heads = hf_config.num_attention_heads
-    sizes = {"attention heads": heads,
-             "key/value heads": getattr(hf_config, "num_key_value_heads", None) or heads,
-             "MLP width (intermediate_size)": getattr(hf_config, "intermediate_size", tp)}
+    sizes = {
+        "attention heads": heads,
+        "key/value heads": getattr(hf_config, "num_key_value_heads", None) or heads,
+        "MLP width (intermediate_size)": getattr(hf_config, "intermediate_size", tp),
+    }
     for what, size in sizes.items():
         if size % tp:
-            raise HfdistError(f"config field distributed.tensor_parallel: {tp} does not divide the model's {size} "
-                              f"{what}")
+            raise HfdistError(
+                f"config field distributed.tensor_parallel: {tp} does not divide the model's {size} {what}"
+            )
 
 
-def launch_layout(config: Config, world_size: int, ranks_per_node: int,
-                  hf_config: Optional[object] = None) -> Layout:
+def launch_layout(
+    config: Config, world_size: int, ranks_per_node: int, hf_config: Optional[object] = None
+) -> Layout:
     """check_layout with the model's config read when the architecture matters (tensor parallelism)."""
     if hf_config is None and config.distributed.tensor_parallel > 1:
-        from hfdist.models import ModelConfigUnreadable, read_hf_config
-
         try:
             hf_config = read_hf_config(config.model)
         except ModelConfigUnreadable:

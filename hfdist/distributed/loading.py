@@ -7,6 +7,7 @@ by rank 0 and broadcast shard by shard (``set_model_state_dict(..., broadcast_fr
 Non-persistent buffers (the rotary inverse frequencies) are not in checkpoints; they are recomputed by
 the model's own ``_init_weights``.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    set_model_state_dict,
+)
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from hfdist.errors import HfdistError
 
@@ -33,8 +40,6 @@ def safetensors_files(folder: Path) -> Optional[dict[str, Path]]:
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / "model.safetensors"
     if single.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(single), framework="pt") as f:
             return {name: single for name in f.keys()}
     return None
@@ -42,7 +47,6 @@ def safetensors_files(folder: Path) -> Optional[dict[str, Path]]:
 
 def local_slices(tensor: DTensor) -> tuple[torch.Size, tuple[int, ...]]:
     """The shape and global offset of this rank's piece of ``tensor``."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     return compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
 
@@ -55,17 +59,18 @@ def _read(handle, name: str, shape: torch.Size, offset: tuple[int, ...]) -> torc
 
 def load_sharded_safetensors(model: nn.Module, files: dict[str, Path]) -> None:
     """Copy each rank's rows of every parameter and persistent buffer from the safetensors files."""
-    from safetensors import safe_open
 
     handles = {}
     try:
         state = dict(model.named_parameters())
         state.update({name: b for name, b in model.named_buffers() if _is_persistent(model, name)})
         for name, target in state.items():
-            key = name[len(PREFIX):] if name.startswith(PREFIX) else name
+            key = name[len(PREFIX) :] if name.startswith(PREFIX) else name
             if key not in files:
-                raise HfdistError(f"model weights: tensor {key!r} is not in the checkpoint's safetensors files "
-                                  "(set distributed.weight_loading=rank0_broadcast to let transformers map names)")
+                raise HfdistError(
+                    f"model weights: tensor {key!r} is not in the checkpoint's safetensors files "
+                    "(set distributed.weight_loading=rank0_broadcast to let transformers map names)"
+                )
             file = files[key]
             if file not in handles:
                 handles[file] = safe_open(str(file), framework="pt", device="cpu")
@@ -76,8 +81,10 @@ def load_sharded_safetensors(model: nn.Module, files: dict[str, Path]) -> None:
                 shape, offset, local = target.shape, (0,) * target.dim(), target
             piece = _read(handles[file], key, shape, offset)
             if tuple(piece.shape) != tuple(local.shape):
-                raise HfdistError(f"model weights: tensor {key!r} has shape {tuple(piece.shape)} in the checkpoint "
-                                  f"slice, the model's shard expects {tuple(local.shape)}")
+                raise HfdistError(
+                    f"model weights: tensor {key!r} has shape {tuple(piece.shape)} in the checkpoint "
+                    f"slice, the model's shard expects {tuple(local.shape)}"
+                )
             with torch.no_grad():
                 local.copy_(piece.to(local.dtype))
     finally:
@@ -92,10 +99,11 @@ def _is_persistent(model: nn.Module, name: str) -> bool:
 
 def load_full_from_rank0(model: nn.Module, full_lm_state: dict[str, torch.Tensor]) -> None:
     """Rank 0 passes the whole HF state dict (others {}); each rank receives its shards by broadcast."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     state = {PREFIX + k: v for k, v in full_lm_state.items()}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(
+        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
 
 
 def init_non_persistent_buffers(lm: nn.Module) -> None:

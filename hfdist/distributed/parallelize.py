@@ -11,6 +11,7 @@ sharded within groups of ``world / replicate`` ranks (a node) and replicated acr
 all-gathers stay on the fast intra-node links and only the gradient all-reduce crosses nodes.
 This module is also what ``hfdist plan`` runs on the meta device, so plan and training share one rule.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,7 +19,19 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from hfdist.distributed.layout import Layout
 from hfdist.errors import HfdistError
@@ -57,8 +70,10 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
             if found is None or depth < found[0]:
                 found = (depth, list(module))
     if found is None:
-        raise HfdistError(f"model {type(lm).__name__}: has no list of repeated blocks (an nn.ModuleList of one "
-                          "class); FSDP needs one to shard block by block")
+        raise HfdistError(
+            f"model {type(lm).__name__}: has no list of repeated blocks (an nn.ModuleList of one "
+            "class); FSDP needs one to shard block by block"
+        )
     return found[1]
 
 
@@ -83,9 +98,13 @@ def fsdp_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 # Megatron's pairs. The column-parallel projections split the heads / MLP width, so every rank computes whole
 # heads on its own; the row-parallel projection after them all-reduces the partial outputs.
 LLAMA_LAYER_PLAN = {
-    "self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+    "self_attn.q_proj": "colwise",
+    "self_attn.k_proj": "colwise",
+    "self_attn.v_proj": "colwise",
     "self_attn.o_proj": "rowwise",
-    "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise", "mlp.down_proj": "rowwise",
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
 }
 
 
@@ -101,27 +120,30 @@ def apply_tp(lm: nn.Module, tp_mesh: DeviceMesh) -> None:
     Activations between layers stay whole on every rank (no sequence parallelism: see the README's
     tensor-parallel notes for why). Works on the meta device.
     """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   parallelize_module)
 
     layers = decoder_layers(lm)
     for layer in layers:
         missing = [name for name in LLAMA_LAYER_PLAN if _find(layer, name) is None]
         if missing:
-            raise HfdistError(f"config field distributed.tensor_parallel: {type(lm).__name__} has no Llama-family "
-                              f"decoder layer ({', '.join(missing)} missing); tensor parallelism has a plan for the "
-                              "Llama family only")
+            raise HfdistError(
+                f"config field distributed.tensor_parallel: {type(lm).__name__} has no Llama-family "
+                f"decoder layer ({', '.join(missing)} missing); tensor parallelism has a plan for the "
+                "Llama family only"
+            )
     tied = embeddings_tied(lm)
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     for layer in layers:
         plan = {name: styles[style]() for name, style in LLAMA_LAYER_PLAN.items()}
-        plan["self_attn"] = PrepareModuleInput(input_kwarg_layouts={"hidden_states": Replicate()},
-                                               desired_input_kwarg_layouts={"hidden_states": Replicate()})
+        plan["self_attn"] = PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": Replicate()},
+            desired_input_kwarg_layouts={"hidden_states": Replicate()},
+        )
         plan["mlp"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
         parallelize_module(layer, tp_mesh, plan)
     embedding, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-    parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    parallelize_module(
+        embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    )
     parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Replicate()))
     if tied:  # parallelize_module gave the head a parameter of its own: share the embedding's again
         head.weight = embedding.weight
@@ -141,8 +163,15 @@ def mixed_precision_policy(enabled: bool) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, mixed_precision: bool = False, cpu_offload: bool = False,
-               reshard_after_forward: bool = True, pin_memory: Optional[bool] = None) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    mixed_precision: bool = False,
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+    pin_memory: Optional[bool] = None,
+) -> nn.Module:
     """Shard ``model`` (a HyperfitModel, possibly on the meta device) in place; returns it."""
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
@@ -174,4 +203,3 @@ def apply_compile(lm: nn.Module) -> None:
     """
     for layer in decoder_layers(lm):
         layer.compile(dynamic=False)
-

@@ -7,12 +7,14 @@ The peak is the device's dense bf16 tensor-core rate (table below) or ``HFDIST_P
 either (a CPU) MFU is not reported. ``memory/peak_gib/rank{r}`` is each rank's high-water mark,
 gathered to every rank (all ranks must call ``per_rank_values`` together).
 """
+
 from __future__ import annotations
 
 import os
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 # Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets; SXM parts).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -49,7 +51,9 @@ def _numel(param: torch.Tensor) -> int:
     return getattr(param, "ds_numel", None) or param.numel()
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, device_peak: Optional[float]) -> Optional[float]:
+def mfu(
+    tokens_per_s: float, flops_per_token: float, world_size: int, device_peak: Optional[float]
+) -> Optional[float]:
     if not device_peak:
         return None
     return tokens_per_s * flops_per_token / (world_size * device_peak)
@@ -57,7 +61,6 @@ def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, device_pea
 
 def per_rank_values(value: float, device: torch.device) -> list[float]:
     """``value`` from every rank, in rank order (a single value outside a process group)."""
-    import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [value]

@@ -37,6 +37,7 @@ holds one tensor's slice at a time; ``rank0_broadcast``: the whole model in ``mo
 the export peak (``hfdist.export``: every rank writes its own pieces into the final files, one tensor piece in the
 export dtype at a time).
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,23 +48,40 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from transformers import AutoModelForCausalLM
 
 from hfdist.config import Config
 from hfdist.distributed.layout import Layout, check_layout
+from hfdist.distributed.parallelize import (
+    apply_fsdp,
+    apply_tp,
+    build_mesh,
+    data_parallel_mesh,
+    fsdp_units,
+    tensor_parallel_mesh,
+)
 from hfdist.errors import HfdistError
 from hfdist.export import export_dtype as export_dtype_of
+from hfdist.models import HyperfitModel, read_hf_config
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # DeepSpeed's defaults for the ZeRO-3 knobs the transient estimate reads (deepspeed/runtime/zero/config.py).
-DEEPSPEED_DEFAULTS = {"stage3_max_live_parameters": 1e9, "stage3_prefetch_bucket_size": 5e7,
-                      "reduce_bucket_size": 5e8}
+DEEPSPEED_DEFAULTS = {
+    "stage3_max_live_parameters": 1e9,
+    "stage3_prefetch_bucket_size": 5e7,
+    "reduce_bucket_size": 5e8,
+}
 FUSED_LOSS_CHUNK_BYTES = 512 << 20  # the fused loss's per-chunk budget on CUDA (hfdist.kernels.cross_entropy)
 
 
 @dataclass
 class Cluster:
     """The machines a plan is for."""
+
     nodes: int = 1
     gpus_per_node: int = 8
     gpu_memory_gib: float = 80.0  # H100-80GB
@@ -90,6 +108,7 @@ class Cluster:
 @dataclass
 class ModelShape:
     """What the estimates need from the architecture, read from the meta-device model."""
+
     name: str
     num_parameters: int
     hidden: int
@@ -109,9 +128,6 @@ class ModelShape:
 
 def meta_model(hf_config, dtype: torch.dtype):
     """The HyperfitModel of ``hf_config`` on the meta device: real module tree and shapes, no memory."""
-    from transformers import AutoModelForCausalLM
-
-    from hfdist.models import HyperfitModel
 
     with torch.device("meta"):  # a copy: from_config records the dtype in the config it is given
         lm = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype)
@@ -119,7 +135,6 @@ def meta_model(hf_config, dtype: torch.dtype):
 
 
 def model_shape(name: str, model) -> ModelShape:
-    from hfdist.distributed.parallelize import fsdp_units
 
     cfg = model.lm.config
     units = fsdp_units(model)
@@ -134,13 +149,22 @@ def model_shape(name: str, model) -> ModelShape:
     largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     heads = cfg.num_attention_heads
     return ModelShape(
-        name=name, num_parameters=sum(p.numel() for p in model.parameters()), hidden=cfg.hidden_size,
-        intermediate=cfg.intermediate_size, layers=cfg.num_hidden_layers, heads=heads,
+        name=name,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size,
+        layers=cfg.num_hidden_layers,
+        heads=heads,
         kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, vocab=cfg.vocab_size,
-        tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)), root_unit_numel=root,
-        largest_unit_numel=max(unit_numels), lm_head_numel=head.weight.numel(),
-        largest_module_numel=largest_module, largest_tensor_numel=max(p.numel() for p in model.parameters()))
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        vocab=cfg.vocab_size,
+        tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        root_unit_numel=root,
+        largest_unit_numel=max(unit_numels),
+        lm_head_numel=head.weight.numel(),
+        largest_module_numel=largest_module,
+        largest_tensor_numel=max(p.numel() for p in model.parameters()),
+    )
 
 
 def fsdp_shard_numels(model, layout: Layout) -> dict:
@@ -148,15 +172,11 @@ def fsdp_shard_numels(model, layout: Layout) -> dict:
     process group of ``layout.world_size`` ranks.
 
     Returns the parameter elements held by rank 0 and by the last rank, read from the DTensors' local shapes."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from hfdist.distributed.parallelize import (apply_fsdp, apply_tp, build_mesh, data_parallel_mesh,
-                                                tensor_parallel_mesh)
 
     if dist.is_initialized():
-        raise HfdistError("plan: a process group is already running in this process; run `hfdist plan` on its own")
+        raise HfdistError(
+            "plan: a process group is already running in this process; run `hfdist plan` on its own"
+        )
     counts = {}
     for rank in (0, layout.world_size - 1):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
@@ -166,7 +186,9 @@ def fsdp_shard_numels(model, layout: Layout) -> dict:
             tp_mesh = tensor_parallel_mesh(mesh)
             if tp_mesh is not None:
                 apply_tp(sharded.lm, tp_mesh)
-            apply_fsdp(sharded, data_parallel_mesh(mesh), mixed_precision=False, cpu_offload=False, pin_memory=False)
+            apply_fsdp(
+                sharded, data_parallel_mesh(mesh), mixed_precision=False, cpu_offload=False, pin_memory=False
+            )
             total = 0
             for p in sharded.parameters():
                 if not isinstance(p, DTensor):
@@ -191,8 +213,9 @@ def deepspeed_partition_numel(model, world_size: int) -> int:
     return sum(math.ceil(p.numel() / world_size) for p in model.parameters())
 
 
-def activation_bytes_per_token(shape: ModelShape, compute_bytes: int, checkpointing: bool,
-                               tensor_parallel: int = 1) -> dict:
+def activation_bytes_per_token(
+    shape: ModelShape, compute_bytes: int, checkpointing: bool, tensor_parallel: int = 1
+) -> dict:
     """Saved activations per token of a micro-batch on one rank (see the module docstring)."""
     a, h, tp = compute_bytes, shape.hidden, tensor_parallel
     q, kv = shape.heads * shape.head_dim // tp, shape.kv_heads * shape.head_dim // tp
@@ -200,9 +223,17 @@ def activation_bytes_per_token(shape: ModelShape, compute_bytes: int, checkpoint
     attention = a * (2 * q + 2 * kv) + 4 * shape.heads // tp + 2 * a * shape.head_dim
     mlp = 4 * a * shape.intermediate // tp
     layer = norms + attention + mlp
-    loss = (4 * h + 4 + 2 * a * h) + a * h  # the final norm, and the hidden states' gradient the fused loss keeps
+    loss = (
+        4 * h + 4 + 2 * a * h
+    ) + a * h  # the final norm, and the hidden states' gradient the fused loss keeps
     layers = shape.layers * a * h + layer if checkpointing else shape.layers * layer
-    return {"per_layer": layer, "norms_per_layer": norms, "layers": layers, "loss": loss, "total": layers + loss}
+    return {
+        "per_layer": layer,
+        "norms_per_layer": norms,
+        "layers": layers,
+        "loss": loss,
+        "total": layers + loss,
+    }
 
 
 @dataclass
@@ -244,7 +275,9 @@ def _deepspeed_knobs(path: Optional[str]) -> dict:
         try:
             zero = json.loads(open(path).read()).get("zero_optimization", {})
         except (OSError, ValueError) as exc:
-            raise HfdistError(f"config field distributed.deepspeed_config: cannot read {path!r} ({exc})") from None
+            raise HfdistError(
+                f"config field distributed.deepspeed_config: cannot read {path!r} ({exc})"
+            ) from None
         for key in knobs:
             value = zero.get(key)
             if isinstance(value, (int, float)):
@@ -272,10 +305,14 @@ class _ShardCache:
         return self.shards[key]
 
 
-def make_plan(config: Config, cluster: Cluster, config_name: str = "", hf_config=None,
-              cache: Optional[_ShardCache] = None) -> Plan:
+def make_plan(
+    config: Config,
+    cluster: Cluster,
+    config_name: str = "",
+    hf_config=None,
+    cache: Optional[_ShardCache] = None,
+) -> Plan:
     """The plan of ``config`` on ``cluster``; raises the launch's own HfdistError for a layout it would refuse."""
-    from hfdist.models import read_hf_config
 
     cluster.validate()
     if hf_config is None:
@@ -300,18 +337,35 @@ def make_plan(config: Config, cluster: Cluster, config_name: str = "", hf_config
             shards = cache.fsdp(model, layout)
             local = shards["rank0"]
             what = "FSDP2" + (f" x TP ({tp})" if tp > 1 else "")
-            source = (f"{what} shards of the meta model in a fake process group of {layout.world_size} ranks "
-                      "(rank 0)")
+            source = (
+                f"{what} shards of the meta model in a fake process group of {layout.world_size} ranks "
+                "(rank 0)"
+            )
         else:
             shards, local = {}, math.ceil(formula)
-            source = "formula only" + (" (--no-verify)" if backend == "fsdp" else " (one process holds everything)")
-        state = {"params": local * param_bytes, "grads": local * param_bytes, "optimizer": 2 * local * param_bytes}
+            source = "formula only" + (
+                " (--no-verify)" if backend == "fsdp" else " (one process holds everything)"
+            )
+        state = {
+            "params": local * param_bytes,
+            "grads": local * param_bytes,
+            "optimizer": 2 * local * param_bytes,
+        }
         reduce_bytes = 4 if mixed else param_bytes
-        transient = ((shape.root_unit_numel * 2 * compute_bytes
-                      + shape.largest_unit_numel * (3 * compute_bytes + reduce_bytes)) / tp
-                     if backend == "fsdp" else 0)
-        settings = {"param_dtype": param_dtype, "compute_dtype": "bfloat16" if mixed else param_dtype,
-                    "reduce_dtype": "float32" if mixed else param_dtype}
+        transient = (
+            (
+                shape.root_unit_numel * 2 * compute_bytes
+                + shape.largest_unit_numel * (3 * compute_bytes + reduce_bytes)
+            )
+            / tp
+            if backend == "fsdp"
+            else 0
+        )
+        settings = {
+            "param_dtype": param_dtype,
+            "compute_dtype": "bfloat16" if mixed else param_dtype,
+            "reduce_dtype": "float32" if mixed else param_dtype,
+        }
         checkpoint_bytes = 3 * shape.num_parameters * param_bytes  # DCP: weights + two Adam moments
         checkpoint_what = f"{param_dtype} weights + 2 Adam moments, DCP shards"
     else:
@@ -324,10 +378,17 @@ def make_plan(config: Config, cluster: Cluster, config_name: str = "", hf_config
         state = {"params": local * compute_bytes, "grads": local * 4, "optimizer": local * 12}
         knobs = _deepspeed_knobs(dcfg.deepspeed_config)
         live = min(knobs["stage3_max_live_parameters"], shape.num_parameters)
-        transient = (shape.lm_head_numel * compute_bytes + max(live, shape.largest_module_numel) * compute_bytes
-                     + knobs["stage3_prefetch_bucket_size"] * compute_bytes + knobs["reduce_bucket_size"] * 4)
-        settings = {"param_dtype": "bfloat16" if mixed else "float32", "master_dtype": "float32",
-                    **{k: int(v) for k, v in knobs.items()}}
+        transient = (
+            shape.lm_head_numel * compute_bytes
+            + max(live, shape.largest_module_numel) * compute_bytes
+            + knobs["stage3_prefetch_bucket_size"] * compute_bytes
+            + knobs["reduce_bucket_size"] * 4
+        )
+        settings = {
+            "param_dtype": "bfloat16" if mixed else "float32",
+            "master_dtype": "float32",
+            **{k: int(v) for k, v in knobs.items()},
+        }
         checkpoint_bytes = shape.num_parameters * (compute_bytes + 12)
         checkpoint_what = "16-bit weights + fp32 master + 2 Adam moments, DeepSpeed partitions"
 
@@ -341,9 +402,13 @@ def make_plan(config: Config, cluster: Cluster, config_name: str = "", hf_config
         offloaded = sum(state.values())
         state = {k: 0 for k in state}
     activation = activation_bytes_per_token(shape, compute_bytes, tcfg.activation_checkpointing, tp)
-    per_gpu = {"params_gib": state["params"] / GIB, "grads_gib": state["grads"] / GIB,
-               "optimizer_gib": state["optimizer"] / GIB, "activations_gib": activation["total"] * tokens / GIB,
-               "transient_gib": transient / GIB}
+    per_gpu = {
+        "params_gib": state["params"] / GIB,
+        "grads_gib": state["grads"] / GIB,
+        "optimizer_gib": state["optimizer"] / GIB,
+        "activations_gib": activation["total"] * tokens / GIB,
+        "transient_gib": transient / GIB,
+    }
     per_gpu["total_gib"] = sum(per_gpu.values())
     per_gpu = {k: round(v, 3) for k, v in per_gpu.items()}
     fits_gpu = per_gpu["total_gib"] <= cluster.gpu_memory_gib - cluster.reserve_gib
@@ -357,72 +422,126 @@ def make_plan(config: Config, cluster: Cluster, config_name: str = "", hf_config
         loading = ranks * math.ceil(shape.largest_tensor_numel / ways) * param_bytes
     # hfdist.export: each rank writes its own pieces, converting one tensor piece at a time.
     export_peak = ranks * math.ceil(shape.largest_tensor_numel / ways) * DTYPE_BYTES[export_dtype]
-    per_node_host = {"offloaded_state_gib": round(offloaded * ranks / GIB, 3),
-                     "loading_peak_gib": round(loading / GIB, 3), "export_peak_gib": round(export_peak / GIB, 3)}
-    per_node_host["peak_gib"] = round(max(per_node_host["offloaded_state_gib"] + per_node_host["loading_peak_gib"],
-                                          per_node_host["offloaded_state_gib"] + per_node_host["export_peak_gib"]), 3)
+    per_node_host = {
+        "offloaded_state_gib": round(offloaded * ranks / GIB, 3),
+        "loading_peak_gib": round(loading / GIB, 3),
+        "export_peak_gib": round(export_peak / GIB, 3),
+    }
+    per_node_host["peak_gib"] = round(
+        max(
+            per_node_host["offloaded_state_gib"] + per_node_host["loading_peak_gib"],
+            per_node_host["offloaded_state_gib"] + per_node_host["export_peak_gib"],
+        ),
+        3,
+    )
     fits_host = cluster.host_memory_gib is None or per_node_host["peak_gib"] <= cluster.host_memory_gib
-    disk = {"checkpoint_gb": round(checkpoint_bytes / 1e9, 2), "checkpoint_contents": checkpoint_what,
-            "export_gb": round(export_bytes / 1e9, 2), "export_dtype": export_dtype}
+    disk = {
+        "checkpoint_gb": round(checkpoint_bytes / 1e9, 2),
+        "checkpoint_contents": checkpoint_what,
+        "export_gb": round(export_bytes / 1e9, 2),
+        "export_dtype": export_dtype,
+    }
 
     if not fits_gpu:
-        notes.append(f"needs {per_gpu['total_gib']:.1f} GiB per GPU, above {cluster.gpu_memory_gib:g} GiB minus the "
-                     f"{cluster.reserve_gib:g} GiB reserve; `hfdist plan ... --suggest` lists layouts that fit")
+        notes.append(
+            f"needs {per_gpu['total_gib']:.1f} GiB per GPU, above {cluster.gpu_memory_gib:g} GiB minus the "
+            f"{cluster.reserve_gib:g} GiB reserve; `hfdist plan ... --suggest` lists layouts that fit"
+        )
     if not fits_host:
-        notes.append(f"needs {per_node_host['peak_gib']:.1f} GiB of host memory per node, above the "
-                     f"{cluster.host_memory_gib:g} GiB given")
+        notes.append(
+            f"needs {per_node_host['peak_gib']:.1f} GiB of host memory per node, above the "
+            f"{cluster.host_memory_gib:g} GiB given"
+        )
     if backend == "fsdp" and param_dtype == "bfloat16":
-        notes.append("bf16 master weights: an Adam update of lr 1e-6 is below bf16's resolution for most weights "
-                     "(relative step 2^-8), so most updates are lost; keep model.dtype float32")
+        notes.append(
+            "bf16 master weights: an Adam update of lr 1e-6 is below bf16's resolution for most weights "
+            "(relative step 2^-8), so most updates are lost; keep model.dtype float32"
+        )
     if tp > 1:
         saved = (1 - 1 / tp) * shape.layers * activation["norms_per_layer"] * tokens / GIB
-        notes.append(f"no sequence parallelism: the norms' activations stay whole on each of the {tp} "
-                     f"tensor-parallel ranks; sharding them would save {saved:.2f} GiB per GPU at this micro-batch "
-                     f"({tokens} tokens)")
-    check = {"source": source, "params_per_rank": local, "params_per_rank_last": shards.get("last_rank", local),
-             "formula_params_per_rank": formula, "relative_difference": (local - formula) / formula}
-    layout_info = {"tensor_parallel": tp, "replicate_degree": layout.replicate_degree, "dp_size": layout.dp_size,
-                   "shard_size": layout.shard_size, "mesh": layout.mesh_dims() if backend == "fsdp" else {}}
-    return Plan(config=config_name, model=config.model.path, backend=backend, world_size=layout.world_size,
-                nodes=cluster.nodes, gpus_per_node=cluster.gpus_per_node, layout=layout_info, per_gpu=per_gpu,
-                gpu_memory_gib=cluster.gpu_memory_gib, reserve_gib=cluster.reserve_gib, fits=fits_gpu and fits_host,
-                per_node_host=per_node_host, host_memory_gib=cluster.host_memory_gib, disk=disk,
-                num_parameters=shape.num_parameters, global_batch_size=tcfg.global_batch_size,
-                micro_batch_size=tcfg.micro_batch_size,
-                accumulation_steps=tcfg.global_batch_size // (tcfg.micro_batch_size * layout.dp_size),
-                seq_len=config.data.seq_len,
-                settings={**settings, "offload": dcfg.cpu_offload,
-                          "activation_checkpointing": tcfg.activation_checkpointing, "mixed_precision": mixed,
-                          "weight_loading": dcfg.weight_loading},
-                model_state_check=check, notes=notes)
+        notes.append(
+            f"no sequence parallelism: the norms' activations stay whole on each of the {tp} "
+            f"tensor-parallel ranks; sharding them would save {saved:.2f} GiB per GPU at this micro-batch "
+            f"({tokens} tokens)"
+        )
+    check = {
+        "source": source,
+        "params_per_rank": local,
+        "params_per_rank_last": shards.get("last_rank", local),
+        "formula_params_per_rank": formula,
+        "relative_difference": (local - formula) / formula,
+    }
+    layout_info = {
+        "tensor_parallel": tp,
+        "replicate_degree": layout.replicate_degree,
+        "dp_size": layout.dp_size,
+        "shard_size": layout.shard_size,
+        "mesh": layout.mesh_dims() if backend == "fsdp" else {},
+    }
+    return Plan(
+        config=config_name,
+        model=config.model.path,
+        backend=backend,
+        world_size=layout.world_size,
+        nodes=cluster.nodes,
+        gpus_per_node=cluster.gpus_per_node,
+        layout=layout_info,
+        per_gpu=per_gpu,
+        gpu_memory_gib=cluster.gpu_memory_gib,
+        reserve_gib=cluster.reserve_gib,
+        fits=fits_gpu and fits_host,
+        per_node_host=per_node_host,
+        host_memory_gib=cluster.host_memory_gib,
+        disk=disk,
+        num_parameters=shape.num_parameters,
+        global_batch_size=tcfg.global_batch_size,
+        micro_batch_size=tcfg.micro_batch_size,
+        accumulation_steps=tcfg.global_batch_size // (tcfg.micro_batch_size * layout.dp_size),
+        seq_len=config.data.seq_len,
+        settings={
+            **settings,
+            "offload": dcfg.cpu_offload,
+            "activation_checkpointing": tcfg.activation_checkpointing,
+            "mixed_precision": mixed,
+            "weight_loading": dcfg.weight_loading,
+        },
+        model_state_check=check,
+        notes=notes,
+    )
 
 
 # ---- --suggest ------------------------------------------------------------------------------------------------
 
-SUGGEST_RULE = ("fastest first: no CPU offload (host Adam and PCIe transfers are the slowest), then the smallest "
-                "tensor-parallel degree (it all-reduces activations in every layer), then no activation "
-                "checkpointing (it recomputes each layer's forward), then HSDP layouts whose shard groups lie inside "
-                "one node (their all-gathers stay on the node's links), then the least GPU memory")
+SUGGEST_RULE = (
+    "fastest first: no CPU offload (host Adam and PCIe transfers are the slowest), then the smallest "
+    "tensor-parallel degree (it all-reduces activations in every layer), then no activation "
+    "checkpointing (it recomputes each layer's forward), then HSDP layouts whose shard groups lie inside "
+    "one node (their all-gathers stay on the node's links), then the least GPU memory"
+)
 
 
 def suggest(config: Config, cluster: Cluster) -> list[tuple[dict, Plan]]:
     """Every layout (tensor_parallel, replicate_degree, cpu_offload, activation_checkpointing) of the fsdp backend
     that the launch accepts for ``config``'s batch on ``cluster`` and that fits, best first by SUGGEST_RULE; the
     config's other fields are kept. Each entry: (the overrides, its plan)."""
-    from hfdist.models import read_hf_config
 
     cluster.validate()
     hf_config = read_hf_config(config.model, prefer_shipped=True)
     cache = _ShardCache()
     divisors = lambda n: [d for d in range(1, n + 1) if n % d == 0]  # noqa: E731
     found = []
-    for tp, offload, checkpointing in itertools.product(divisors(cluster.gpus_per_node), (False, True),
-                                                        (False, True)):
+    for tp, offload, checkpointing in itertools.product(
+        divisors(cluster.gpus_per_node), (False, True), (False, True)
+    ):
         dp = cluster.world_size // tp
         for replicate in divisors(dp):
-            overrides = {"distributed.backend": "fsdp", "distributed.tensor_parallel": tp,
-                         "distributed.replicate_degree": replicate, "distributed.cpu_offload": offload,
-                         "train.activation_checkpointing": checkpointing}
+            overrides = {
+                "distributed.backend": "fsdp",
+                "distributed.tensor_parallel": tp,
+                "distributed.replicate_degree": replicate,
+                "distributed.cpu_offload": offload,
+                "train.activation_checkpointing": checkpointing,
+            }
             candidate = with_overrides(config, overrides)
             try:
                 plan = make_plan(candidate, cluster, hf_config=hf_config, cache=cache)
@@ -437,10 +556,17 @@ def suggest(config: Config, cluster: Cluster) -> list[tuple[dict, Plan]]:
 def suggestion_rank(overrides: dict, plan: Plan, cluster: Cluster) -> tuple:
     """SUGGEST_RULE as a sort key (smaller is better)."""
     layout = plan.layout
-    node_local_shards = (layout["replicate_degree"] > 1
-                         and layout["shard_size"] * layout["tensor_parallel"] <= cluster.gpus_per_node)
-    return (overrides["distributed.cpu_offload"], overrides["distributed.tensor_parallel"],
-            overrides["train.activation_checkpointing"], not node_local_shards, plan.per_gpu["total_gib"])
+    node_local_shards = (
+        layout["replicate_degree"] > 1
+        and layout["shard_size"] * layout["tensor_parallel"] <= cluster.gpus_per_node
+    )
+    return (
+        overrides["distributed.cpu_offload"],
+        overrides["distributed.tensor_parallel"],
+        overrides["train.activation_checkpointing"],
+        not node_local_shards,
+        plan.per_gpu["total_gib"],
+    )
 
 
 def with_overrides(config: Config, overrides: dict) -> Config:
@@ -452,6 +578,7 @@ def with_overrides(config: Config, overrides: dict) -> Config:
 
 
 # ---- text --------------------------------------------------------------------------------------------------
+
 
 def format_plan(plan: Plan) -> str:
     s, lay = plan.settings, plan.layout
@@ -470,48 +597,73 @@ def format_plan(plan: Plan) -> str:
         "",
         f"  {'per GPU':<44}{'GiB':>9}",
     ]
-    labels = {"params_gib": "parameters (shard)", "grads_gib": "gradients (shard)",
-              "optimizer_gib": "optimizer state (shard)", "activations_gib": "activations (estimate)",
-              "transient_gib": "transient: gathered units, loss (estimate)", "total_gib": "total"}
+    labels = {
+        "params_gib": "parameters (shard)",
+        "grads_gib": "gradients (shard)",
+        "optimizer_gib": "optimizer state (shard)",
+        "activations_gib": "activations (estimate)",
+        "transient_gib": "transient: gathered units, loss (estimate)",
+        "total_gib": "total",
+    }
     for key, label in labels.items():
         lines.append(f"  {label:<44}{plan.per_gpu[key]:>9.2f}")
-    lines.append(f"  {'GPU memory':<44}{plan.gpu_memory_gib:>9.2f}  (fits if total <= GPU memory - "
-                 f"{plan.reserve_gib:g} GiB reserve)")
+    lines.append(
+        f"  {'GPU memory':<44}{plan.gpu_memory_gib:>9.2f}  (fits if total <= GPU memory - "
+        f"{plan.reserve_gib:g} GiB reserve)"
+    )
     host = plan.per_node_host
-    lines += ["", f"  {'per node (host memory)':<44}{'GiB':>9}",
-              f"  {'offloaded model state':<44}{host['offloaded_state_gib']:>9.2f}",
-              f"  {'weight loading peak':<44}{host['loading_peak_gib']:>9.2f}  ({s['weight_loading']})",
-              f"  {'export peak':<44}{host['export_peak_gib']:>9.2f}",
-              f"  {'peak':<44}{host['peak_gib']:>9.2f}"
-              + (f"  (host memory {plan.host_memory_gib:g})" if plan.host_memory_gib else "")]
+    lines += [
+        "",
+        f"  {'per node (host memory)':<44}{'GiB':>9}",
+        f"  {'offloaded model state':<44}{host['offloaded_state_gib']:>9.2f}",
+        f"  {'weight loading peak':<44}{host['loading_peak_gib']:>9.2f}  ({s['weight_loading']})",
+        f"  {'export peak':<44}{host['export_peak_gib']:>9.2f}",
+        f"  {'peak':<44}{host['peak_gib']:>9.2f}"
+        + (f"  (host memory {plan.host_memory_gib:g})" if plan.host_memory_gib else ""),
+    ]
     disk = plan.disk
-    lines += ["", f"  on disk: checkpoint {disk['checkpoint_gb']:,.1f} GB ({disk['checkpoint_contents']}), exported "
-                  f"model {disk['export_gb']:,.1f} GB ({disk['export_dtype']} safetensors)",
-              f"  fits: {'yes' if plan.fits else 'NO'}"]
+    lines += [
+        "",
+        f"  on disk: checkpoint {disk['checkpoint_gb']:,.1f} GB ({disk['checkpoint_contents']}), exported "
+        f"model {disk['export_gb']:,.1f} GB ({disk['export_dtype']} safetensors)",
+        f"  fits: {'yes' if plan.fits else 'NO'}",
+    ]
     check = plan.model_state_check
-    lines += [f"  model state from: {check['source']}",
-              f"    {check['params_per_rank']:,} parameters per rank vs {plan.num_parameters:,} / "
-              f"{plan.num_parameters / check['formula_params_per_rank']:.0f} = {check['formula_params_per_rank']:,.0f} "
-              f"({check['relative_difference'] * 100:+.3f}%)"]
+    lines += [
+        f"  model state from: {check['source']}",
+        f"    {check['params_per_rank']:,} parameters per rank vs {plan.num_parameters:,} / "
+        f"{plan.num_parameters / check['formula_params_per_rank']:.0f} = {check['formula_params_per_rank']:,.0f} "
+        f"({check['relative_difference'] * 100:+.3f}%)",
+    ]
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)
 
 
 def format_suggestions(found: list[tuple[dict, Plan]], cluster: Cluster, shown: int = 8) -> str:
     if not found:
-        return (f"no layout of the fsdp backend fits this config on {cluster.nodes} x {cluster.gpus_per_node} GPUs "
-                f"of {cluster.gpu_memory_gib:g} GiB (try more GPUs, a smaller micro-batch or a larger global batch)")
-    lines = [f"layouts that the launch accepts and that fit, {SUGGEST_RULE}:", "",
-             f"  {'#':>2}  {'tp':>2}  {'replicate':>9}  {'offload':>7}  {'act. ckpt':>9}  {'GiB/GPU':>8}  "
-             f"{'host GiB/node':>13}  --set"]
+        return (
+            f"no layout of the fsdp backend fits this config on {cluster.nodes} x {cluster.gpus_per_node} GPUs "
+            f"of {cluster.gpu_memory_gib:g} GiB (try more GPUs, a smaller micro-batch or a larger global batch)"
+        )
+    lines = [
+        f"layouts that the launch accepts and that fit, {SUGGEST_RULE}:",
+        "",
+        f"  {'#':>2}  {'tp':>2}  {'replicate':>9}  {'offload':>7}  {'act. ckpt':>9}  {'GiB/GPU':>8}  "
+        f"{'host GiB/node':>13}  --set",
+    ]
     for i, (overrides, plan) in enumerate(found[:shown], 1):
-        sets = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()
-                        if k != "distributed.backend")
-        lines.append(f"  {i:>2}  {overrides['distributed.tensor_parallel']:>2}  "
-                     f"{overrides['distributed.replicate_degree']:>9}  "
-                     f"{'yes' if overrides['distributed.cpu_offload'] else 'no':>7}  "
-                     f"{'yes' if overrides['train.activation_checkpointing'] else 'no':>9}  "
-                     f"{plan.per_gpu['total_gib']:>8.1f}  {plan.per_node_host['peak_gib']:>13.1f}  {sets}")
+        sets = " ".join(
+            f"--set {k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in overrides.items()
+            if k != "distributed.backend"
+        )
+        lines.append(
+            f"  {i:>2}  {overrides['distributed.tensor_parallel']:>2}  "
+            f"{overrides['distributed.replicate_degree']:>9}  "
+            f"{'yes' if overrides['distributed.cpu_offload'] else 'no':>7}  "
+            f"{'yes' if overrides['train.activation_checkpointing'] else 'no':>9}  "
+            f"{plan.per_gpu['total_gib']:>8.1f}  {plan.per_node_host['peak_gib']:>13.1f}  {sets}"
+        )
     if len(found) > shown:
         lines.append(f"  ... and {len(found) - shown} more (--top N, or --json for all)")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """The single-process backend: one model on one device, DCP checkpoints in the same format as FSDP's."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +8,21 @@ from typing import Callable, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from hfdist import checkpoint
 from hfdist.distributed.base import Backend, StepResult
-from hfdist.distributed.parallelize import apply_compile, enable_activation_checkpointing
+from hfdist.distributed.parallelize import (
+    apply_compile,
+    enable_activation_checkpointing,
+)
+from hfdist.export import module_tensors
 
 
 class SingleBackend(Backend):
@@ -21,10 +31,16 @@ class SingleBackend(Backend):
     def __init__(self, config, device: torch.device | None = None):
         super().__init__(config)
         if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
         self.device = device
 
-    def build(self, model_factory: Callable[[torch.device], nn.Module], optimizer_factory, scheduler_factory) -> None:
+    def build(
+        self, model_factory: Callable[[torch.device], nn.Module], optimizer_factory, scheduler_factory
+    ) -> None:
         self.model = model_factory(self.device)
         if self.config.train.activation_checkpointing:
             enable_activation_checkpointing(self.model.lm)
@@ -43,15 +59,20 @@ class SingleBackend(Backend):
 
     def _state(self) -> dict:
         options = StateDictOptions(full_state_dict=False)
-        return {"model": get_model_state_dict(self.model, options=options),
-                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options)}
+        return {
+            "model": get_model_state_dict(self.model, options=options),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
+        }
 
     def save_checkpoint(self, folder: Path, async_: bool = False, on_written=None):
-        from hfdist import checkpoint
 
         scheduler: dict = {}
-        checkpoint.write_file(folder, "scheduler.pt", checkpoint.torch_bytes(self.scheduler.state_dict()), scheduler, 0)
-        written = checkpoint.save_dcp(self._state(), folder, 0, async_=async_, no_dist=True, on_written=on_written)
+        checkpoint.write_file(
+            folder, "scheduler.pt", checkpoint.torch_bytes(self.scheduler.state_dict()), scheduler, 0
+        )
+        written = checkpoint.save_dcp(
+            self._state(), folder, 0, async_=async_, no_dist=True, on_written=on_written
+        )
         return checkpoint.merged(written, scheduler)
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -62,6 +83,5 @@ class SingleBackend(Backend):
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
     def export_tensors(self) -> list:
-        from hfdist.export import module_tensors
 
         return module_tensors(self.model.lm)

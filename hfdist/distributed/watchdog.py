@@ -17,12 +17,16 @@ the writing of a checkpoint and the export under ``distributed.checkpoint_timeou
 ``phase_timeout`` sets the timeout of the default group and every registered subgroup for the duration of a
 phase (``_set_pg_timeout``: later collectives use it, gloo and NCCL alike), and the one-line error names it.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Iterator, Optional
+
+import torch.distributed as dist
 
 from hfdist.errors import HfdistError
 
@@ -31,8 +35,11 @@ logger = logging.getLogger(__name__)
 KEY = "hfdist/progress/{rank}"
 # Messages of gloo, c10d and the TCP store when a peer does not answer or has gone.
 _TIMEOUT = re.compile(r"timed out|timeout|monitoredBarrier", re.IGNORECASE)
-_PEER_GONE = re.compile(r"connection (reset|closed|refused)|broken pipe|closed by peer|pair closure|"
-                        r"socket closed|end of file|EOF", re.IGNORECASE)
+_PEER_GONE = re.compile(
+    r"connection (reset|closed|refused)|broken pipe|closed by peer|pair closure|"
+    r"socket closed|end of file|EOF",
+    re.IGNORECASE,
+)
 
 
 class Watchdog:
@@ -48,7 +55,6 @@ class Watchdog:
 
     def attach(self, timeout_s: float) -> None:
         """Start recording marks in the default process group's store (call after it is initialised)."""
-        import torch.distributed as dist
 
         self.timeout_s = timeout_s
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -89,7 +95,11 @@ class Watchdog:
             return None
         if len(behind) > 8:
             behind = behind[:8] + [f"{len(behind) - 8} more"]
-        return ", ".join(behind) if behind else "none: every rank got this far, so the hang is inside the collective"
+        return (
+            ", ".join(behind)
+            if behind
+            else "none: every rank got this far, so the hang is inside the collective"
+        )
 
     def failure(self, exc: BaseException) -> Optional[HfdistError]:
         """One-line error for a failed collective (a timeout or a lost peer); None for any other exception."""
@@ -100,23 +110,25 @@ class Watchdog:
         first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", first)  # gloo's source location prefix
         dist_error = type(exc).__module__.startswith("torch.distributed") or "Dist" in type(exc).__name__
         if _TIMEOUT.search(text):
-            what = f"timed out after {self.timeout_s:g} s waiting for peers" if self.timeout_s else "timed out"
+            what = (
+                f"timed out after {self.timeout_s:g} s waiting for peers" if self.timeout_s else "timed out"
+            )
         elif _PEER_GONE.search(text) or dist_error:
             what = "failed: a peer closed its connection"
         else:
             return None
         behind = self._behind()
-        message = (f"rank {self._rank}: collective during {self.label} {what} (a rank is hung or dead); timeout: "
-                   f"{self.timeout_field}" + (f"; ranks behind: {behind}" if behind else "") + f" [{first}]")
+        message = (
+            f"rank {self._rank}: collective during {self.label} {what} (a rank is hung or dead); timeout: "
+            f"{self.timeout_field}" + (f"; ranks behind: {behind}" if behind else "") + f" [{first}]"
+        )
         return HfdistError(message)
-
 
     def register_groups(self, groups) -> None:
         self._groups.extend(g for g in groups if g is not None and g not in self._groups)
 
     def set_timeout(self, timeout_s: float, field: str) -> None:
         """Make ``timeout_s`` the timeout of the default group and the registered subgroups from now on."""
-        import torch.distributed as dist
 
         self.timeout_s, self.timeout_field = timeout_s, field
         if not (dist.is_available() and dist.is_initialized()):
@@ -142,9 +154,6 @@ watchdog = Watchdog()
 
 def monitored_barrier(timeout_s: float) -> None:
     """A barrier that on gloo names the ranks that did not arrive within ``timeout_s`` (plain barrier on NCCL)."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
@@ -157,14 +166,12 @@ def monitored_barrier(timeout_s: float) -> None:
 def set_group_timeouts(groups, timeout_s: float, include_default: bool = False) -> None:
     """Give process subgroups (e.g. an HSDP mesh's) the job's timeout: ``new_group`` defaults to 10/30 min. The
     subgroups are registered with the watchdog, so that later phases (checkpoint, export) set theirs too."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
 
     default = dist.distributed_c10d._get_default_group()
     if not include_default:
-        watchdog.register_groups([g for g in groups if g is not None and g is not dist.group.WORLD
-                                  and g is not default])
+        watchdog.register_groups(
+            [g for g in groups if g is not None and g is not dist.group.WORLD and g is not default]
+        )
     for group in groups:
         if group is None or (not include_default and (group is dist.group.WORLD or group is default)):
             continue
@@ -172,4 +179,3 @@ def set_group_timeouts(groups, timeout_s: float, include_default: bool = False) 
             dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
         except (AttributeError, RuntimeError, ValueError) as exc:  # private API: keep the default, say so
             logger.warning("cannot set the timeout of a process subgroup (%s); it keeps torch's default", exc)
-

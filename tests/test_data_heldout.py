@@ -124,3 +124,15 @@ def test_trainer_logs_the_extra_set_under_its_name(tmp_path, tiny_model_dir):
     assert evals[0]["eval/sqlite/loss"] != evals[0]["eval/loss"]
     assert "validation entropy (nats) [sqlite]" in format_summary(summary)
     assert (tmp_path / "run" / "data" / "sqlite_contexts.npy").is_file()
+
+
+def test_the_demo_is_measured_on_the_embedded_kjv_wisdom():
+    """configs/demo.yaml's out-of-domain set: Proverbs (31 chapters) and Ecclesiastes (12), one record a chapter."""
+    config = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
+    assert (config.eval.extra.source, config.eval.extra.name) == ("kjv_wisdom", "kjv")
+    with gzip.open(EMBEDDED["kjv_wisdom"], "rt") as f:
+        records = [json.loads(line) for line in f]
+    assert [(r["book"], r["chapter"]) for r in records] == [("Proverbs", c) for c in range(1, 32)] + [
+        ("Ecclesiastes", c) for c in range(1, 13)
+    ]
+    assert records[0]["text"].startswith("The proverbs of Solomon the son of David, king of Israel;")

@@ -86,6 +86,18 @@ def row_title(name: str) -> str:
     return f"{model} {decoding.lower()}".strip()
 
 
+def row_labels(name: str, settings: dict) -> tuple[str, str]:
+    """A table row's model and decoding columns, the decoding with the settings that ran it."""
+    model, decoding = ROW_LABELS.get(name, (name, ""))
+    if name == "original_top_p":
+        decoding = (
+            f"Top-p (p={settings.get('top_p')}, T={settings.get('temperature')}, k={settings.get('top_k')})"
+        )
+    if name == "hyperfitted_greedy_blocker":
+        decoding = f"Greedy + citation blocker (n={settings.get('blocker_n')})"
+    return model, decoding
+
+
 @dataclass
 class CompareSettings:
     num_contexts: Optional[int] = None  # None: every context in the file
@@ -120,12 +132,7 @@ def format_table(rows: dict[str, dict], window: int = 96, min_run: int = 10) -> 
     )
     lines = [header, "|" + "---|" * 9]
     for name, m in rows.items():
-        model, decoding = ROW_LABELS.get(name, (name, ""))
-        if name == "original_top_p":
-            s = m.get("settings", {})
-            decoding = f"Top-p (p={s.get('top_p')}, T={s.get('temperature')}, k={s.get('top_k')})"
-        if name == "hyperfitted_greedy_blocker":
-            decoding = f"Greedy + citation blocker (n={m.get('settings', {}).get('blocker_n')})"
+        model, decoding = row_labels(name, m.get("settings", {}))
         overlap = m.get(f"overlap_share_over_{min_run}")
         lines.append(
             "| "
@@ -155,10 +162,7 @@ def format_image_table(rows: dict[str, dict], window: int = 96, min_run: int = 1
     )
     lines = [header, "|" + "---|" * 8]
     for name, m in rows.items():
-        model, decoding = ROW_LABELS.get(name, (name, ""))
-        if name == "original_top_p":
-            st = m.get("settings", {})
-            decoding = f"Top-p (p={st.get('top_p')}, T={st.get('temperature')}, k={st.get('top_k')})"
+        model, decoding = row_labels(name, m.get("settings", {}))
         overlap = m.get(f"overlap_share_over_{min_run}")
         lines.append(
             "| "

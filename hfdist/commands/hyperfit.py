@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hfdist.commands import add_overrides_argument
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -17,14 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "config", nargs="?", help="YAML config (default: the embedded CPU demo, configs/demo.yaml)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a config field; repeatable (e.g. --set optim.lr=1e-5)",
-    )
+    add_overrides_argument(parser)
     parser.add_argument("--output-dir", help="run folder (default: runs/<config name>-<time>)")
     parser.add_argument(
         "--resume",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hfdist.commands import add_overrides_argument
+
 # Without a config, a plan is of the paper's recipe on Llama 3.1 70B (the shipped architecture, no weights).
 PLAN_DEFAULTS = [
     "model.path=llama-3.1-70b",
@@ -43,14 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "config", nargs="?", help="hyperfit YAML config (default: the paper's recipe on Llama 3.1 70B)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override a config field, as for hyperfit; repeatable",
-    )
+    add_overrides_argument(parser)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument(

@@ -779,12 +779,8 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         _check_options(type(self).__name__, reduction, label_smoothing, z_loss, softcap)
         _check_grad_accumulation(type(self).__name__, grad_accumulation)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap, self.return_entropy, self.backend = (
-            z_loss,
-            softcap,
-            return_entropy,
-            backend,
-        )
+        self.z_loss, self.softcap = z_loss, softcap
+        self.return_entropy, self.backend = return_entropy, backend
         self.grad_accumulation = grad_accumulation
 
     def forward(self, hidden, weight, labels, bias=None):
@@ -820,12 +816,8 @@ class CrossEntropyLoss(nn.Module):
         super().__init__()
         _check_options(type(self).__name__, reduction, label_smoothing, z_loss, softcap)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap, self.return_entropy, self.backend = (
-            z_loss,
-            softcap,
-            return_entropy,
-            backend,
-        )
+        self.z_loss, self.softcap = z_loss, softcap
+        self.return_entropy, self.backend = return_entropy, backend
 
     def forward(self, logits, labels):
         return cross_entropy(

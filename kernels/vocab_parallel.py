@@ -144,12 +144,8 @@ class VocabParallelFusedLinearCrossEntropyLoss(nn.Module):
         _check_grad_accumulation(type(self).__name__, grad_accumulation)
         self.vocab_start, self.vocab_size, self.group = vocab_start, vocab_size, group
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap, self.return_entropy, self.backend = (
-            z_loss,
-            softcap,
-            return_entropy,
-            backend,
-        )
+        self.z_loss, self.softcap = z_loss, softcap
+        self.return_entropy, self.backend = return_entropy, backend
         self.grad_accumulation = grad_accumulation
 
     def forward(self, hidden, weight_shard, labels, bias_shard=None):

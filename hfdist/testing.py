@@ -6,12 +6,34 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from hfdist.models import save_random_imagegpt
 
+# The families hfdist's tests build tiny random models of (transformers' config and causal-LM classes).
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),  # biases on q/k/v
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),  # per-head q/k norms
+    "gemma": (GemmaConfig, GemmaForCausalLM),  # head_dim of its own, scaled embedding, GeGLU MLP
+}
 
-def tiny_llama(
+
+def tiny_causal_lm(
+    family: str = "llama",
     vocab_size: int = 256,
     hidden_size: int = 64,
     num_layers: int = 2,
@@ -21,15 +43,17 @@ def tiny_llama(
     max_position_embeddings: int = 512,
     num_kv_heads: int | None = None,
 ):
-    """A randomly initialised ``LlamaForCausalLM`` small enough to train in a test on a CPU."""
+    """A randomly initialised causal LM of ``family`` (a key of FAMILIES) small enough to train in a test on a CPU."""
 
-    config = LlamaConfig(
+    config_class, model_class = FAMILIES[family]
+    config = config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
+        head_dim=hidden_size // num_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         bos_token_id=1,
@@ -38,7 +62,12 @@ def tiny_llama(
         attn_implementation="sdpa",
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).float().eval()
+    return model_class(config).float().eval()
+
+
+def tiny_llama(**kwargs):
+    """A randomly initialised ``LlamaForCausalLM`` small enough to train in a test on a CPU (see tiny_causal_lm)."""
+    return tiny_causal_lm("llama", **kwargs)
 
 
 def tiny_tokenizer(vocab_size: int = 384):
@@ -63,10 +92,11 @@ def tiny_tokenizer(vocab_size: int = 384):
     )
 
 
-def tiny_model_folder(folder, vocab_size: int = 384, seed: int = 0, **kwargs):
-    """Save a tiny random Llama and its tokenizer as a Hugging Face model folder; returns the folder."""
+def tiny_model_folder(folder, vocab_size: int = 384, seed: int = 0, family: str = "llama", **kwargs):
+    """Save a tiny random model of ``family`` (a Llama by default; see tiny_causal_lm) and its tokenizer as a Hugging
+    Face model folder; returns the folder."""
     tokenizer = tiny_tokenizer(vocab_size)
-    model = tiny_llama(vocab_size=len(tokenizer), seed=seed, **kwargs)
+    model = tiny_causal_lm(family, vocab_size=len(tokenizer), seed=seed, **kwargs)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder

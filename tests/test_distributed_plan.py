@@ -193,7 +193,7 @@ def test_tensor_parallel_must_split_the_heads():
             "distributed.tensor_parallel=8",
         ],
     )
-    with pytest.raises(HfdistError, match="tensor_parallel: 8 does not divide the model's 4 key/value heads"):
+    with pytest.raises(HfdistError, match="tensor_parallel: 8 exceeds the model's 4 key/value heads"):
         make_plan(config, Cluster(nodes=1, gpus_per_node=8))
 
 

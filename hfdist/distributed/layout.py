@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from hfdist.config import Config
+from hfdist.distributed.parallelize import tensor_parallel_plan
 from hfdist.errors import HfdistError
 from hfdist.models import ModelConfigUnreadable, read_hf_config
 
@@ -70,7 +71,8 @@ def accumulation_steps(config: Config, dp_size: int) -> int:
 def check_layout(config: Config, world_size: int, ranks_per_node: int, hf_config=None) -> Layout:
     """The layout of ``config`` on ``world_size`` ranks (``ranks_per_node`` per node), or a one-line HfdistError
     naming the field that does not fit. ``hf_config`` (the model's transformers config, when known) adds the
-    checks that need the architecture: tensor parallelism must divide the heads and the MLP width."""
+    checks that need the architecture: the family needs a tensor-parallel plan, which must divide the heads and
+    the MLP width."""
     dist = config.distributed
     backend, tp, replicate = dist.backend, dist.tensor_parallel, dist.replicate_degree
     if backend == "single":
@@ -116,12 +118,21 @@ def check_layout(config: Config, world_size: int, ranks_per_node: int, hf_config
 
 
 def check_tensor_parallel_fits(hf_config, tp: int) -> None:
-    """Attention heads, key/value heads and the MLP width must split evenly over the tensor-parallel ranks
-    (the vocabulary need not: its shards may differ by a row)."""
+    """The model's family must have a tensor-parallel plan hfdist applies (``tensor_parallel_plan``), and the
+    attention heads, key/value heads and the MLP width must split evenly over the tensor-parallel ranks (the
+    vocabulary need not: its shards may differ by a row). Each rank computes whole key/value heads: more
+    tensor-parallel ranks than key/value heads (which would need them replicated) is refused."""
+    tensor_parallel_plan(hf_config)
     heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if tp > kv_heads:
+        raise HfdistError(
+            f"config field distributed.tensor_parallel: {tp} exceeds the model's {kv_heads} key/value heads "
+            "(each tensor-parallel rank computes whole key/value heads; replicating them is not supported)"
+        )
     sizes = {
         "attention heads": heads,
-        "key/value heads": getattr(hf_config, "num_key_value_heads", None) or heads,
+        "key/value heads": kv_heads,
         "MLP width (intermediate_size)": getattr(hf_config, "intermediate_size", tp),
     }
     for what, size in sizes.items():

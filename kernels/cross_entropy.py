@@ -78,6 +78,8 @@ from .utils import (
     GRAD_ACCUMULATIONS,
     UPCAST_SLICE_ROWS,
     WeightGradAccumulator,
+    accumulator_dtype,
+    auto_backend,
     check_interpreted,
     chunk_rows,
     grad_accumulation_path,
@@ -332,6 +334,45 @@ def chunk_bytes_per_row(
 
 
 @dataclass(frozen=True)
+class Workspace:
+    """What one call of the fused op holds beyond its inputs while it runs, by the sizing the op itself uses."""
+
+    chunk_rows: int  # tokens per chunk (chunk_rows under chunk_budget_bytes)
+    chunk_bytes: int  # everything one chunk holds at once: chunk_rows x chunk_bytes_per_row
+    accumulator_dtype: torch.dtype  # the weight gradient's accumulator over the chunks
+    accumulator_bytes: int  # [vocabulary columns, hidden] in that dtype (it becomes the weight's gradient)
+
+
+def _chunk_sizing(num_rows, num_cols, hidden_size, dtype, backend, accumulation_method) -> tuple[int, int]:
+    """(rows per chunk, bytes a chunk holds per row): the fused op's chunks, also described by fused_workspace."""
+    per_row = chunk_bytes_per_row(num_cols, hidden_size, dtype, backend, accumulation_method)
+    return chunk_rows(num_rows, per_row, chunk_budget_bytes()), per_row
+
+
+def fused_workspace(
+    num_rows: int,
+    num_cols: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    *,
+    device_type: str = "cuda",
+    backend: str = "auto",
+    grad_accumulation: str = DEFAULT_GRAD_ACCUMULATION,
+) -> Workspace:
+    """The workspace of one training call of the fused op on ``num_rows`` tokens and ``num_cols`` vocabulary
+    columns (a tensor-parallel rank's: ceil(V / ranks)) of width ``hidden_size`` in ``dtype``, on a device of
+    ``device_type``, with the chunk sizing the op runs (``chunk_budget_bytes``, ``chunk_bytes_per_row``,
+    ``chunk_rows``). For planning: "auto" is taken as it resolves where triton is installed, and "fp32"
+    accumulation of a 2-byte weight as available (the op falls back to the weight's dtype where it is not)."""
+    resolved = auto_backend(device_type) if backend == "auto" else backend
+    acc_dtype = accumulator_dtype(grad_accumulation, dtype)
+    method = "addmm" if acc_dtype == dtype else "addmm_out_fp32" if device_type == "cuda" else "upcast"
+    rows, per_row = _chunk_sizing(num_rows, num_cols, hidden_size, dtype, resolved, method)
+    acc_bytes = num_cols * hidden_size * torch.empty((), dtype=acc_dtype).element_size()
+    return Workspace(rows, rows * per_row, acc_dtype, acc_bytes)
+
+
+@dataclass(frozen=True)
 class _Plan:
     """Everything but the tensors: how one call of the fused op runs."""
 
@@ -574,14 +615,14 @@ def fused_linear_cross_entropy_op(
     if chunk_size:
         rows = int(chunk_size)
     else:
-        per_row = chunk_bytes_per_row(
+        rows, _ = _chunk_sizing(
+            hidden2.shape[0],
             sizing_cols or weight.shape[0],
             hidden2.shape[1],
             hidden.dtype,
             resolved,
             path.method if path is not None else None,
         )
-        rows = chunk_rows(hidden2.shape[0], per_row, chunk_budget_bytes())
     plan = _Plan(opts, reduction, bool(return_entropy), resolved, max(1, rows), path, shard, comm)
     if hidden2.shape[0] == 0:
         zero = hidden2.sum() * 0.0 + weight_c.sum() * 0.0

@@ -77,6 +77,11 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def auto_backend(device_type: str) -> str:
+    """What ``backend="auto"`` runs on a device of this type where triton is installed."""
+    return "triton" if device_type == "cuda" else "torch"
+
+
 def resolve_backend(backend: str, device: torch.device, op: str) -> str:
     """Map ``backend`` ("auto" | "triton" | "torch") to the one that runs on ``device``.
 
@@ -88,7 +93,7 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return auto_backend(device.type) if triton_available() else "torch"
     if not triton_available():
         raise ValueError(f"{op}: backend='triton' needs the triton package, which is not installed")
     if device.type == "cuda":
@@ -159,6 +164,14 @@ class AccumulationPath:
         return text + (f" ({self.note})" if self.note else "")
 
 
+def accumulator_dtype(mode: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """The weight-gradient accumulator's dtype that ``mode`` asks for: the weight's own, or fp32 for a 2-byte weight
+    under "fp32" (on a GPU whose torch has the mixed-dtype addmm; see grad_accumulation_path)."""
+    if mode == "weight_dtype" or torch.empty((), dtype=weight_dtype).element_size() >= 4:
+        return weight_dtype
+    return torch.float32
+
+
 def grad_accumulation_path(mode: str, weight_dtype: torch.dtype, device: torch.device) -> AccumulationPath:
     """The accumulation that ``mode`` ("weight_dtype" | "fp32") gets for this weight dtype and device.
 
@@ -168,7 +181,7 @@ def grad_accumulation_path(mode: str, weight_dtype: torch.dtype, device: torch.d
     """
     if mode not in GRAD_ACCUMULATIONS:
         raise ValueError(f"grad_accumulation must be one of {GRAD_ACCUMULATIONS}, got {mode!r}")
-    if mode == "weight_dtype" or torch.empty((), dtype=weight_dtype).element_size() >= 4:
+    if accumulator_dtype(mode, weight_dtype) == weight_dtype:
         return AccumulationPath(mode, weight_dtype, "addmm")
     if device.type != "cuda":
         return AccumulationPath(mode, torch.float32, "upcast")

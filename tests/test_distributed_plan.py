@@ -70,6 +70,29 @@ def test_70b_plan_model_state_matches_meta_shards(nodes, tp):
     assert plan.disk["export_gb"] == pytest.approx(2 * LLAMA_70B_PARAMETERS / 1e9, abs=0.01)
 
 
+def test_plan_counts_the_fused_loss_by_the_kernels_own_sizing(monkeypatch):
+    """One source for what the plan and the fused loss share: the plan's loss term is the kernel's fused_workspace
+    at the plan's shapes (256 tokens a micro-batch, ceil(128256 / 4) head rows a rank), the head's accumulator in
+    bf16 under mixed precision as the kernel accumulates a bf16 head; and the chunk budget is the kernel's:
+    changing it (HFDIST_FLCE_CHUNK_MB, read by the kernel) moves the plan by exactly the kernel's change.
+    test_kernels_cross_entropy.py checks fused_workspace against what the op runs."""
+    from hfdist.kernels.cross_entropy import fused_workspace
+
+    config, cluster = config_70b(), Cluster(nodes=4, gpus_per_node=8, verify_shards=False)
+    rows, hidden = math.ceil(128256 / 4), 8192
+    workspace = fused_workspace(256, rows, hidden, torch.bfloat16)
+    assert workspace.accumulator_dtype == torch.bfloat16 and workspace.accumulator_bytes == rows * hidden * 2
+    assert workspace.chunk_rows == 256  # the kernel's budget holds a micro-batch's 256 tokens at once
+    plan = make_plan(config, cluster)
+    monkeypatch.setenv("HFDIST_FLCE_CHUNK_MB", "1")
+    smaller = fused_workspace(256, rows, hidden, torch.bfloat16)
+    assert smaller.chunk_rows < 256
+    replanned = make_plan(config, cluster)
+    moved = replanned.per_gpu["transient_gib"] - plan.per_gpu["transient_gib"]
+    assert moved == pytest.approx((smaller.chunk_bytes - workspace.chunk_bytes) / GIB, abs=1.5e-3)
+    assert moved < -0.01
+
+
 def test_fake_process_group_shards_follow_the_tp_and_fsdp_rules():
     """Rank 0 of tp 2 x dp 4 holds, of every column-parallel weight (and the vocabulary-sharded embedding/head),
     ceil(ceil(rows / 2) / 4) rows; of every row-parallel weight ceil(rows / 4) rows of ceil(cols / 2) columns; of

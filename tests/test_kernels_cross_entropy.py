@@ -251,6 +251,50 @@ def test_fp32_accumulation_without_mixed_addmm_falls_back_once(caplog):
         utils.grad_accumulation_path("bf16", torch.bfloat16, cuda)
 
 
+@pytest.mark.parametrize("mode", ["weight_dtype", "fp32"])
+def test_fused_workspace_describes_what_the_op_runs(mode, monkeypatch):
+    """fused_workspace (what `hfdist plan` counts for the loss) against the op itself, seen through the aten calls it
+    makes: its chunks of logits have the described rows (under a small HFDIST_FLCE_CHUNK_MB so that several run),
+    and its weight-gradient accumulator is in the described dtype and bytes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hfdist.kernels.cross_entropy import fused_workspace
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.outputs = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.outputs.append((func, out))
+            return out
+
+    monkeypatch.setenv("HFDIST_FLCE_CHUNK_MB", "0.05")
+    n, h, v = 300, 16, 96
+    workspace = fused_workspace(
+        n, v, h, torch.bfloat16, device_type="cpu", backend="torch", grad_accumulation=mode
+    )
+    hidden, weight, _, labels = _inputs(torch.bfloat16, seed=5, n=n, h=h, v=v)
+    hidden, weight = hidden.cpu().requires_grad_(), weight.cpu().requires_grad_()
+    with Calls() as calls:
+        fused_linear_cross_entropy(
+            hidden, weight, labels.cpu(), backend="torch", grad_accumulation=mode
+        ).backward()
+    logits = [
+        out.shape[0] for func, out in calls.outputs if func == torch.ops.aten.mm.out and out.shape[1] == v
+    ]
+    chunks = math.ceil(n / workspace.chunk_rows)
+    assert 1 < chunks and logits == [workspace.chunk_rows] * (chunks - 1) + [
+        n - (chunks - 1) * workspace.chunk_rows
+    ]
+    accumulated = [out for func, out in calls.outputs if func == torch.ops.aten.addmm_.default]
+    pieces = accumulated[: len(accumulated) // chunks]  # the accumulator's pieces, each added to once a chunk
+    assert {p.dtype for p in pieces} == {workspace.accumulator_dtype}
+    assert sum(p.numel() * p.element_size() for p in pieces) == workspace.accumulator_bytes
+
+
 def test_no_gradient_work_under_no_grad():
     """torch.no_grad() with parameters that require grad: the forward computes the logits matmuls only."""
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -26,8 +26,10 @@ keeps the gradient of the final hidden states ``a h`` per token; its per-chunk l
 Transient (estimate): FSDP2 keeps the root unit (final norm, LM head) gathered with its gradient through forward
 and backward, and has up to two units gathered at once (the running one and the prefetched next), plus the
 running unit's unsharded gradient and its reduce-scatter copy in the reduce dtype; all of these are the
-tensor-parallel piece (``/ tp``). The fused loss adds its chunk budget and its fp32 weight-gradient accumulator
-(``V / tp x h x 4``); tensor parallelism adds the all-reduce buffers of the activations (``2 a h`` per token).
+tensor-parallel piece (``/ tp``). The fused loss adds what the kernel says one call holds
+(``fused_loss_workspace``): its chunk of logits and temporaries (the kernel's chunk budget, or less for few tokens) and
+the weight-gradient accumulator of the rank's ``ceil(V / tp)`` head rows in the head's compute dtype (the kernel's
+default accumulation); tensor parallelism adds the all-reduce buffers of the activations (``2 a h`` per token).
 ZeRO-3 holds the LM head (gathered for the root forward), up to ``stage3_max_live_parameters`` gathered
 parameters, the prefetch bucket and the gradient reduce bucket. A reserve (default 4 GiB: CUDA context, NCCL
 buffers, allocator fragmentation) is kept out of the GPU memory.
@@ -65,6 +67,7 @@ from hfdist.distributed.parallelize import (
 )
 from hfdist.errors import HfdistError
 from hfdist.export import export_dtype as export_dtype_of
+from hfdist.kernels.cross_entropy import fused_workspace
 from hfdist.models import HyperfitModel, read_hf_config
 
 GIB = 2**30
@@ -75,7 +78,6 @@ DEEPSPEED_DEFAULTS = {
     "stage3_prefetch_bucket_size": 5e7,
     "reduce_bucket_size": 5e8,
 }
-FUSED_LOSS_CHUNK_BYTES = 512 << 20  # the fused loss's per-chunk budget on CUDA (hfdist.kernels.cross_entropy)
 
 
 @dataclass
@@ -211,6 +213,22 @@ def deepspeed_partition_numel(model, world_size: int) -> int:
     Parameters below ``stage3_param_persistence_threshold`` (the norms of a Llama: 0.001% of a 70B) stay
     whole on every rank instead; the plan counts them as partitioned."""
     return sum(math.ceil(p.numel() / world_size) for p in model.parameters())
+
+
+def fused_loss_workspace(shape: ModelShape, tokens: int, tensor_parallel: int, compute_dtype, train_config):
+    """What the fused loss holds in one micro-batch on a GPU rank: its chunk and the weight-gradient accumulator of
+    this rank's vocabulary rows, by the kernel's own sizing (``hfdist.kernels.cross_entropy.fused_workspace``: the
+    chunk budget, bytes per row and the accumulation dtype the op uses, so plan and kernel cannot disagree)."""
+    return fused_workspace(
+        tokens,
+        -(
+            -shape.vocab // tensor_parallel
+        ),  # the head rows of one tensor-parallel rank, as the loss sizes them
+        shape.hidden,
+        compute_dtype,
+        device_type="cuda",
+        backend=train_config.loss_backend,
+    )
 
 
 def activation_bytes_per_token(
@@ -393,8 +411,10 @@ def make_plan(
         checkpoint_what = "16-bit weights + fp32 master + 2 Adam moments, DeepSpeed partitions"
 
     tokens = tcfg.micro_batch_size * config.data.seq_len
-    # The fused loss's chunk and its fp32 weight-gradient accumulator of this rank's vocabulary rows.
-    transient += FUSED_LOSS_CHUNK_BYTES + shape.lm_head_numel / tp * 4
+    loss = fused_loss_workspace(
+        shape, tokens, tp, torch.bfloat16 if compute_bytes == 2 else torch.float32, tcfg
+    )
+    transient += loss.chunk_bytes + loss.accumulator_bytes
     if tp > 1:
         transient += 2 * compute_bytes * shape.hidden * tokens  # the activations' all-reduce buffers
     offloaded = 0.0

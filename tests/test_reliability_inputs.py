@@ -100,7 +100,7 @@ CASES = [
     (
         "tensor-parallel-vs-heads",
         [*HF, "--set", "distributed.backend=fsdp", "--set", "distributed.tensor_parallel=4"],
-        "config field distributed.tensor_parallel: 4 does not divide the model's 2 key/value heads",
+        "config field distributed.tensor_parallel: 4 exceeds the model's 2 key/value heads",
         TORCHRUN_4,
     ),
     (

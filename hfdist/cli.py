@@ -10,6 +10,7 @@ import sys
 
 from hfdist import __version__
 from hfdist.errors import HfdistError
+from hfdist.preemption import Preempted
 
 COMMANDS = ["hyperfit", "generate", "evaluate", "compare", "plan", "bench"]
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"hfdist: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Preempted as exc:  # the checkpoint is written and the trainer has said so
         return exc.exit_code
     except KeyboardInterrupt:
         print("hfdist: interrupted", file=sys.stderr)

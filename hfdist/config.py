@@ -19,6 +19,8 @@ import yaml
 
 from hfdist.errors import HfdistError
 from hfdist.io import atomic_write_text
+from hfdist.preemption import SIGNALS as PREEMPT_SIGNALS
+from hfdist.preemption import signal_names
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,9 @@ class TrainConfig:
     """Non-finite steps skipped in a row before the run stops with an error (0: stop at the first)."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (also NaN-fills new tensors; CPU runs are reproducible without it)."""
+    preempt_signals: str = "SIGTERM,SIGUSR1"
+    """Signals that stop training at the next step with a checkpoint and exit code 75 (hfdist.preemption): names
+    from SIGTERM, SIGUSR1, SIGUSR2, SIGHUP, SIGINT, comma-separated; "" for none."""
 
 
 @dataclass
@@ -398,6 +403,12 @@ def validate(config: Config) -> None:
         raise HfdistError(
             f"config field train.global_batch_size: {train.global_batch_size} is not a multiple of "
             f"train.micro_batch_size {train.micro_batch_size}"
+        )
+    unknown = [name for name in signal_names(train.preempt_signals) if name not in PREEMPT_SIGNALS]
+    if unknown:
+        raise HfdistError(
+            f"config field train.preempt_signals: {unknown[0]!r} is not one of {', '.join(PREEMPT_SIGNALS)} "
+            "(comma-separated names; empty for none)"
         )
     data = config.data
     if data.modality == "image":

@@ -33,7 +33,7 @@ from hfdist import checkpoint
 from hfdist.config import Config, OptimConfig, run_path, save_config
 from hfdist.data import BatchPrefetcher, HyperfitData, StepSampler, build_data
 from hfdist.distributed.backends import build_backend
-from hfdist.distributed.env import restart_count
+from hfdist.distributed.env import requeue_count, restart_count, slurm_job_id
 from hfdist.distributed.perf import model_flops_per_token, rank_metrics
 from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
@@ -44,6 +44,7 @@ from hfdist.io import atomic_write_json
 from hfdist.metrics import greedy_ttr, heldout_stats, image_completion_metrics
 from hfdist.models import HyperfitModel, check_seq_len, load_model, load_processor
 from hfdist.monitor import MetricsLogger, read_metrics
+from hfdist.preemption import Preempted, PreemptionSignals, write_status
 
 logger = logging.getLogger(__name__)
 
@@ -161,14 +162,16 @@ def build_model(backend, config: Config, total_steps: int) -> None:
 
 
 def train_step(
-    backend, micro_batches: list[torch.Tensor], max_grad_norm: float
-) -> tuple[float, float, float, bool]:
+    backend, micro_batches: list[torch.Tensor], max_grad_norm: float, stop_request: bool = False
+) -> tuple[float, float, float, bool, bool]:
     """One optimizer step over this rank's micro-batches of the global batch.
 
-    Returns (loss, entropy, grad_norm, applied): the global mean next-token loss and entropy (summed across
-    ranks), the gradient norm before clipping, and whether the update was applied (False when the loss or the
-    norm is NaN/inf: the backend then skips the optimizer and LR-scheduler step, on every rank alike). The three
-    numbers reach the host in one transfer, the step's only host sync.
+    Returns (loss, entropy, grad_norm, applied, stop): the global mean next-token loss and entropy (summed across
+    ranks), the gradient norm before clipping, whether the update was applied (False when the loss or the norm is
+    NaN/inf: the backend then skips the optimizer and LR-scheduler step, on every rank alike), and whether any rank
+    made a ``stop_request`` (a preemption signal, hfdist.preemption): it rides on the step's collective over every
+    rank, so all ranks agree at this step without a collective of its own. The numbers reach the host in one
+    transfer, the step's only host sync.
     """
     device = backend.device
     local_tokens = torch.tensor(
@@ -185,10 +188,12 @@ def train_step(
         entropy_total += entropy_sum.detach() / global_tokens
     # Each rank holds its share of the global mean; the sum over ranks is the step's loss (a NaN on one rank
     # makes it NaN on all of them, so the skip decision is the same everywhere).
-    totals = backend.all_reduce_sum(torch.stack([loss_total, entropy_total]))
+    totals = backend.all_reduce_step_totals(
+        torch.stack([loss_total, entropy_total]), torch.tensor([float(stop_request)], device=device)
+    )
     result = backend.step(max_grad_norm, totals)
-    loss, entropy = result.values
-    return loss, entropy, result.grad_norm, result.applied
+    loss, entropy, stops = result.values
+    return loss, entropy, result.grad_norm, result.applied, stops > 0
 
 
 def default_output_dir(config_path: Optional[str]) -> Path:
@@ -230,21 +235,30 @@ def choose_start(
 
     On a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of the job whose first attempt began this run folder
     (its agents are recorded in JOB_MARKER), the run continues from the latest complete checkpoint, without
-    --resume and without the "already holds a run" refusal. Any other folder is checked as on a first attempt.
+    --resume and without the "already holds a run" refusal; so does a SLURM job requeued (SLURM_RESTART_COUNT > 0,
+    e.g. by launchers/slurm.sbatch after a preemption) whose job id JOB_MARKER records. Any other folder is checked
+    as on a first attempt.
     """
     error = plan = marker_content = None
     agents = backend.all_gather_object(agent_identity())
     if backend.is_main:
         try:
             marker = run_dir / JOB_MARKER
-            recorded = json.loads(marker.read_text()).get("agents", []) if marker.is_file() else []
-            if restart_count() > 0 and agent_identity() in recorded:
+            recorded = json.loads(marker.read_text()) if marker.is_file() else {}
+            if restart_count() > 0 and agent_identity() in recorded.get("agents", []):
                 plan = "restart"
+            elif (
+                requeue_count() > 0
+                and slurm_job_id() is not None
+                and recorded.get("slurm_job_id") == slurm_job_id()
+            ):
+                plan = "requeue"
             else:
                 prepare_run_dir(run_dir, resume, str(checkpoint_root.relative_to(run_dir)))
                 plan = "new" if resume is None else "resume"
-                if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
-                    marker_content = {"agents": sorted(set(agents))}
+            restartable = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+            if plan != "restart" and (restartable or slurm_job_id() is not None):
+                marker_content = {"agents": sorted(set(agents)), "slurm_job_id": slurm_job_id()}
         except HfdistError as exc:
             error = str(exc)
     error, plan = backend.broadcast_object((error, plan))
@@ -259,9 +273,14 @@ def choose_start(
     latest = checkpoint.latest_valid(checkpoint_root, backend)
     start = str(latest) if latest is not None else (resume or FRESH)
     if backend.is_main:
+        what = (
+            f"torchrun restart {restart_count()} of this job"
+            if plan == "restart"
+            else f"SLURM requeue {requeue_count()} of job {slurm_job_id()}"
+        )
         logger.warning(
-            "torchrun restart %d of this job: continuing from %s",
-            restart_count(),
+            "%s: continuing from %s",
+            what,
             latest if latest is not None else resume or "the start (no complete checkpoint yet)",
         )
     return start, marker_content
@@ -334,16 +353,26 @@ class StepOutcome(NamedTuple):
     applied: bool  # False: the update was skipped (non-finite loss or gradient norm)
     position: tuple[int, int]  # (epoch, step in epoch) of the batch
     seconds: float  # wall-clock time of the step
+    stop: bool  # a rank received a preemption signal before the step's collective: stop after this step
 
 
 class Trainer:
     """The hyperfitting loop over one backend: ``Trainer(config, run_dir).run()`` (see the module docstring)."""
 
-    def __init__(self, config: Config, run_dir: Path, resume: Optional[str] = None, progress: bool = True):
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        resume: Optional[str] = None,
+        progress: bool = True,
+        preemption: Optional[PreemptionSignals] = None,
+    ):
 
         self.config = config
         self.run_dir = run_dir
         self.checkpoint_root = run_path(run_dir, "checkpoint.dir", config.checkpoint.dir)
+        # Installed by train() before anything else: a signal during start-up stops training after its first step.
+        self.preemption = preemption or PreemptionSignals("")
         self.backend = build_backend(config)
         # The loop's concerns, in the order each point reaches them: a fault (a test hook) happens before the watchdog
         # records the next position, so a hung rank is reported where it hung.
@@ -418,6 +447,7 @@ class Trainer:
             self.stop_on_bad_steps(step)
             target_reached = self.maybe_end_epoch()
             self.maybe_checkpoint()  # last, after the epoch's bookkeeping, so that a resumed run logs nothing twice
+            self.maybe_stop_for_preemption(step)
             stopped_by = "target_loss" if target_reached else self.stop_rule()
         return self.finish(stopped_by)
 
@@ -441,10 +471,10 @@ class Trainer:
         self.hooks.before_step(state)
         started = time.perf_counter()
         micro_batches = self.prefetcher.get(position, None if last else following)
-        loss, entropy, grad_norm, applied = train_step(
-            self.backend, micro_batches, self.config.optim.max_grad_norm
+        loss, entropy, grad_norm, applied, stop = train_step(
+            self.backend, micro_batches, self.config.optim.max_grad_norm, self.preemption.requested
         )
-        return StepOutcome(loss, entropy, grad_norm, applied, position, time.perf_counter() - started)
+        return StepOutcome(loss, entropy, grad_norm, applied, position, time.perf_counter() - started, stop)
 
     def record(self, step: StepOutcome) -> None:
         """Count the step in the state; a skipped step (non-finite loss or gradient norm) is reported with its batch."""
@@ -534,6 +564,45 @@ class Trainer:
             on_written=lambda: self.hooks.checkpoint_written(step),
         )
 
+    def maybe_stop_for_preemption(self, step: StepOutcome) -> None:
+        """After a step at which a rank had received a preemption signal (every rank learnt it from the step's
+        collective): write this step's checkpoint (the ordinary one; one that maybe_checkpoint has just begun is
+        awaited instead), log one line and stop with hfdist.preemption.PREEMPTED_EXIT_CODE."""
+        if not step.stop:
+            return
+        state, every = self.state, self.config.checkpoint.every_steps
+        if every and state.step % every == 0:
+            checkpoint.wait_pending(self.backend)
+            folder = self.checkpoint_root / checkpoint.step_folder_name(state.step)
+        else:
+            self.hooks.before_checkpoint(state)
+            step_number = state.step
+            folder = checkpoint.save(
+                self.checkpoint_root,
+                step_number,
+                self.backend,
+                state.state_dict(),
+                self.config.checkpoint.keep_last,
+                on_written=lambda: self.hooks.checkpoint_written(step_number),
+            )
+        received = [name for name in self.backend.all_gather_object(self.preemption.received) if name]
+        if self.backend.is_main:
+            ignored = self.preemption.count - 1
+            logger.info(
+                "preempted by %s%s: stopped after step %d of %d with checkpoint %s; exiting with code %d (the "
+                "job continues from it with --resume; launchers/slurm.sbatch requeues itself)",
+                received[0],
+                f" (and {ignored} more signal{'s' * (ignored > 1)}, ignored)" if ignored > 0 else "",
+                state.step,
+                self.total_steps,
+                folder,
+                Preempted.exit_code,
+            )
+        write_status(received[0], state.step, str(folder))
+        self.hooks.end()
+        self.metrics.close()
+        raise Preempted(f"preempted by {received[0]} after step {state.step}")
+
     def finish(self, stopped_by: str) -> dict:
         """After the last step: complete an asynchronous checkpoint, evaluate (unless the last step was), export."""
         checkpoint.wait_pending(self.backend)
@@ -604,11 +673,13 @@ class Trainer:
 
 
 def train(config: Config, run_dir: Path, resume: Optional[str] = None, progress: bool = True) -> dict:
-    """Train (see Trainer). A collective that times out or loses a peer becomes one HfdistError line naming this
-    rank, where it waited, and the ranks that fell behind (hfdist.distributed.watchdog)."""
+    """Train (see Trainer), stopping with a checkpoint on a preemption signal (hfdist.preemption: raises Preempted).
+    A collective that times out or loses a peer becomes one HfdistError line naming this rank, where it waited, and
+    the ranks that fell behind (hfdist.distributed.watchdog)."""
     trainer = None
+    preemption = PreemptionSignals(config.train.preempt_signals)
     try:
-        trainer = Trainer(config, run_dir, resume=resume, progress=progress)
+        trainer = Trainer(config, run_dir, resume=resume, progress=progress, preemption=preemption)
         return trainer.run()
     except RuntimeError as exc:
         failure = watchdog.failure(exc)
@@ -619,6 +690,7 @@ def train(config: Config, run_dir: Path, resume: Optional[str] = None, progress:
         )
         raise failure from exc
     finally:
+        preemption.restore()
         if trainer is not None:
             trainer.backend.close()
 

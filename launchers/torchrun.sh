@@ -8,13 +8,16 @@
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launchers/torchrun.sh configs/paper-llama-3.1-70b.yaml --output-dir /shared/runs/70b
 # Environment: NNODES (1), NODE_RANK (0), GPUS_PER_NODE (the GPUs nvidia-smi lists, else 1), MASTER_ADDR
 # (127.0.0.1), MASTER_PORT (29500), RDZV_ID (hfdist), PYTHON (python), MAX_RESTARTS (0: with N > 0 torchrun
-# restarts the job after a failure and it continues from its latest complete checkpoint). Everything after the
-# config goes to `hfdist hyperfit` (--set ..., --output-dir, --resume). The run folder must be on a filesystem
-# all nodes share.
+# restarts the job after a failure and it continues from its latest complete checkpoint), PREEMPT_GRACE_S (300).
+# Everything after the config goes to `hfdist hyperfit` (--set ..., --output-dir, --resume). The run folder must be
+# on a filesystem all nodes share.
+# Preemption: SIGTERM or SIGUSR1 sent to this process (torchrun's agent, hfdist.distributed.run) reaches every worker,
+# which stops after its current step with a checkpoint; the launcher then exits 75. PREEMPT_GRACE_S is how long the
+# agent waits for that before it kills the workers (a step plus a checkpoint write; torchrun's own default is 30 s).
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-  sed -n '2,14p' "$0" >&2
+  sed -n '2,17p' "$0" >&2
   exit 2
 fi
 
@@ -35,7 +38,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
-exec "$PYTHON" -m torch.distributed.run \
+# torchrun's wait between forwarding a signal to the workers and killing them (torch builds that read it).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-${PREEMPT_GRACE_S:-300}}
+
+# torchrun, with SIGUSR1 handled and the workers' preemption exit code (75) passed on: hfdist/distributed/run.py.
+exec "$PYTHON" -m hfdist.distributed.run \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" --max-restarts "${MAX_RESTARTS:-0}" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-hfdist}" \
   -m hfdist.cli hyperfit "$@"

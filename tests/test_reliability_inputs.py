@@ -104,6 +104,11 @@ CASES = [
         TORCHRUN_4,
     ),
     (
+        "preempt-signal-unknown",
+        [*HF, "--set", "train.preempt_signals=SIGTERM,SIGKILL"],
+        "config field train.preempt_signals: 'SIGKILL' is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGHUP, SIGINT",
+    ),
+    (
         "seq-len-beyond-model",
         [*HF, "--set", "data.seq_len=1024"],
         "data.seq_len: 1024 exceeds the model's max_position_embeddings 512",

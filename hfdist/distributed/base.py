@@ -167,6 +167,13 @@ class Backend(ABC):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def all_reduce_step_totals(self, shared: torch.Tensor, requests: torch.Tensor) -> torch.Tensor:
+        """The step's one collective (``hfdist.trainer.train_step``): ``shared`` (this data-parallel rank's share of
+        the step's loss and entropy, alike on the ranks of a tensor-parallel group) summed over the data-parallel
+        ranks, and ``requests`` (per-rank flags: a preemption signal) summed over every rank of the job; returned
+        concatenated. Here the data-parallel ranks are all the ranks."""
+        return self.all_reduce_sum(torch.cat([shared, requests]))
+
     def barrier(self) -> None:
         pass
 

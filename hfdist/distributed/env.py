@@ -176,6 +176,17 @@ def restart_count() -> int:
     return int(value) if value.isdigit() else 0
 
 
+def slurm_job_id() -> str | None:
+    """The SLURM job this process belongs to (the same id across requeues), or None outside SLURM."""
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def requeue_count() -> int:
+    """How many times SLURM has requeued this job (``scontrol requeue``, preemption); 0 on its first start."""
+    value = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(value) if value.isdigit() else 0
+
+
 def restart_store(env: LaunchEnv, timeout_s: int):
     """On a torchrun restart whose workers share the agent's store: that store, under a prefix of this attempt.
 

@@ -218,6 +218,16 @@ class FSDPBackend(Backend):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group)
         return tensor
 
+    def all_reduce_step_totals(self, shared: torch.Tensor, requests: torch.Tensor) -> torch.Tensor:
+        tp = self.layout.tensor_parallel
+        if tp == 1:
+            return super().all_reduce_step_totals(shared, requests)
+        # Over every rank, so that a request reaches the whole job; the ranks of a tensor-parallel group hold the same
+        # shares, so only one of them (tp coordinate 0) adds them in: each data-parallel rank counts once.
+        values = torch.cat([shared if self.rank % tp == 0 else torch.zeros_like(shared), requests])
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
     def barrier(self) -> None:
         dist.barrier()
 

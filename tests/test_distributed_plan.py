@@ -25,6 +25,7 @@ from hfdist.distributed.plan import (
     Cluster,
     activation_bytes_per_token,
     deepspeed_partition_numel,
+    format_plan,
     fsdp_shard_numels,
     make_plan,
     meta_model,
@@ -68,6 +69,34 @@ def test_70b_plan_model_state_matches_meta_shards(nodes, tp):
     assert plan.disk["checkpoint_gb"] == pytest.approx(12 * LLAMA_70B_PARAMETERS / 1e9, abs=0.01)
     assert plan.disk["export_dtype"] == "bfloat16"
     assert plan.disk["export_gb"] == pytest.approx(2 * LLAMA_70B_PARAMETERS / 1e9, abs=0.01)
+
+
+def test_70b_plan_on_8_nodes_with_the_3d_mesh():
+    """The 3-D mesh at the paper's scale, 8 nodes x 8 GPUs: tp 8 inside each node, the 8 data-parallel ranks as 2
+    replicas of 4 shards (mesh replicate 2 x shard 4 x tp 8). Rank 0's model state comes from real TP x HSDP shards
+    of the meta model in a fake process group of 64 ranks and agrees with P / (shards x tp) = P / 32, as on 4 x 8 at
+    tp 4 (each parameter is split 32 ways either way; the replicas hold it twice)."""
+    plan = make_plan(
+        config_70b("distributed.tensor_parallel=8", "distributed.replicate_degree=2"),
+        Cluster(nodes=8, gpus_per_node=8),
+    )
+    assert plan.world_size == 64 and plan.fits and plan.accumulation_steps == 1
+    assert plan.layout == {
+        "tensor_parallel": 8,
+        "replicate_degree": 2,
+        "dp_size": 8,
+        "shard_size": 4,
+        "mesh": {"dp_replicate": 2, "dp_shard": 4, "tp": 8},
+    }
+    check = plan.model_state_check
+    assert (
+        check["source"]
+        == "FSDP2 x TP (8) shards of the meta model in a fake process group of 64 ranks (rank 0)"
+    )
+    assert check["formula_params_per_rank"] == LLAMA_70B_PARAMETERS / 32
+    assert 0 <= check["relative_difference"] < 2e-3
+    assert plan.per_gpu["params_gib"] == pytest.approx(check["params_per_rank"] * 4 / GIB, abs=1e-3)
+    print("\n" + format_plan(plan))
 
 
 def test_plan_counts_the_fused_loss_by_the_kernels_own_sizing(monkeypatch):

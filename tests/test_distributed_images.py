@@ -1,7 +1,8 @@
 """Images through the sharded backends: a tiny random ImageGPT hyperfitted on the embedded digits by the single
-backend, FSDP2 on 1 process (torchrun) and DeepSpeed ZeRO-3 on 1 process (the deepspeed launcher), compared with
-the text test's helpers and tolerances: per-step loss and gradient norm within 1e-5 relative, exported weights
-within 1e-5 absolute. FSDP shards ImageGPT block by block (transformer.h.*), found by the general block rule."""
+backend, FSDP2 on 2 processes (launchers/torchrun.sh) and DeepSpeed ZeRO-3 on 2 processes (launchers/deepspeed.sh),
+each rank accumulating 2 micro-batches a step, compared with the text test's helpers and tolerances: per-step loss
+and gradient norm within 1e-5 relative, exported weights within 1e-5 absolute. FSDP shards ImageGPT block by block
+(transformer.h.*), found by the general block rule."""
 
 import sys
 
@@ -13,7 +14,7 @@ CONFIG = """\
 model: {{path: {model}}}
 data: {{modality: image, source: digits, seq_len: 17, num_samples: 16, num_validation: 4, num_contexts: 2}}
 optim: {{name: adam, lr: 3.0e-3}}
-train: {{epochs: 4, global_batch_size: 8, micro_batch_size: 4, seed: 0}}
+train: {{epochs: 4, global_batch_size: 8, micro_batch_size: 2, seed: 0}}
 eval: {{every_epochs: 0, ttr_window: 8, batch_size: 4}}
 """
 
@@ -68,21 +69,21 @@ def test_llama_fsdp_units_unchanged():
 
 
 @pytest.mark.distributed
-def test_fsdp_one_process_matches_single(setup, single_run):
+def test_fsdp_two_processes_match_single(setup, single_run):
     run_dir = setup["root"] / "fsdp"
     run(
         [LAUNCHERS / "torchrun.sh", *hyperfit_args(setup, run_dir, "--set", "distributed.backend=fsdp")],
-        launch_env(GPUS_PER_NODE="1"),
+        launch_env(GPUS_PER_NODE="2"),
     )
     assert_matches(run_dir, single_run)
 
 
 @pytest.mark.distributed
-def test_deepspeed_zero3_one_process_matches_single(setup, single_run):
+def test_deepspeed_zero3_two_processes_match_single(setup, single_run):
     pytest.importorskip("deepspeed")
     run_dir = setup["root"] / "deepspeed"
     run(
         [LAUNCHERS / "deepspeed.sh", *hyperfit_args(setup, run_dir)],
-        launch_env(NUM_GPUS="1", DS_CONFIG=str(DS_FP32)),
+        launch_env(NUM_GPUS="2", DS_CONFIG=str(DS_FP32)),
     )
     assert_matches(run_dir, single_run)

@@ -107,11 +107,16 @@ def load_full_from_rank0(model: nn.Module, full_lm_state: dict[str, torch.Tensor
 
 
 def init_non_persistent_buffers(lm: nn.Module) -> None:
-    """Recompute the buffers checkpoints do not hold (e.g. rotary ``inv_freq``) with the model's own init."""
+    """Recompute the buffers checkpoints do not hold (e.g. rotary ``inv_freq``, Gemma's embedding scale) with the
+    model's own init. That init also draws the module's parameters afresh (Gemma's scaled embedding holds such a
+    buffer beside its weight), so the loaded parameters are put back: this rank's shards, one module at a time."""
     with torch.no_grad():
         for module in lm.modules():
             if module._non_persistent_buffers_set:
+                loaded = [(p, p.detach().clone()) for p in module.parameters(recurse=False)]
                 lm._init_weights(module)
+                for param, value in loaded:
+                    param.copy_(value)
 
 
 def init_random(lm: nn.Module) -> None:

@@ -235,7 +235,7 @@ def test_plan_refuses_what_the_launch_refuses(sets, message, tmp_path):
     assert plan_error(PAPER_70B, 4, *sets) == refused
 
 
-def test_tensor_parallel_must_split_the_heads():
+def test_tensor_parallel_above_the_kv_heads_is_refused():
     config = load_config(
         None,
         [

@@ -29,7 +29,7 @@ import tempfile
 
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.launcher.api import LaunchConfig
 
 from hfdist.preemption import PREEMPTED_EXIT_CODE, STATUS_ENV, read_status
@@ -54,6 +54,7 @@ class _ForwardOnce:
         raise SignalException(f"Process {os.getpid()} got signal: {self.received}", sigval=self.received)
 
 
+@record  # failures other than a preemption are reported as torchrun reports them
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for number in PREEMPT_SIGNALS:
         signal.signal(number, handler)
     try:
-        torchrun.main(["--signals-to-handle", TORCH_SIGNALS, *argv])
+        torchrun.run(torchrun.parse_args(["--signals-to-handle", TORCH_SIGNALS, *argv]))
         return 0
     except (SignalException, ChildFailedError):
         status = read_status(status_path)

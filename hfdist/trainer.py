@@ -189,7 +189,7 @@ def train_step(
     # Each rank holds its share of the global mean; the sum over ranks is the step's loss (a NaN on one rank
     # makes it NaN on all of them, so the skip decision is the same everywhere).
     totals = backend.all_reduce_step_totals(
-        torch.stack([loss_total, entropy_total]), torch.tensor([float(stop_request)], device=device)
+        torch.stack([loss_total, entropy_total]), torch.full((1,), float(stop_request), device=device)
     )
     result = backend.step(max_grad_norm, totals)
     loss, entropy, stops = result.values

@@ -77,17 +77,19 @@ class Launched:
 def signal_at_random_step(
     launched: Launched, run_dir: Path, sig, resumed_at=0, pid=None, second=None
 ) -> dict:
-    """Once a seeded random step among the next two after ``resumed_at`` (the run's own steps; at most STEPS - 2)
-    is logged, wait a seeded random moment of up to 0.15 s and send ``sig``; with ``second``, send that signal too
-    as soon as a checkpoint's temporary folder appears (the preemption checkpoint being written). Returns what
-    happened, for the assertions and the log."""
-    after = RNG.randint(resumed_at + 1, max(resumed_at + 1, min(resumed_at + 2, STEPS - 2)))
+    """Once a seeded random step among the next two after ``resumed_at`` (the run's own steps; at most STEPS - 3)
+    is logged, wait a seeded random fraction of that step's duration and send ``sig`` (so that it lands anywhere in
+    the next step, whatever the machine's speed); with ``second``, send that signal too as soon as a checkpoint's
+    temporary folder appears (the preemption checkpoint being written). Returns what happened, for the assertions
+    and the log."""
+    after = RNG.randint(resumed_at + 1, max(resumed_at + 1, min(resumed_at + 2, STEPS - 3)))
     deadline = time.monotonic() + 240
     while not any(step >= after for step in logged_steps(run_dir)):
         assert launched.proc.poll() is None, launched.log.read_text()[-4000:]
         assert time.monotonic() < deadline, "the run never logged step %d" % after
         time.sleep(0.01)
-    time.sleep(RNG.uniform(0, 0.15))
+    step_time = [r["perf/step_time_s"] for r in records(run_dir) if r["kind"] == "step"][-1]
+    time.sleep(RNG.uniform(0, 1) * step_time)
     assert launched.signal(sig, pid), "the run ended before the signal"
     sent = {"after_step": after, "signal": sig.name, "second_during_save": False}
     if second is not None:

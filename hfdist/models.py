@@ -4,6 +4,7 @@ that computes the training loss without logits."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -222,6 +223,35 @@ def read_hf_config(config: ModelConfig, prefer_shipped: bool = False):
             ARCHITECTURES_DIR / f"{shipped}.json",
         )
         return architecture_config(shipped)
+
+
+def model_identity(config: ModelConfig) -> dict:
+    """What identifies a base model, recorded in checkpoints of runs that keep it frozen: its path and revision,
+    the SHA-256 of its config (config.json's bytes for a local folder, the config's JSON otherwise) and of its
+    weights' index (``model.safetensors.index.json``, or a single file's safetensors header: names, dtypes,
+    shapes, offsets; None without weights in safetensors, e.g. ``model.init: random``)."""
+    path = resolve_model_path(config.path)
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        config_bytes = (folder / "config.json").read_bytes()
+    else:
+        try:
+            hf_config = read_hf_config(config, prefer_shipped=True)
+            config_bytes = hf_config.to_json_string(use_diff=False).encode()
+        except ModelConfigUnreadable:
+            config_bytes = None  # the loading reports it
+    index = None
+    if config.init == "pretrained" and (folder / "model.safetensors.index.json").is_file():
+        index = (folder / "model.safetensors.index.json").read_bytes()
+    elif config.init == "pretrained" and (folder / "model.safetensors").is_file():
+        with open(folder / "model.safetensors", "rb") as f:
+            index = f.read(int.from_bytes(f.read(8), "little"))
+    return {
+        "path": config.path,
+        "revision": config.revision,
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest() if config_bytes is not None else None,
+        "weights_index_sha256": hashlib.sha256(index).hexdigest() if index is not None else None,
+    }
 
 
 def declared_dtype(hf_config) -> Optional[torch.dtype]:

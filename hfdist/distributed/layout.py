@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from hfdist.adapters import check_trainable, transforms
 from hfdist.config import Config
 from hfdist.errors import HfdistError
 from hfdist.models import ModelConfigUnreadable, read_hf_config
@@ -112,6 +113,7 @@ def check_layout(config: Config, world_size: int, ranks_per_node: int, hf_config
     accumulation_steps(config, layout.dp_size)
     if hf_config is not None and tp > 1:
         check_tensor_parallel_fits(hf_config, tp)
+    check_trainable(config, hf_config)
     return layout
 
 
@@ -134,8 +136,8 @@ def check_tensor_parallel_fits(hf_config, tp: int) -> None:
 def launch_layout(
     config: Config, world_size: int, ranks_per_node: int, hf_config: Optional[object] = None
 ) -> Layout:
-    """check_layout with the model's config read when the architecture matters (tensor parallelism)."""
-    if hf_config is None and config.distributed.tensor_parallel > 1:
+    """check_layout with the model's config read when the architecture matters (tensor parallelism, what trains)."""
+    if hf_config is None and (config.distributed.tensor_parallel > 1 or transforms(config)):
         try:
             hf_config = read_hf_config(config.model)
         except ModelConfigUnreadable:

@@ -14,7 +14,7 @@ This module is also what ``hfdist plan`` runs on the meta device, so plan and tr
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -33,8 +33,10 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from hfdist.distributed.layout import Layout
 from hfdist.errors import HfdistError
+
+if TYPE_CHECKING:  # layout.py checks what trains with hfdist.adapters, which imports this module
+    from hfdist.distributed.layout import Layout
 
 
 def build_mesh(device_type: str, layout: Layout) -> DeviceMesh:

@@ -37,7 +37,7 @@ from hfdist.config import Config, parse_layers
 from hfdist.distributed.parallelize import decoder_layers
 from hfdist.distributed.perf import global_numel
 from hfdist.errors import HfdistError
-from hfdist.models import model_class_for
+from hfdist.models import load_model, model_class_for
 
 ADAPTER_NAME = "default"  # peft's name of the one adapter
 PEFT_PREFIX = "base_model.model."  # a PEFT adapter file's key prefix before the model's own module names
@@ -256,6 +256,28 @@ def training_setup(config: Config) -> dict:
         "adapter": asdict(config.adapter) if config.adapter.type != "none" else None,
     }
     return setup
+
+
+def describe_trains(config: Config) -> str:
+    """What trains, in words (plans and reports)."""
+    adapter, train = config.adapter, config.train
+    if adapter.type != "none":
+        targets = ", ".join(adapter.target_modules) if adapter.target_modules else "every linear layer"
+        return (
+            f"{adapter.type} adapter (rank {adapter.rank}, alpha {adapter.alpha:g}) on {targets} of "
+            f"{'all' if adapter.layers == 'all' else 'the ' + adapter.layers.replace(':', ' ')} blocks"
+        )
+    if train.trainable_layers == "all":
+        return "every parameter"
+    head = " and the LM head" if train.train_lm_head else ""
+    return f"the {train.trainable_layers.replace(':', ' ')} blocks, the final norm{head}"
+
+
+def count_configured_parameters(config: Config) -> dict:
+    """``count_parameters`` of the model a config trains, built on the meta device and transformed (no weights)."""
+    lm = load_model(config.model, torch.device("meta"))
+    apply_trainable(lm, config, torch.device("meta"))
+    return count_parameters(lm)
 
 
 # ---- export ------------------------------------------------------------------------------------------------------

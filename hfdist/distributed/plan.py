@@ -53,7 +53,7 @@ from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from transformers import AutoModelForCausalLM
 
-from hfdist.adapters import apply_trainable, is_adapter_parameter, training_setup
+from hfdist.adapters import apply_trainable, describe_trains, is_adapter_parameter, training_setup
 from hfdist.config import Config
 from hfdist.distributed.layout import Layout, check_layout
 from hfdist.distributed.parallelize import (
@@ -569,20 +569,6 @@ def make_plan(
         model_state_check=check,
         notes=notes,
     )
-
-
-def describe_trains(config: Config) -> str:
-    adapter, train = config.adapter, config.train
-    if adapter.type != "none":
-        targets = ", ".join(adapter.target_modules) if adapter.target_modules else "every linear layer"
-        return (
-            f"{adapter.type} adapter (rank {adapter.rank}, alpha {adapter.alpha:g}) on {targets} of "
-            f"{'all' if adapter.layers == 'all' else 'the ' + adapter.layers.replace(':', ' ')} blocks"
-        )
-    if train.trainable_layers == "all":
-        return "every parameter"
-    head = " and the LM head" if train.train_lm_head else ""
-    return f"the {train.trainable_layers.replace(':', ' ')} blocks, the final norm{head}"
 
 
 # ---- --suggest ------------------------------------------------------------------------------------------------

@@ -505,11 +505,6 @@ def _validate_trainable(config: Config) -> None:
             f"config field adapter.target_modules: {adapter.target_modules!r} must name at least one module "
             "(or be null: every linear layer of the decoder blocks)"
         )
-    if train.compile:
-        raise HfdistError(
-            "config field train.compile: not supported with adapter.type lora (peft's layers are not compiled "
-            "per block here)"
-        )
 
 
 def _check_declared(section: Any, prefix: str) -> None:

@@ -164,7 +164,12 @@ def resolve_model_path(path: str) -> str:
         return str(prepare_tiny_imagegpt())
     local = Path(path).expanduser()
     if local.exists():
-        if local.is_dir() and not (local / "config.json").is_file() and not any(local.glob("*.gguf")):
+        if (
+            local.is_dir()
+            and not (local / "config.json").is_file()
+            and not any(local.glob("*.gguf"))
+            and not is_adapter_folder(local)
+        ):
             raise HfdistError(
                 f"model.path {path!r}: folder has no config.json (not a Hugging Face model folder)"
             )
@@ -172,6 +177,24 @@ def resolve_model_path(path: str) -> str:
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise HfdistError(f"model.path {path!r}: no such file or folder")
     return path  # a hub id; transformers reports if it cannot be fetched
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A PEFT adapter folder (``adapter_config.json``, no model of its own), as ``export.adapter`` writes it."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def load_adapter_model(folder: Path, config: ModelConfig, device: torch.device) -> nn.Module:
+    """The base model an adapter folder names (``base_model_name_or_path``) with the adapter merged into it (peft's
+    ``merge_and_unload``): what ``hfdist generate/compare/evaluate`` run for ``--model RUN/adapter``."""
+    from peft import PeftModel  # noqa: PLC0415 (peft is imported where adapters are used)
+
+    try:
+        base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError):
+        raise HfdistError(f"model.path {str(folder)!r}: adapter_config.json names no base model") from None
+    base = load_model(dataclasses.replace(config, path=base_path), device)
+    return PeftModel.from_pretrained(base, folder).merge_and_unload()
 
 
 def shipped_architecture_for(path: str) -> Optional[str]:
@@ -379,6 +402,8 @@ def load_model(config: ModelConfig, device: torch.device = torch.device("cpu")) 
     """The Hugging Face causal model named by the config, on ``device`` (``meta`` builds it without weights)."""
 
     dtype = DTYPES[config.dtype]
+    if is_adapter_folder(Path(config.path).expanduser()):
+        return load_adapter_model(Path(config.path).expanduser(), config, device)
     hf_config = None
     if config.path in architecture_names():
         hf_config = architecture_config(config.path)

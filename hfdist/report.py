@@ -295,7 +295,9 @@ def run_comparison(
         if base is None:
             base_section = _read_run_config(run)
             base = base_section["path"]
-        hyperfitted = hyperfitted or str(run / "model")
+        # The merged model, or the adapter folder of a run that exported only that (export.adapter: adapter).
+        only_adapter = not (run / "model").exists() and (run / "adapter").is_dir()
+        hyperfitted = hyperfitted or str(run / ("adapter" if only_adapter else "model"))
         contexts_path = contexts_path or run / "data" / "contexts.npy"
         train_path = train_path or run / "data" / "train_token_ids.npy"
         validation_path = validation_path or run / "data" / "validation_token_ids.npy"

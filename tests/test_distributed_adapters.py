@@ -15,7 +15,6 @@ import pytest
 import torch
 from launch_helpers import (
     LAUNCHERS,
-    REPO,
     WEIGHT_ATOL,
     assert_matches,
     exported_weights,
@@ -26,18 +25,12 @@ from launch_helpers import (
     tiny_run_setup,
 )
 from safetensors.torch import load_file
+from test_distributed_training import CONFIG, DS_FP32
 
 pytestmark = pytest.mark.distributed
 
-DS_FP32 = REPO / "configs" / "deepspeed" / "zero3_fp32.json"
-CONFIG = """\
-model: {{path: {model}}}
-data: {{source: austen, mode: chunk, seq_len: 32, num_samples: 16, num_validation: 4, num_contexts: 2, context_len: 8}}
-optim: {{name: adam, lr: 3.0e-3}}
-train: {{epochs: 2, global_batch_size: 8, micro_batch_size: 2, seed: 0}}
-eval: {{every_epochs: 0, total_len: 48, ttr_window: 16, batch_size: 4}}
-checkpoint: {{every_steps: 2, keep_last: 2}}
-"""
+# The parity runs' config (checkpoints every 2 steps), 2 epochs of 2 steps.
+STEPS = ["--set", "train.epochs=2"]
 # LoRA on the last of the two blocks (the first block has no adapter: frozen as it is), every projection.
 LORA = ["--set", "adapter.type=lora", "--set", "adapter.rank=4", "--set", "adapter.alpha=8"]
 LORA += ["--set", "adapter.layers=last:1", "--set", "export.adapter=both"]
@@ -60,7 +53,7 @@ def launch(setup, name: str, backend: str, *extra) -> object:
     else:
         pytest.importorskip("deepspeed")
         cmd, env = [LAUNCHERS / "deepspeed.sh"], launch_env(NUM_GPUS="2", DS_CONFIG=str(DS_FP32))
-    run([*cmd, *hyperfit_args(setup, run_dir, *extra)], env, timeout=600)
+    run([*cmd, *hyperfit_args(setup, run_dir, *STEPS, *extra)], env, timeout=600)
     return run_dir
 
 

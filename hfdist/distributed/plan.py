@@ -652,7 +652,12 @@ def format_plan(plan: Plan) -> str:
         f"  layout: tensor_parallel {lay['tensor_parallel']}, {lay['dp_size']} data-parallel ranks (replicate "
         f"{lay['replicate_degree']} x shard {lay['shard_size']}); mesh {mesh}",
         f"  trains: {plan.trains}: {plan.trainable_parameters / 1e9:.3f} B parameters "
-        f"({100 * plan.trainable_parameters / plan.num_parameters:.2f}%), the rest frozen in the model's dtype",
+        f"({100 * plan.trainable_parameters / plan.num_parameters:.2f}%)"
+        + (
+            ", the rest frozen in the model's dtype"
+            if plan.trainable_parameters < plan.num_parameters
+            else ""
+        ),
         f"  batch: global {plan.global_batch_size} = micro-batch {plan.micro_batch_size} x accumulation "
         f"{plan.accumulation_steps} x {lay['dp_size']} data-parallel ranks; seq_len {plan.seq_len}",
         f"  precision: params {s['param_dtype']}, mixed precision {'on' if s['mixed_precision'] else 'off'}; "

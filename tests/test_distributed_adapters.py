@@ -59,7 +59,17 @@ def launch(setup, name: str, backend: str, *extra) -> object:
 
 @pytest.fixture(scope="module")
 def lora_runs(setup):
-    return {backend: launch(setup, f"lora-{backend}", backend, *LORA) for backend in BACKENDS}
+    runs = {backend: launch(setup, f"lora-{backend}", backend, *LORA) for backend in ("single", "deepspeed")}
+    # FSDP2 also through the other weight-loading path (rank 0 reads the base model, shards are broadcast; the
+    # adapters filled as with per-rank loading) and with activation checkpointing: neither may change the result.
+    other = [
+        "--set",
+        "distributed.weight_loading=rank0_broadcast",
+        "--set",
+        "train.activation_checkpointing=true",
+    ]
+    runs["fsdp"] = launch(setup, "lora-fsdp", "fsdp", *LORA, *other)
+    return runs
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,7 @@ class FSDPBackend(Backend):
         # The base model's names, as the transformed model calls them (peft's base_layer).
         names = {adapters.checkpoint_key(n): n for n in model.lm.state_dict()}
         full = {names[k]: v for k, v in full.items() if k in names}
-        loading.load_full_from_rank0(model, full, strict=not adapters.transforms(self.config))
+        loading.load_full_from_rank0(model, full, strict=self.config.adapter.type == "none")
 
     def _local_model_folder(self) -> Path | None:
         """The model's folder on this host; a hub id is fetched (safetensors and JSON only) once per node."""

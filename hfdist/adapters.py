@@ -31,6 +31,8 @@ from dataclasses import asdict, replace
 from typing import Callable, Iterator, Optional
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hfdist.config import Config, parse_layers
@@ -138,8 +140,6 @@ def target_module_names(lm: nn.Module, requested: Optional[list[str]]) -> list[s
 
 def peft_config(config: Config, lm: nn.Module, base_model_name: Optional[str] = None):
     """The peft LoraConfig of ``config.adapter`` for ``lm``: explicit target names and block indices."""
-    from peft import LoraConfig  # noqa: PLC0415 (peft is imported where adapters are used)
-
     adapter = config.adapter
     blocks = len(decoder_layers(lm))
     first = first_trainable_block(config, blocks)
@@ -159,8 +159,6 @@ def peft_config(config: Config, lm: nn.Module, base_model_name: Optional[str] = 
 def apply_trainable(lm: nn.Module, config: Config, device: torch.device) -> None:
     """The transform (see the module docstring), in place; on ``meta`` the adapters stay empty for the backend."""
     if config.adapter.type == "lora":
-        from peft import inject_adapter_in_model  # noqa: PLC0415
-
         inject_adapter_in_model(
             peft_config(config, lm), lm, adapter_name=ADAPTER_NAME, low_cpu_mem_usage=True
         )
@@ -198,8 +196,6 @@ def trainable_modules(lm: nn.Module, last: int, lm_head: bool) -> list[nn.Module
 # ---- adapters' weights ------------------------------------------------------------------------------------------
 def lora_layers(lm: nn.Module) -> list[tuple[str, nn.Module]]:
     """(module name, peft LoRA layer) of every adapted module, in module order."""
-    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
-
     return [(name, m) for name, m in lm.named_modules() if isinstance(m, LoraLayer)]
 
 

@@ -629,7 +629,7 @@ def _trains_fields(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     theirs, ours = saved["adapter"] or {"type": "none"}, current["adapter"] or {"type": "none"}
     if theirs["type"] != ours["type"]:
         return rows + [("adapter.type", theirs["type"], ours["type"])]
-    return rows + [(f"adapter.{k}", theirs[k], ours[k]) for k in ours]
+    return rows + [(f"adapter.{k}", theirs.get(k), ours[k]) for k in ours]
 
 
 def _describe_base(base: dict) -> str:
@@ -644,7 +644,8 @@ def trained_state(model, optimizer) -> dict:
     """The DCP state of a model and its optimizer (single and FSDP backends), without frozen parameters: they
     are the base model's, which the run loads anyway (``check_setup`` makes sure it is the same one)."""
     options = StateDictOptions(full_state_dict=False)
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    # Every name of a frozen tensor: a tied head is frozen with its embedding.
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     state = get_model_state_dict(model, options=options)
     return {
         "model": {k: v for k, v in state.items() if k not in frozen},

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 import transformers
+from peft import PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -187,8 +188,6 @@ def is_adapter_folder(folder: Path) -> bool:
 def load_adapter_model(folder: Path, config: ModelConfig, device: torch.device) -> nn.Module:
     """The base model an adapter folder names (``base_model_name_or_path``) with the adapter merged into it (peft's
     ``merge_and_unload``): what ``hfdist generate/compare/evaluate`` run for ``--model RUN/adapter``."""
-    from peft import PeftModel  # noqa: PLC0415 (peft is imported where adapters are used)
-
     try:
         base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
     except (ValueError, KeyError):

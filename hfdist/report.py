@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import yaml
 
+from hfdist.adapters import count_configured_parameters, describe_trains
+from hfdist.config import load_config
 from hfdist.data import token_ids_to_pixels
 from hfdist.errors import HfdistError
 from hfdist.generation import CitationBlocker, continuation_ids, generate
@@ -656,9 +658,6 @@ def run_facts(run: Path) -> dict:
     steps (metrics.jsonl), the last epoch's mean train loss, and the held-out measures before and after training
     on each held-out set (summary.json: ``eval/<measure>`` for the main set, ``eval/<name>/<measure>`` for each
     extra)."""
-    from hfdist.adapters import count_configured_parameters, describe_trains  # noqa: PLC0415 (peft, on use)
-    from hfdist.config import load_config  # noqa: PLC0415
-
     config = load_config(run / "config.yaml")
     summary_path = run / "summary.json"
     if not summary_path.is_file():

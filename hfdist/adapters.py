@@ -52,16 +52,16 @@ def transforms(config: Config) -> bool:
     return config.adapter.type != "none" or config.train.trainable_layers != "all"
 
 
-def depth(hf_config) -> int:
-    return hf_config.num_hidden_layers
+def layer_selection(config: Config) -> tuple[str, str]:
+    """(field, value) of the blocks that train: the adapter's (``adapter.layers``) or ``train.trainable_layers``."""
+    if config.adapter.type != "none":
+        return "adapter.layers", config.adapter.layers
+    return "train.trainable_layers", config.train.trainable_layers
 
 
 def first_trainable_block(config: Config, num_blocks: int) -> int:
     """Index of the first decoder block whose parameters (or adapters) train; 0 for full fine-tuning."""
-    if config.adapter.type != "none":
-        last = parse_layers("adapter.layers", config.adapter.layers)
-    else:
-        last = parse_layers("train.trainable_layers", config.train.trainable_layers)
+    last = parse_layers(*layer_selection(config))
     return 0 if last is None else num_blocks - last
 
 
@@ -72,8 +72,7 @@ def check_trainable(config: Config, hf_config=None) -> None:
     if not transforms(config):
         return
     adapter = config.adapter
-    field = "adapter.layers" if adapter.type != "none" else "train.trainable_layers"
-    value = adapter.layers if adapter.type != "none" else config.train.trainable_layers
+    field, value = layer_selection(config)
     tp = config.distributed.tensor_parallel
     if tp > 1:
         name = "adapter.type" if adapter.type != "none" else field
@@ -85,7 +84,7 @@ def check_trainable(config: Config, hf_config=None) -> None:
     if hf_config is None:
         return
     last = parse_layers(field, value)
-    blocks = depth(hf_config)
+    blocks = hf_config.num_hidden_layers
     if last is not None and last > blocks:
         raise HfdistError(
             f"config field {field}: {value!r} asks for more blocks than the model's {blocks} decoder blocks"

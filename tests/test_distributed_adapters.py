@@ -153,8 +153,10 @@ def test_adapter_folder_loads_with_peft_and_gives_the_merged_logits(setup, lora_
 
         loaded = load_model(model_config_for(run_dir / "adapter", None, "float32")).eval()
         torch.testing.assert_close(loaded(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
-        # The adapter changes the base model's logits by more than the tolerance above.
-        assert (base(ids).logits - merged(ids).logits).abs().max() > 1e-5
+        # The adapter changes the base model's logits by more than the tolerance above (peft injected it into
+        # ``base`` in place: a fresh copy of the base model).
+        plain = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).eval()
+        assert (plain(ids).logits - merged(ids).logits).abs().max() > 1e-4
 
 
 def test_checkpoints_hold_only_what_trains(lora_runs, last_runs):

@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "gguf==0.19.0",
     "numpy>=1.26",
     "xxhash>=3.0",  # checkpoint checksums (XXH3-128); also a dependency of datasets
+    "peft==0.22.0",  # LoRA adapters (adapter.type: lora)
 ]
 
 EXTRAS = {

@@ -13,7 +13,9 @@ implementation, the machine and versions) and a markdown table, ratios against t
   ``hfdist-compile`` (``train.compile``: each decoder layer through ``torch.compile``; the warm-up steps
   pay the compilation), ``hfdist-unfused`` (``train.fused_loss=false``: HF logits and torch's loss),
   ``hfdist-ckpt`` (``train.activation_checkpointing``), ``hfdist-noprefetch`` (``train.prefetch=false``: the
-  batch is copied to the GPU inside the step; on a CPU the switch changes nothing).
+  batch is copied to the GPU inside the step; on a CPU the switch changes nothing), and what trains:
+  ``hfdist-last5`` (``train.trainable_layers=last:5``), ``hfdist-lora`` (``adapter.type=lora``: rank 16 on every
+  projection of every block) and ``hfdist-lora-last5`` (the same on the last 5 blocks).
 
 MFU (GPU) is the PaLM formula of ``hfdist.distributed.perf``: model FLOPs per token = 6 N + 12 L H Q T, with
 N the parameters outside the input embedding, L layers, H heads, Q head dim, T sequence length; MFU =
@@ -68,6 +70,11 @@ HFDIST_VARIANTS = {
     "hfdist-unfused": ["train.fused_loss=false"],
     "hfdist-ckpt": ["train.activation_checkpointing=true"],
     "hfdist-noprefetch": ["train.prefetch=false"],
+    # What trains (hfdist.adapters): the last 5 decoder blocks and the final norm; LoRA (rank 16, alpha 32) on every
+    # attention and MLP projection of all blocks, or of the last 5.
+    "hfdist-last5": ["train.trainable_layers=last:5"],
+    "hfdist-lora": ["adapter.type=lora"],
+    "hfdist-lora-last5": ["adapter.type=lora", "adapter.layers=last:5"],
 }
 
 

@@ -3,7 +3,9 @@
 # 3.12 on manylinux x86_64, into .whl/ at the repository root (git-ignored; the device call names it in
 # `carry`, and the suite's install step puts them on PYTHONPATH offline). Run it where PyPI is reachable.
 #
-#   benchmarks/fetch_gpu_wheels.sh                     # liger-kernel: the fused-loss benchmark's Liger rows
+#   benchmarks/fetch_gpu_wheels.sh                     # liger-kernel: the fused-loss benchmark's Liger rows;
+#                                                      #   peft: LoRA (adapter.type: lora; bench_train's
+#                                                      #   hfdist-lora rows)
 #   benchmarks/fetch_gpu_wheels.sh --with-scale-check  # + datasets, dill, multiprocess (gpu_scale_check.sh loads
 #                                                      #   its data through datasets; not a default suite step)
 #
@@ -11,14 +13,15 @@
 # safetensors, pyyaml, xxhash, tensorboard, matplotlib, tqdm, numpy, pytest, pytest-xdist, psutil) covers
 # hfdist's imports; datasets is imported only when a run loads data (no benchmark does) and gguf only for .gguf
 # checkpoints. Versions are the ones hfdist is tested with (setup.py). Liger's only requirements, torch and
-# triton, are there. The folder is replaced only once every download succeeded; the total must stay well
+# triton, are there; peft (pure Python) needs torch, transformers, accelerate, safetensors, huggingface_hub,
+# packaging, psutil, pyyaml, tqdm and numpy, all there. The folder is replaced only once every download succeeded; the total must stay well
 # under the 64 MiB a device call carries (the working tree travels too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DEST=.whl
 LIMIT_MB=32
-wheels=(liger-kernel==0.8.5)
+wheels=(liger-kernel==0.8.5 peft==0.22.0)
 case "${1:-}" in
   "") ;;
   --with-scale-check) wheels+=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19) ;;

@@ -15,7 +15,9 @@ compile check for sm_90 needs no GPU, so it shares that window with the compiled
 (one process each, as ``bench_train.py`` runs them), ``generate_b1``/``generate_b32``, and last the compiled
 training variants. ``scale_check`` (issue 12's ``gpu_scale_check.sh``) is not a default step: it does not fit
 the 8 minutes beside the rest; ``--steps scale_check`` runs it alone (it needs ``fetch_gpu_wheels.sh
---with-scale-check``).
+--with-scale-check``). Nor are the what-trains rows ``train_<BxT>_hfdist-lora`` and ``train_<BxT>_hfdist-last5``
+(LoRA and last-5-blocks training of the 1.24B shape): ``--steps train_8x256_hfdist,train_8x256_hfdist-lora,...``
+runs them beside the full-training row (they need peft, which ``fetch_gpu_wheels.sh`` fetches).
 
 Each step is one command in its own process group under its own time budget: a step past its budget is killed
 and keeps the rows it already printed; a failing step does not stop the others; the whole run stops starting
@@ -67,7 +69,11 @@ KERNEL_TESTS = [
 ]  # tests/test_kernels_compile.py is the compile_check step
 TRAIN_SHAPES = [(8, 256), (4, 2048)]  # the Llama 3.2 1B shape's two batches (issue 13)
 DRY_TRAIN_SHAPES = [(2, 32), (1, 64)]  # data.seq_len must hold the default context_len (32)
-OPTIONAL_STEPS = ("scale_check",)
+# What trains (hfdist.adapters), beside the full-training rows: LoRA on every block and the last 5 blocks trained.
+WHAT_TRAINS_IMPLS = ("hfdist-lora", "hfdist-last5")
+OPTIONAL_STEPS = ("scale_check",) + tuple(
+    f"train_{b}x{t}_{impl}" for b, t in TRAIN_SHAPES + DRY_TRAIN_SHAPES for impl in WHAT_TRAINS_IMPLS
+)
 
 
 @dataclasses.dataclass
@@ -369,6 +375,9 @@ def plan(dry_run: bool, scratch: Path) -> list:
         )
     # Last: the compiled training variants (compilation is the largest unknown of the run).
     steps += [train(b, t, "hfdist-compile", 60 if dry_run else 30, 5 if dry_run else 25) for b, t in shapes]
+    # Optional (they do not fit beside the default steps): `--steps train_8x256_hfdist-lora,...` in a call of their
+    # own, with `train_8x256_hfdist` for the full-training row of the same machine.
+    steps += [train(b, t, impl, 16, 11) for b, t in shapes for impl in WHAT_TRAINS_IMPLS]
     if not dry_run:
         steps.append(
             Step(

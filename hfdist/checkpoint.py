@@ -44,6 +44,13 @@ import xxhash
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
 from hfdist.distributed.watchdog import watchdog
@@ -54,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
+SETUP = "training_setup.json"  # the base model's identity and what trains (hfdist.adapters.training_setup)
 PREFIX = "step_"
 CHECKSUM = "xxh3_128"
 LEGACY_CHECKSUM = "sha256"  # manifests written before the per-rank checksums
@@ -498,12 +506,14 @@ def save(
     keep_last: int,
     async_: bool = False,
     on_written: Optional[Callable[[], None]] = None,
+    setup: Optional[dict] = None,
 ) -> Path:
     """Write a checkpoint for ``step`` atomically (all ranks call); prune to the last ``keep_last``.
 
     ``async_``: return once the state is copied to host memory; the write completes in the background (see the
     module docstring). ``on_written``: called once this rank's data files are written (the loop's
-    ``checkpoint_written`` hook). Weights holding NaN/inf are never saved: the save is refused with an error and
+    ``checkpoint_written`` hook). ``setup``: the base model's identity and what trains, checked by ``check_setup``
+    on resume. Weights holding NaN/inf are never saved: the save is refused with an error and
     earlier checkpoints stay."""
 
     final = root / step_folder_name(step)
@@ -531,6 +541,8 @@ def save(
                 write_file(
                     tmp, TRAINER_STATE, (json.dumps(trainer_state, indent=2) + "\n").encode(), small, 0
                 )
+                if setup is not None:
+                    write_file(tmp, SETUP, (json.dumps(setup, indent=2) + "\n").encode(), small, 0)
             records_future = backend.save_checkpoint(tmp, async_=async_, on_written=on_written)
             if async_:
                 executor = concurrent.futures.ThreadPoolExecutor(
@@ -584,6 +596,68 @@ def prune(root: Path, keep_last: int) -> None:
     complete = [p for p in list_checkpoints(root) if verify(p, checksums=False) is None]
     for folder in complete[:-keep_last]:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_setup(folder: Path, setup: dict) -> None:
+    """Refuse, in one line, to resume from a checkpoint made on another base model or training something else
+    than ``setup`` asks for (``{"base_model": ..., "trains": ...}``). A checkpoint without the record (hfdist before
+    it) trained every parameter of its base model."""
+    path = folder / SETUP
+    saved = json.loads(path.read_text()) if path.is_file() else {"base_model": None, "trains": None}
+    trains = saved["trains"] or {"trainable_layers": "all", "train_lm_head": False, "adapter": None}
+    differences = [
+        f"{name} {theirs!r} in the checkpoint, {ours!r} in the config"
+        for name, theirs, ours in _trains_fields(trains, setup["trains"])
+        if theirs != ours
+    ]
+    if differences:
+        raise HfdistError(
+            f"--resume {folder}: the checkpoint trained something else: {'; '.join(differences)} (resume with the "
+            "checkpoint's settings, or start a new run)"
+        )
+    base, own = saved["base_model"], setup["base_model"]
+    if base is not None and any(base[k] != own[k] for k in ("config_sha256", "weights_index_sha256")):
+        raise HfdistError(
+            f"--resume {folder}: the checkpoint was made on base model {_describe_base(base)}, this config's "
+            f"model.path is {_describe_base(own)}; resume with the base model it was made on"
+        )
+
+
+def _trains_fields(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(config field, checkpoint's value, config's value) of what trains; an absent adapter is type none."""
+    rows = [(f"train.{k}", saved[k], current[k]) for k in ("trainable_layers", "train_lm_head")]
+    theirs, ours = saved["adapter"] or {"type": "none"}, current["adapter"] or {"type": "none"}
+    if theirs["type"] != ours["type"]:
+        return rows + [("adapter.type", theirs["type"], ours["type"])]
+    return rows + [(f"adapter.{k}", theirs.get(k), ours[k]) for k in ours]
+
+
+def _describe_base(base: dict) -> str:
+    index = base["weights_index_sha256"]
+    return (
+        f"{base['path']} (config sha256 {base['config_sha256'][:12]}, weights index "
+        f"{index[:12] if index else 'none'})"
+    )
+
+
+def trained_state(model, optimizer) -> dict:
+    """The DCP state of a model and its optimizer (single and FSDP backends), without frozen parameters: they
+    are the base model's, which the run loads anyway (``check_setup`` makes sure it is the same one)."""
+    options = StateDictOptions(full_state_dict=False)
+    # Every name of a frozen tensor: a tied head is frozen with its embedding.
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    state = get_model_state_dict(model, options=options)
+    return {
+        "model": {k: v for k, v in state.items() if k not in frozen},
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+    }
+
+
+def load_trained_state(model, optimizer, state: dict) -> None:
+    """Restore what ``trained_state`` saved (and ``dcp.load`` filled in); frozen parameters keep their values."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not frozen))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def load(folder: Path, backend) -> dict:

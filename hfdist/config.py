@@ -162,6 +162,28 @@ class TrainConfig:
     preempt_signals: str = "SIGTERM,SIGUSR1"
     """Signals that stop training at the next step with a checkpoint and exit code 75 (hfdist.preemption): names
     from SIGTERM, SIGUSR1, SIGUSR2, SIGHUP, SIGINT, comma-separated; "" for none."""
+    trainable_layers: str = "all"
+    """Full fine-tuning of "all" parameters, or "last:N": the last N decoder blocks and the final norm only."""
+    train_lm_head: bool = False
+    """With trainable_layers last:N, the LM head trains too (with tied embeddings, the input embedding with it)."""
+
+
+@dataclass
+class AdapterConfig:
+    """A low-rank adapter (LoRA, built with peft) on the frozen base model: only the adapter trains."""
+
+    type: Literal["none", "lora"] = "none"
+    """"none": no adapter (what trains is train.trainable_layers); "lora": LoRA on the target modules."""
+    rank: PositiveInt = 16
+    """LoRA rank r (A is r x in, B is out x r)."""
+    alpha: PositiveFloat = 32.0
+    """LoRA alpha: the update is alpha / rank x B A."""
+    dropout: Annotated[float, Range(low=0, high=1)] = 0.0
+    """Dropout on the adapter's input (0: none, as hyperfitting memorises)."""
+    target_modules: Optional[list[str]] = None
+    """Linear layers of the decoder blocks to adapt, by name (q_proj, mlp.down_proj); None: all of them."""
+    layers: str = "all"
+    """The decoder blocks that get adapters: "all" or "last:N"."""
 
 
 @dataclass
@@ -253,6 +275,8 @@ class ExportConfig:
     """dtype of the exported safetensors; "auto": the model's own (config.json; bfloat16 for Llama 3), else fp32."""
     max_shard_size_mb: PositiveInt = 5000
     """The safetensors files are cut at this size (a tensor is never split)."""
+    adapter: Literal["merged", "adapter", "both"] = "merged"
+    """With adapter.type lora: RUN/model holds the merged weights, RUN/adapter the PEFT adapter folder, or both."""
 
 
 @dataclass
@@ -261,6 +285,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -281,6 +306,11 @@ def _convert(value: Any, annotation: Any, name: str) -> Any:
         return _convert(value, typing.get_args(annotation)[0], name)
     if origin is Literal:
         return _convert(value, type(typing.get_args(annotation)[0]), name)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, list):
+            return [_convert(v, item, name) for v in value]
+        raise HfdistError(f"config field {name}: expected a list, got {value!r} ({type(value).__name__})")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
@@ -441,9 +471,50 @@ def validate(config: Config) -> None:
             "config field checkpoint.async: supported with distributed.backend single and fsdp (DCP "
             "checkpoints); DeepSpeed writes its own checkpoints synchronously"
         )
+    _validate_trainable(config)
     if config.model.gguf_file and config.model.init == "random":
         raise HfdistError(
             "config field model.gguf_file: a gguf file holds weights; it needs model.init=pretrained"
+        )
+
+
+def parse_layers(name: str, value: str) -> Optional[int]:
+    """A layer selection: "all" -> None, "last:N" -> N (N >= 1); anything else is refused naming the field."""
+    match = re.fullmatch(r"last:(\d+)", value)
+    if value != "all" and (match is None or int(match.group(1)) < 1):
+        raise HfdistError(f"config field {name}: {value!r} must be 'all' or 'last:N' with N >= 1")
+    return None if value == "all" else int(match.group(1))
+
+
+def _validate_trainable(config: Config) -> None:
+    """What trains (train.trainable_layers, adapter.*, export.adapter); checks against the model's depth and module
+    names are hfdist.adapters.check_trainable's (they need the model's config)."""
+    train, adapter = config.train, config.adapter
+    last = parse_layers("train.trainable_layers", train.trainable_layers)
+    parse_layers("adapter.layers", adapter.layers)
+    if train.train_lm_head and last is None:
+        raise HfdistError(
+            "config field train.train_lm_head: needs train.trainable_layers last:N (with 'all' the head trains "
+            "anyway)"
+        )
+    if adapter.type == "none":
+        if config.export.adapter != "merged":
+            raise HfdistError(
+                f"config field export.adapter: {config.export.adapter!r} needs adapter.type lora (there is no "
+                "adapter to export)"
+            )
+        return
+    if last is not None:
+        raise HfdistError(
+            f"config field train.trainable_layers: {train.trainable_layers!r} trains base blocks fully, but "
+            f"adapter.type {adapter.type} freezes the base model (choose the adapter's blocks with adapter.layers)"
+        )
+    if adapter.target_modules is not None and (
+        not adapter.target_modules or not all(name.strip() for name in adapter.target_modules)
+    ):
+        raise HfdistError(
+            f"config field adapter.target_modules: {adapter.target_modules!r} must name at least one module "
+            "(or be null: every linear layer of the decoder blocks)"
         )
 
 

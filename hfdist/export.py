@@ -30,17 +30,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers.dynamic_module_utils import custom_object_save
 
+from hfdist import adapters
 from hfdist.distributed.loading import local_slices
 from hfdist.errors import HfdistError
 from hfdist.io import fsync_dir, move_into_place
-from hfdist.models import ModelConfigUnreadable, declared_dtype, read_hf_config
+from hfdist.models import ModelConfigUnreadable, declared_dtype, read_hf_config, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Piece:
 
     offset: tuple[int, ...]
     shape: tuple[int, ...]
-    data: torch.Tensor
+    data: torch.Tensor | Callable[[], torch.Tensor]  # a callable computes it when written (a merged adapter)
     flat: bool = False
 
 
@@ -96,9 +97,11 @@ class FileLayout:
     size: int  # the whole file
 
 
-def plan_layout(tensors: list[ExportTensor], dtype: torch.dtype, max_shard_bytes: int) -> list[FileLayout]:
+def plan_layout(
+    tensors: list[ExportTensor], dtype: torch.dtype, max_shard_bytes: float, basename: str = "model"
+) -> list[FileLayout]:
     """Cut the tensors, in order, into files of at most ``max_shard_bytes`` (a tensor is never split; a larger one
-    gets a file of its own) and lay out each file's safetensors header; HF's file names."""
+    gets a file of its own) and lay out each file's safetensors header; HF's file names (``basename`` "model")."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     groups: list[list[ExportTensor]] = [[]]
     size = 0
@@ -112,7 +115,9 @@ def plan_layout(tensors: list[ExportTensor], dtype: torch.dtype, max_shard_bytes
     layouts = []
     for index, group in enumerate(groups, start=1):
         name = (
-            "model.safetensors" if len(groups) == 1 else f"model-{index:05d}-of-{len(groups):05d}.safetensors"
+            f"{basename}.safetensors"
+            if len(groups) == 1
+            else f"{basename}-{index:05d}-of-{len(groups):05d}.safetensors"
         )
         header: dict = {"__metadata__": {"format": "pt"}}
         offsets, position = {}, 0
@@ -165,7 +170,8 @@ def runs(shape: tuple[int, ...], piece: Piece) -> Iterator[tuple[int, int]]:
 
 
 def _piece_bytes(piece: Piece, dtype: torch.dtype) -> memoryview:
-    data = piece.data.detach().to("cpu", dtype).contiguous().reshape(-1)
+    data = piece.data() if callable(piece.data) else piece.data
+    data = data.detach().to("cpu", dtype).contiguous().reshape(-1)
     return memoryview(data.view(torch.uint8).numpy())
 
 
@@ -245,12 +251,52 @@ def save_model_files(folder: Path, lm, tokenizer, dtype: torch.dtype) -> None:
 
 def export_model(backend, folder: Path, tokenizer, config) -> dict:
     """Write the final model into ``folder`` (all ranks call; atomic: a temporary sibling renamed into place, an
-    existing ``folder`` kept until the new one is complete). Returns what was written (rank 0's view)."""
-    started = time.perf_counter()
-    folder = Path(folder)
+    existing ``folder`` kept until the new one is complete). An adapter (``hfdist.adapters``) is merged into its
+    base weights, piece by piece. Returns what was written (rank 0's view)."""
     dtype = export_dtype(config)
     tensors = backend.export_tensors()
-    layouts = plan_layout(tensors, dtype, config.export.max_shard_size_mb * 2**20)
+    lm = backend.unwrapped_lm()
+    if config.adapter.type != "none":
+        tensors = adapters.merged_tensors(tensors, lm, backend.full_tensor)
+
+    def model_files(tmp: Path) -> None:
+        save_model_files(tmp, lm, tokenizer, dtype)
+
+    return write_folder(backend, folder, tensors, dtype, config.export.max_shard_size_mb * 2**20, model_files)
+
+
+def export_adapter(backend, folder: Path, tokenizer, config) -> dict:
+    """Write the PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors`` in fp32, the tokenizer):
+    ``PeftModel.from_pretrained(base, folder)`` loads it, vLLM serves it. Every rank writes its own pieces."""
+    lm = backend.unwrapped_lm()
+    tensors = adapters.adapter_tensors(backend.export_tensors())
+
+    def adapter_files(tmp: Path) -> None:
+        base = resolve_model_path(config.model.path)
+        adapters.peft_config(config, lm, base_model_name=base).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_folder(
+        backend, folder, tensors, torch.float32, math.inf, adapter_files, basename="adapter_model"
+    )
+
+
+def write_folder(
+    backend,
+    folder: Path,
+    tensors: list[ExportTensor],
+    dtype: torch.dtype,
+    max_shard_bytes: float,
+    write_files: Callable[[Path], None],
+    basename: str = "model",
+) -> dict:
+    """The export's one pass (see the module docstring): rank 0 lays out the files, every rank writes its pieces,
+    rank 0 adds the index (when there are several files or ``basename`` is "model") and ``write_files(tmp)``, then
+    renames the folder into place."""
+    started = time.perf_counter()
+    folder = Path(folder)
+    layouts = plan_layout(tensors, dtype, max_shard_bytes, basename)
     tmp = None
     if backend.is_main:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -261,8 +307,9 @@ def export_model(backend, folder: Path, tokenizer, config) -> dict:
         written = write_shards(tmp, tensors, layouts, dtype, backend.rank, backend.barrier)
         backend.barrier()  # every rank's pieces are written and fsynced
         if backend.is_main:
-            write_index(tmp, layouts)
-            save_model_files(tmp, backend.unwrapped_lm(), tokenizer, dtype)
+            if basename == "model":
+                write_index(tmp, layouts)
+            write_files(tmp)
             for path in tmp.iterdir():
                 if path.is_file() and not path.name.endswith(".safetensors"):
                     with open(path, "rb") as f:

@@ -343,39 +343,97 @@ def mean_ttr_over_position(generations: Sequence[Sequence[int]], window: int = 9
 
 # ------------------------------------------------------------------------------------ the model's predictions
 @torch.no_grad()
+def _predicted_logits(
+    model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], batch_size: int
+):
+    """(logits [positions, V], targets [positions]) of each row's predicted positions (tokens 1..L-1 from the tokens
+    before; a position counts when it and the token before are unmasked), one row at a time, in eval mode."""
+    if input_ids.ndim != 2:
+        raise HfdistError(f"input_ids: expected [batch, length], got shape {tuple(input_ids.shape)}")
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(input_ids), batch_size):
+            ids = input_ids[start : start + batch_size].to(device=device, dtype=torch.long)
+            mask = (
+                torch.ones_like(ids)
+                if attention_mask is None
+                else attention_mask[start : start + batch_size].to(device=device, dtype=torch.long)
+            )
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            for row in range(
+                len(ids)
+            ):  # one row at a time: at most [L, V] fp32 temporaries besides the logits
+                keep = (mask[row, 1:] * mask[row, :-1]).bool()
+                yield logits[row, :-1][keep].float(), ids[row, 1:][keep]
+            del logits
+    finally:
+        model.train(was_training)
+
+
 def next_token_stats(
     model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *, batch_size: int = 8
 ) -> dict:
     """Per predicted position (tokens 1..L-1 from the tokens before; a position counts when it and the
     token before are unmasked): ``nll`` (nats), ``entropy`` (nats), ``top1``/``top3``/``top5`` (probability
     mass of the k most probable tokens); each a float64 numpy array, positions of all rows concatenated."""
-    if input_ids.ndim != 2:
-        raise HfdistError(f"input_ids: expected [batch, length], got shape {tuple(input_ids.shape)}")
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
     parts: dict = {k: [] for k in ("nll", "entropy", "top1", "top3", "top5")}
-    for start in range(0, len(input_ids), batch_size):
-        ids = input_ids[start : start + batch_size].to(device=device, dtype=torch.long)
-        mask = (
-            torch.ones_like(ids)
-            if attention_mask is None
-            else attention_mask[start : start + batch_size].to(device=device, dtype=torch.long)
-        )
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        for row in range(len(ids)):  # one row at a time: at most [L, V] fp32 temporaries besides the logits
-            keep = (mask[row, 1:] * mask[row, :-1]).bool()
-            logp = torch.log_softmax(logits[row, :-1][keep].float(), dim=-1)
-            target = ids[row, 1:][keep]
-            p = logp.exp()
-            parts["nll"].append(-logp.gather(1, target[:, None])[:, 0])
-            parts["entropy"].append(-(p * logp).sum(-1))
-            top = p.topk(min(5, p.shape[-1]), dim=-1).values.cumsum(-1)
-            for k in (1, 3, 5):
-                parts[f"top{k}"].append(top[:, min(k, top.shape[-1]) - 1])
-        del logits
-    model.train(was_training)
+    for logits, target in _predicted_logits(model, input_ids, attention_mask, batch_size):
+        logp = torch.log_softmax(logits, dim=-1)
+        p = logp.exp()
+        parts["nll"].append(-logp.gather(1, target[:, None])[:, 0])
+        parts["entropy"].append(-(p * logp).sum(-1))
+        top = p.topk(min(5, p.shape[-1]), dim=-1).values.cumsum(-1)
+        for k in (1, 3, 5):
+            parts[f"top{k}"].append(top[:, min(k, top.shape[-1]) - 1])
     return {k: torch.cat(v).double().cpu().numpy() if v else np.zeros(0) for k, v in parts.items()}
+
+
+def heldout_logits(
+    model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *, batch_size: int = 8
+) -> torch.Tensor:
+    """The model's next-token logits at every predicted held-out position (as ``next_token_stats`` counts them),
+    [positions, V], fp32 on the host: positions x V x 4 bytes (16 x 127 x 49152: 0.4 GB for the demo)."""
+    rows = [logits.cpu() for logits, _ in _predicted_logits(model, input_ids, attention_mask, batch_size)]
+    if not rows:
+        raise HfdistError("held-out logits: no predicted tokens (sequences shorter than 2 tokens?)")
+    return torch.cat(rows)
+
+
+def mean_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 1024) -> float:
+    """Mean entropy (nats) of ``softmax(logits / temperature)`` over the rows of ``logits`` [positions, V]."""
+    total = 0.0
+    for start in range(0, len(logits), chunk):
+        logp = torch.log_softmax(logits[start : start + chunk].double() / temperature, dim=-1)
+        total += float(-(logp.exp() * logp).sum())
+    return total / len(logits)
+
+
+def matched_temperature(
+    logits: torch.Tensor, target_entropy: float, *, tolerance: float = 1e-4, max_steps: int = 60
+) -> dict:
+    """The sampling temperature T* at which the mean next-token entropy of ``logits`` (a model's, on held-out
+    positions: ``heldout_logits``) equals ``target_entropy`` (another model's on the same positions), found by
+    bisection (the entropy grows with T): ``{"temperature", "entropy", "target_entropy", "steps"}``."""
+    if not target_entropy > 0:
+        raise HfdistError(f"matched temperature: the target entropy must be > 0, got {target_entropy}")
+    low, high = 1e-3, 1.0
+    while mean_entropy(logits, high) < target_entropy:  # above the model's own entropy: T* > 1
+        low, high = high, 2 * high
+        if high > 1e3:
+            raise HfdistError(
+                f"matched temperature: the target entropy {target_entropy:.4f} nats is beyond this model's "
+                "entropy at any temperature up to 1000"
+            )
+    steps, temperature, entropy = 0, high, mean_entropy(logits, high)
+    while steps < max_steps and abs(entropy - target_entropy) > tolerance:
+        temperature = (low * high) ** 0.5  # bisection of log T: the entropy changes over orders of magnitude
+        entropy = mean_entropy(logits, temperature)
+        low, high = (temperature, high) if entropy < target_entropy else (low, temperature)
+        steps += 1
+    return {"temperature": temperature, "entropy": entropy, "target_entropy": target_entropy, "steps": steps}
 
 
 def summarize_next_token_stats(stats: dict) -> dict:

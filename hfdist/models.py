@@ -4,6 +4,7 @@ that computes the training loss without logits."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -14,6 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 import transformers
+from peft import PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -163,7 +165,12 @@ def resolve_model_path(path: str) -> str:
         return str(prepare_tiny_imagegpt())
     local = Path(path).expanduser()
     if local.exists():
-        if local.is_dir() and not (local / "config.json").is_file() and not any(local.glob("*.gguf")):
+        if (
+            local.is_dir()
+            and not (local / "config.json").is_file()
+            and not any(local.glob("*.gguf"))
+            and not is_adapter_folder(local)
+        ):
             raise HfdistError(
                 f"model.path {path!r}: folder has no config.json (not a Hugging Face model folder)"
             )
@@ -171,6 +178,22 @@ def resolve_model_path(path: str) -> str:
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise HfdistError(f"model.path {path!r}: no such file or folder")
     return path  # a hub id; transformers reports if it cannot be fetched
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A PEFT adapter folder (``adapter_config.json``, no model of its own), as ``export.adapter`` writes it."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def load_adapter_model(folder: Path, config: ModelConfig, device: torch.device) -> nn.Module:
+    """The base model an adapter folder names (``base_model_name_or_path``) with the adapter merged into it (peft's
+    ``merge_and_unload``): what ``hfdist generate/compare/evaluate`` run for ``--model RUN/adapter``."""
+    try:
+        base_path = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError):
+        raise HfdistError(f"model.path {str(folder)!r}: adapter_config.json names no base model") from None
+    base = load_model(dataclasses.replace(config, path=base_path), device)
+    return PeftModel.from_pretrained(base, folder).merge_and_unload()
 
 
 def shipped_architecture_for(path: str) -> Optional[str]:
@@ -222,6 +245,35 @@ def read_hf_config(config: ModelConfig, prefer_shipped: bool = False):
             ARCHITECTURES_DIR / f"{shipped}.json",
         )
         return architecture_config(shipped)
+
+
+def model_identity(config: ModelConfig) -> dict:
+    """What identifies a base model, recorded in checkpoints of runs that keep it frozen: its path and revision,
+    the SHA-256 of its config (config.json's bytes for a local folder, the config's JSON otherwise) and of its
+    weights' index (``model.safetensors.index.json``, or a single file's safetensors header: names, dtypes,
+    shapes, offsets; None without weights in safetensors, e.g. ``model.init: random``)."""
+    path = resolve_model_path(config.path)
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        config_bytes = (folder / "config.json").read_bytes()
+    else:
+        try:
+            hf_config = read_hf_config(config, prefer_shipped=True)
+            config_bytes = hf_config.to_json_string(use_diff=False).encode()
+        except ModelConfigUnreadable:
+            config_bytes = None  # the loading reports it
+    index = None
+    if config.init == "pretrained" and (folder / "model.safetensors.index.json").is_file():
+        index = (folder / "model.safetensors.index.json").read_bytes()
+    elif config.init == "pretrained" and (folder / "model.safetensors").is_file():
+        with open(folder / "model.safetensors", "rb") as f:
+            index = f.read(int.from_bytes(f.read(8), "little"))
+    return {
+        "path": config.path,
+        "revision": config.revision,
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest() if config_bytes is not None else None,
+        "weights_index_sha256": hashlib.sha256(index).hexdigest() if index is not None else None,
+    }
 
 
 def declared_dtype(hf_config) -> Optional[torch.dtype]:
@@ -349,6 +401,8 @@ def load_model(config: ModelConfig, device: torch.device = torch.device("cpu")) 
     """The Hugging Face causal model named by the config, on ``device`` (``meta`` builds it without weights)."""
 
     dtype = DTYPES[config.dtype]
+    if is_adapter_folder(Path(config.path).expanduser()):
+        return load_adapter_model(Path(config.path).expanduser(), config, device)
     hf_config = None
     if config.path in architecture_names():
         hf_config = architecture_config(config.path)

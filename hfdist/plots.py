@@ -54,29 +54,32 @@ def plot_ttr_over_position(curves: dict[str, list[float]], path, window: int = 9
     _save(fig, Path(path))
 
 
-def plot_training_curves(records: list[dict], path) -> None:
-    """Per-epoch mean training loss (log scale) and entropy, with the held-out evaluations beside them."""
-    epochs = [r for r in records if r.get("kind") == "epoch"]
-    evals = [r for r in records if r.get("kind") == "eval"]
+def plot_training_curves(records, path) -> None:
+    """Per-epoch mean training loss (log scale) and entropy, with the held-out evaluations beside them; ``records``
+    is one run's metrics.jsonl records, or several runs' keyed by name (overlaid)."""
+    runs = records if isinstance(records, dict) else {"": records}
     fig = _figure(10, 4)
     for col, (metric, label) in enumerate((("loss", "loss (nats/token)"), ("entropy", "entropy (nats)"))):
         ax = fig.add_subplot(1, 2, col + 1)
-        for rows, prefix, style in ((epochs, "train", "o-"), (evals, "eval", "s--")):
-            points = [
-                (r.get("epoch", 0), r[f"{prefix}/{metric}"])
-                for r in rows
-                if isinstance(r.get(f"{prefix}/{metric}"), (int, float))
-            ]
-            if points:
-                x, y = zip(*points)
-                ax.plot(x, y, style, markersize=3, label=f"{prefix} {metric}")
+        for run, run_records in runs.items():
+            epochs = [r for r in run_records if r.get("kind") == "epoch"]
+            evals = [r for r in run_records if r.get("kind") == "eval"]
+            for rows, prefix, style in ((epochs, "train", "o-"), (evals, "eval", "s--")):
+                points = [
+                    (r.get("epoch", 0), r[f"{prefix}/{metric}"])
+                    for r in rows
+                    if isinstance(r.get(f"{prefix}/{metric}"), (int, float))
+                ]
+                if points:
+                    x, y = zip(*points)
+                    ax.plot(x, y, style, markersize=3, label=f"{run + ': ' if run else ''}{prefix} {metric}")
         if metric == "loss" and ax.has_data():
             ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.has_data():
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8 if len(runs) == 1 else 6)
         else:
             ax.text(0.5, 0.5, "no records in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle("Hyperfitting: loss and entropy per epoch")

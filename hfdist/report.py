@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import yaml
 
+from hfdist.adapters import count_configured_parameters, describe_trains
+from hfdist.config import load_config
 from hfdist.data import token_ids_to_pixels
 from hfdist.errors import HfdistError
 from hfdist.generation import CitationBlocker, continuation_ids, generate
@@ -49,7 +51,9 @@ from hfdist.io import (
 )
 from hfdist.metrics import (
     generation_metrics,
+    heldout_logits,
     image_completion_metrics,
+    matched_temperature,
     mean_ttr_over_position,
     next_token_stats,
     summarize_next_token_stats,
@@ -71,10 +75,17 @@ from hfdist.plots import (
 
 logger = logging.getLogger(__name__)
 
-ROWS = ("original_greedy", "original_top_p", "hyperfitted_greedy", "hyperfitted_greedy_blocker")
+ROWS = (
+    "original_greedy",
+    "original_top_p",
+    "original_matched_entropy",
+    "hyperfitted_greedy",
+    "hyperfitted_greedy_blocker",
+)
 ROW_LABELS = {
     "original_greedy": ("Original", "Greedy"),
     "original_top_p": ("Original", "Top-p"),
+    "original_matched_entropy": ("Original", "Sampled at matched entropy"),
     "hyperfitted_greedy": ("Hyperfitted", "Greedy"),
     "hyperfitted_greedy_blocker": ("Hyperfitted", "Greedy + citation blocker"),
 }
@@ -87,8 +98,14 @@ def row_title(name: str) -> str:
 
 
 def row_labels(name: str, settings: dict) -> tuple[str, str]:
-    """A table row's model and decoding columns, the decoding with the settings that ran it."""
+    """A table row's model and decoding columns, the decoding with the settings that ran it; a row of a
+    multi-run table (``compare_runs``: "RUN:row") has the run's name before its model."""
+    run, _, name = name.rpartition(":")
     model, decoding = ROW_LABELS.get(name, (name, ""))
+    if run:
+        model = f"{run}: {model}"
+    if name == "original_matched_entropy":
+        decoding = f"Sampled at matched entropy (T*={settings.get('temperature'):.3f})"
     if name == "original_top_p":
         decoding = (
             f"Top-p (p={settings.get('top_p')}, T={settings.get('temperature')}, k={settings.get('top_k')})"
@@ -113,6 +130,10 @@ class CompareSettings:
     stop_at_eos: bool = False  # the protocol generates a fixed number of tokens
     device: str = "auto"
     dtype: str = "float32"
+    matched_entropy: bool = (
+        True  # text runs: the original model sampled at the hyperfitted one's entropy (T*)
+    )
+    include_original: bool = True  # the original model's greedy and top-p rows (compare_runs shares them)
 
 
 # -------------------------------------------------------------------------------------------------- tables
@@ -276,7 +297,9 @@ def run_comparison(
         if base is None:
             base_section = _read_run_config(run)
             base = base_section["path"]
-        hyperfitted = hyperfitted or str(run / "model")
+        # The merged model, or the adapter folder of a run that exported only that (export.adapter: adapter).
+        only_adapter = not (run / "model").exists() and (run / "adapter").is_dir()
+        hyperfitted = hyperfitted or str(run / ("adapter" if only_adapter else "model"))
         contexts_path = contexts_path or run / "data" / "contexts.npy"
         train_path = train_path or run / "data" / "train_token_ids.npy"
         validation_path = validation_path or run / "data" / "validation_token_ids.npy"
@@ -335,7 +358,9 @@ def run_comparison(
     completions: dict[str, list] = {}
     clusters = None
     plans = {
-        "base": [
+        "base": []
+        if not settings.include_original
+        else [
             ("original_greedy", {"strategy": "greedy"}),
             (
                 "original_top_p",
@@ -350,11 +375,15 @@ def run_comparison(
         ],
         "hyperfitted": [("hyperfitted_greedy", {"strategy": "greedy"})],
     }
+    # The matched-entropy control: the original model sampled (temperature only) at the T* where its mean next-token
+    # entropy on the held-out sequences equals the hyperfitted model's there. The hyperfitted model goes first.
+    matched = settings.matched_entropy and image is None and validation is not None
+    matched_temperature_found = None
     if blocker is not None:
         plans["hyperfitted"].append(
             ("hyperfitted_greedy_blocker", {"strategy": "greedy", "blocker": blocker})
         )
-    for which, path in (("base", base), ("hyperfitted", hyperfitted)):
+    for which, path in (("hyperfitted", hyperfitted), ("base", base)):
         model_config = model_config_for(path, base_section if which == "base" else None, settings.dtype)
         logger.info("compare: loading the %s model %s", which, path)
         if image is not None:
@@ -367,6 +396,28 @@ def run_comparison(
             eos = tokenizer.eos_token_id if settings.stop_at_eos else None
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         model = load_model(model_config, device).eval()
+        if which == "base" and matched:
+            logits = heldout_logits(model, torch.from_numpy(validation), batch_size=8)
+            matched_temperature_found = matched_temperature(logits, heldout["hyperfitted"]["entropy"])
+            del logits
+            logger.info(
+                "compare: matched entropy %.4f nats at T* = %.4f (%d bisection steps)",
+                matched_temperature_found["entropy"],
+                matched_temperature_found["temperature"],
+                matched_temperature_found["steps"],
+            )
+            plans["base"].append(
+                (
+                    "original_matched_entropy",
+                    {
+                        "strategy": "sample",
+                        "temperature": matched_temperature_found["temperature"],
+                        "top_p": 1.0,
+                        "top_k": 0,
+                        "seed": settings.seed,
+                    },
+                )
+            )
         for name, options in plans[which]:
             logger.info(
                 "compare: %s on %d contexts, %d new tokens", name, len(contexts), settings.max_new_tokens
@@ -410,6 +461,9 @@ def run_comparison(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     rows = {name: rows[name] for name in ROWS if name in rows}
+    curves = {name: curves[name] for name in rows}
+    heldout = {name: heldout[name] for name in ("base", "hyperfitted") if name in heldout}
+    top1 = {name: top1[name] for name in ("base", "hyperfitted") if name in top1}
 
     plot_ttr_over_position(
         {row_title(name): curve for name, curve in curves.items()},
@@ -458,6 +512,7 @@ def run_comparison(
         "device": str(device),
         "rows": rows,
         "heldout": heldout,
+        "matched_temperature": matched_temperature_found,
         "ttr_over_position": curves,
         "plots": plots,
         "image": image,
@@ -504,6 +559,15 @@ def format_report(report: dict, sample_texts: Optional[dict] = None) -> str:
             f"an earlier one in the same generation. Overlap: share of generations sharing a run of more than "
             f"{s['min_run']} consecutive tokens with a training sequence; longest overlap: mean longest shared run.",
         ]
+        match = report.get("matched_temperature")
+        if match:
+            parts += [
+                "",
+                f"Sampled at matched entropy: the original model with temperature sampling only (no top-p or top-k) "
+                f"at T* = {match['temperature']:.4f}, where its mean next-token entropy on the held-out sequences "
+                f"({match['entropy']:.4f} nats) equals the hyperfitted model's ({match['target_entropy']:.4f}); T* "
+                "found by bisection on the original model's held-out logits.",
+            ]
     if report["heldout"]:
         parts += [
             "",
@@ -518,4 +582,174 @@ def format_report(report: dict, sample_texts: Optional[dict] = None) -> str:
             model, decoding = ROW_LABELS.get(name, (name, ""))
             snippet = " ".join(text.split())[:400]
             parts += [f"**{model}, {decoding.lower()}**: {snippet}", ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------- several runs
+SHARED_ORIGINAL_ROWS = ("original_greedy", "original_top_p")
+
+
+def compare_runs(run_dirs, *, out_dir=None, settings: Optional[CompareSettings] = None, **overrides) -> dict:
+    """Several hyperfit runs side by side: each run's own comparison (``run_comparison`` into ``OUT/<run>``), then
+    one table with a row per run and decoding (the original model's greedy and top-p rows once, when every run has
+    the same base model and contexts), the runs' training facts (``run_facts``), and the plots overlaid. Writes
+    ``OUT/report.md``, ``OUT/report.json``, ``OUT/ttr_over_position.png``, ``OUT/training_curves.png``."""
+    settings = dataclasses.replace(settings or CompareSettings(), **overrides)
+    runs = [Path(r) for r in run_dirs]
+    if len(runs) < 2:
+        raise HfdistError("--runs: give two run folders or more (one run: --run RUN)")
+    for run in runs:
+        if not (run / "config.yaml").is_file():
+            raise HfdistError(f"--runs {str(run)!r}: not a hyperfit run folder (no config.yaml)")
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise HfdistError(
+            f"--runs: two runs share a folder name ({', '.join(names)}); their rows need their names"
+        )
+    out = Path(out_dir) if out_dir is not None else runs[0].parent / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    reports, rows, curves = {}, {}, {}
+    shared = None  # the first run's original rows, reused by the runs with the same base model and contexts
+    for name, run in zip(names, runs):
+        same = shared is not None and _same_original(runs[0], run)
+        report = run_comparison(
+            run, out_dir=out / name, settings=dataclasses.replace(settings, include_original=not same)
+        )
+        reports[name] = report
+        for row, metrics in report["rows"].items():
+            key = row if shared is None and row in SHARED_ORIGINAL_ROWS else f"{name}:{row}"
+            rows[key] = metrics
+            curves[f"{name}: {row_title(row)}" if key != row else row_title(row)] = report[
+                "ttr_over_position"
+            ][row]
+        if shared is None:
+            shared = name
+    facts = {name: run_facts(run) for name, run in zip(names, runs)}
+    plot_ttr_over_position(curves, out / "ttr_over_position.png", settings.window)
+    plot_training_curves(
+        {name: read_metrics(run / "metrics.jsonl") for name, run in zip(names, runs)},
+        out / "training_curves.png",
+    )
+    combined = {
+        "runs": {name: str(run) for name, run in zip(names, runs)},
+        "settings": dataclasses.asdict(settings),
+        "rows": rows,
+        "facts": facts,
+        "matched_temperature": {name: r.get("matched_temperature") for name, r in reports.items()},
+        "heldout": {name: r["heldout"] for name, r in reports.items()},
+        "plots": ["ttr_over_position.png", "training_curves.png"],
+    }
+    atomic_write_json(out / "report.json", combined)
+    atomic_write_text(out / "report.md", format_runs_report(combined))
+    logger.info("compare: report of %d runs in %s", len(runs), out)
+    return combined
+
+
+def _same_original(first: Path, run: Path) -> bool:
+    """Whether two runs decode the same contexts with the same base model (their original rows are the same)."""
+    same_base = _read_run_config(first) == _read_run_config(run)
+    contexts = [load_token_array(r / "data" / "contexts.npy", "contexts") for r in (first, run)]
+    return same_base and np.array_equal(*contexts)
+
+
+def run_facts(run: Path) -> dict:
+    """What a run cost and gave, from its own files: what trained and how many parameters (summary.json, else
+    counted on the meta device from config.yaml), the highest peak memory and the median step time of its logged
+    steps (metrics.jsonl), the last epoch's mean train loss, and the held-out measures before and after training
+    on each held-out set (summary.json: ``eval/<measure>`` for the main set, ``eval/<name>/<measure>`` for each
+    extra)."""
+    config = load_config(run / "config.yaml")
+    summary_path = run / "summary.json"
+    if not summary_path.is_file():
+        raise HfdistError(f"{str(summary_path)!r}: missing (did the run finish?)")
+    summary = json.loads(summary_path.read_text())
+    parameters = summary.get("parameters") or count_configured_parameters(config)
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "step"]
+    sets = {"eval": config.data.source}
+    sets.update(
+        {f"eval/{config.eval.extra.name}": config.eval.extra.name} if config.eval.extra.source else {}
+    )
+    heldout = {}
+    for prefix, label in sets.items():
+        heldout[label] = {
+            measure: {
+                "base": summary["base"].get(f"{prefix}/{measure}"),
+                "hyperfitted": summary["hyperfitted"].get(f"{prefix}/{measure}"),
+            }
+            for measure in (f"ttr{config.eval.ttr_window}", "entropy", "loss")
+        }
+    return {
+        "trains": describe_trains(config),
+        "learning_rate": config.optim.lr,
+        "parameters": parameters,
+        "peak_memory_gib": max((r["memory/peak_gib"] for r in steps), default=None),
+        "step_time_s_median": float(np.median([r["perf/step_time_s"] for r in steps])) if steps else None,
+        "steps": summary.get("steps"),
+        "final_train_loss": summary.get("train_loss_last_epoch"),
+        "heldout": heldout,
+    }
+
+
+def format_facts_table(facts: dict) -> str:
+    """One line per run: what trained, its cost, and the held-out measures of each set (base -> hyperfitted)."""
+    sets = list(next(iter(facts.values()))["heldout"])
+    measures = [m for m in next(iter(next(iter(facts.values()))["heldout"].values())) if m != "loss"]
+    header = [
+        "Run",
+        "Trains",
+        "lr",
+        "Trainable parameters",
+        "Peak memory (GiB)",
+        "s/step (median)",
+        "Final train loss",
+    ]
+    header += [f"{s}: {m.replace('ttr', 'TTR-')}" for s in sets for m in measures]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    first = next(iter(facts.values()))
+    base = ["base model", "-", "-", "-", "-", "-", "-"]
+    base += [_fmt(first["heldout"][s][m]["base"]) for s in sets for m in measures]
+    lines.append("| " + " | ".join(base) + " |")
+    for name, f in facts.items():
+        p = f["parameters"]
+        cells = [
+            name,
+            f["trains"],
+            f"{f['learning_rate']:g}",
+            f"{p['trainable']:,} ({100 * p['trainable'] / p['total']:.1f}%)",
+            _fmt(f["peak_memory_gib"], 2),
+            _fmt(f["step_time_s_median"], 2),
+            _fmt(f["final_train_loss"], 4),
+        ]
+        cells += [_fmt(f["heldout"][s][m]["hyperfitted"]) for s in sets for m in measures]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_runs_report(combined: dict) -> str:
+    s = combined["settings"]
+    runs = combined["runs"]
+    parts = [
+        "# Hyperfitting comparison of several runs",
+        "",
+        f"Runs: {', '.join(f'`{name}` ({path})' for name, path in runs.items())}. "
+        "Each run's own report: `<run>/report.md`.",
+        "",
+        "## Training",
+        "",
+        format_facts_table(combined["facts"]),
+        "",
+        "Trainable parameters: what the optimizer updates (the rest is frozen). Peak memory: the highest per-process "
+        "high-water mark logged during training (host RSS on a CPU, allocated GPU memory on CUDA). Held-out measures "
+        "after training (the base model's in the first line): greedy TTR and mean next-token entropy (nats) on each "
+        "held-out set.",
+        "",
+        "## Generations",
+        "",
+        format_table(combined["rows"], s["window"], s["min_run"]),
+        "",
+        "The original model's greedy and top-p rows are shared by the runs with its base model and contexts. "
+        "Sampled at matched entropy: the original model with temperature sampling only, at the T* where its mean "
+        "next-token entropy on the held-out sequences equals that run's hyperfitted model's (bisection).",
+    ]
+    parts += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in combined["plots"]]
     return "\n".join(parts).rstrip() + "\n"

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from hfdist import checkpoint
+from hfdist.adapters import apply_trainable, count_parameters, training_setup
 from hfdist.config import Config, OptimConfig, run_path, save_config
 from hfdist.data import BatchPrefetcher, HyperfitData, StepSampler, build_data
 from hfdist.distributed.backends import build_backend
@@ -37,12 +38,12 @@ from hfdist.distributed.env import requeue_count, restart_count, slurm_job_id
 from hfdist.distributed.perf import model_flops_per_token, rank_metrics
 from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
-from hfdist.export import export_model
+from hfdist.export import export_adapter, export_model
 from hfdist.faults import FaultInjection, fault_env_set
 from hfdist.hooks import Hooks, ProgressBar, WatchdogMarks
 from hfdist.io import atomic_write_json
 from hfdist.metrics import greedy_ttr, heldout_stats, image_completion_metrics
-from hfdist.models import HyperfitModel, check_seq_len, load_model, load_processor
+from hfdist.models import HyperfitModel, check_seq_len, load_model, load_processor, model_identity
 from hfdist.monitor import MetricsLogger, read_metrics
 from hfdist.preemption import Preempted, PreemptionSignals, write_status
 
@@ -148,6 +149,7 @@ def build_model(backend, config: Config, total_steps: int) -> None:
 
     def model_factory(device: torch.device) -> HyperfitModel:
         lm = load_model(config.model, device)
+        apply_trainable(lm, config, device)  # what trains: the one transform between loading and sharding
         # Training mode, as upstream's loop (model.train()): dropout as the model's config sets it (ImageGPT's hub
         # configs: 0.1; Llamas have none) under every backend alike: from_pretrained returns eval mode, from_config
         # (random and meta-device builds) train mode. Hugging Face's activation checkpointing also needs it.
@@ -381,6 +383,10 @@ class Trainer:
             concerns.append(ProgressBar())
         self.hooks = Hooks(*concerns)
         start, job_marker = choose_start(self.backend, run_dir, resume, self.checkpoint_root)
+        # The base model's identity and what trains: recorded in every checkpoint, checked before a resume loads.
+        self.setup = {"base_model": model_identity(config.model), "trains": training_setup(config)}
+        if start not in (None, FRESH):
+            checkpoint.check_setup(Path(start), self.setup)
         self.accumulation = self.backend.gradient_accumulation_steps()
         seed_everything(config.train.seed)
         configure_determinism(config.train.deterministic, self.backend.device)
@@ -417,6 +423,15 @@ class Trainer:
 
         build_model(self.backend, config, self.total_steps)
         self.flops_per_token = model_flops_per_token(self.backend.unwrapped_lm(), config.data.seq_len)
+        self.parameters = count_parameters(self.backend.unwrapped_lm())
+        if self.backend.is_main:
+            logger.info(
+                "parameters: %s trainable, %s frozen (train.trainable_layers %s, adapter.type %s)",
+                f"{self.parameters['trainable']:,}",
+                f"{self.parameters['frozen']:,}",
+                config.train.trainable_layers,
+                config.adapter.type,
+            )
         self.state = TrainingState()
         if start not in (None, FRESH):
             folder = Path(start)
@@ -562,6 +577,7 @@ class Trainer:
             self.config.checkpoint.keep_last,
             async_=self.config.checkpoint.async_,
             on_written=lambda: self.hooks.checkpoint_written(step),
+            setup=self.setup,
         )
 
     def maybe_stop_for_preemption(self, step: StepOutcome) -> None:
@@ -633,7 +649,8 @@ class Trainer:
 
     def export(self, folder: Path) -> None:
         """Save the final model (safetensors shards in ``export.dtype``, every rank writing its own part) and the
-        tokenizer, atomically; never NaN/inf weights. See hfdist.export."""
+        tokenizer, atomically; never NaN/inf weights. With an adapter, ``export.adapter`` says whether ``folder`` gets
+        the merged model, its sibling ``adapter`` the PEFT adapter folder, or both. See hfdist.export."""
 
         self.hooks.before_export()
         checkpoint.wait_pending(self.backend)
@@ -644,7 +661,10 @@ class Trainer:
             )
         self.backend.monitored_barrier()  # distributed.timeout_s: every rank reached the export
         with watchdog.phase_timeout(self.config.distributed.export_timeout_s, "distributed.export_timeout_s"):
-            export_model(self.backend, folder, self.tokenizer, self.config)
+            if self.config.export.adapter in ("adapter", "both"):
+                export_adapter(self.backend, folder.with_name("adapter"), self.tokenizer, self.config)
+            if self.config.export.adapter in ("merged", "both"):
+                export_model(self.backend, folder, self.tokenizer, self.config)
 
     def _summary(self, stopped_by: str) -> dict:
 
@@ -653,6 +673,7 @@ class Trainer:
             "steps": self.state.step,
             "epochs": self.state.epoch,
             "skipped_steps": self.state.skipped_steps,
+            "parameters": self.parameters,
         }
         if self.backend.is_main:
             records = read_metrics(self.run_dir / "metrics.jsonl")

@@ -393,3 +393,98 @@ def test_activation_estimate_equals_saved_tensors(checkpointing):
         assert estimate["layers"] == shape.layers * 2 * shape.hidden + estimate["per_layer"]
     else:
         assert measured == estimate["per_layer"]
+
+
+# ---- what trains (hfdist.adapters): frozen parameters carry no gradient or optimizer state ------------------------
+
+
+def lora_parameters(hf_config, rank: int, blocks: int) -> int:
+    """LoRA's A (r x in) and B (out x r) on q, k, v, o, gate, up and down of ``blocks`` Llama blocks."""
+    h, i = hf_config.hidden_size, hf_config.intermediate_size
+    kv = hf_config.num_key_value_heads * (hf_config.hidden_size // hf_config.num_attention_heads)
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # (in, out) of each projection
+    return blocks * sum(rank * (n_in + n_out) for n_in, n_out in shapes)
+
+
+def test_70b_lora_rank_16_fits_one_node_of_8_h100():
+    """The paper's 70B recipe with LoRA (rank 16, attention + MLP) on 1 x 8 H100-80GB: the frozen fp32 base costs
+    its 4 bytes per parameter only, the adapter its weights, gradients and two Adam moments; the full recipe on the
+    same node (tp 1) does not fit."""
+    config = load_config(REPO / "configs" / "paper-llama-3.1-70b-lora.yaml")
+    plan = make_plan(config, Cluster(nodes=1, gpus_per_node=8))
+    adapter = lora_parameters(architecture_config("llama-3.1-70b"), 16, 80)
+    assert plan.trainable_parameters == adapter == plan.adapter_parameters
+    assert plan.num_parameters == LLAMA_70B_PARAMETERS + adapter
+    check, per_gpu = plan.model_state_check, plan.per_gpu
+    assert check["source"].startswith("FSDP2")
+    trained = math.ceil(adapter / 8)  # every LoRA matrix has rows divisible by 8 here: no padding
+    assert per_gpu["params_gib"] == pytest.approx(check["params_per_rank"] * 4 / GIB, abs=1e-3)
+    assert per_gpu["grads_gib"] == pytest.approx(trained * 4 / GIB, abs=1e-3)
+    assert per_gpu["optimizer_gib"] == pytest.approx(2 * trained * 4 / GIB, abs=1e-3)
+    assert plan.fits and per_gpu["total_gib"] < 60
+    assert plan.disk["checkpoint_gb"] == pytest.approx(12 * adapter / 1e9, abs=0.01)
+    assert plan.disk["export_gb"] == pytest.approx(2 * LLAMA_70B_PARAMETERS / 1e9, abs=0.01)  # merged, bf16
+    full = make_plan(config_70b("distributed.tensor_parallel=1"), Cluster(nodes=1, gpus_per_node=8))
+    assert not full.fits and full.per_gpu["total_gib"] > 150
+
+
+def test_70b_last5_trains_five_blocks_and_keeps_their_activations_only():
+    config = load_config(REPO / "configs" / "paper-llama-3.1-70b-last5.yaml")
+    plan = make_plan(config, Cluster(nodes=1, gpus_per_node=8))
+    model = meta_model(architecture_config("llama-3.1-70b"), torch.float32)
+    block = sum(p.numel() for p in model.lm.model.layers[-1].parameters())
+    assert plan.trainable_parameters == 5 * block + model.lm.model.norm.weight.numel()
+    assert plan.fits and plan.per_gpu["total_gib"] < 60
+    full = make_plan(config_70b("distributed.tensor_parallel=1"), Cluster(nodes=1, gpus_per_node=8))
+    # Blocks 0-74 need no gradient: they keep no activations (the loss's share is the same in both).
+    shape = model_shape("70b", model)
+    per_layer = activation_bytes_per_token(shape, compute_bytes=2, checkpointing=False)["per_layer"]
+    saved = 75 * per_layer * 256 / GIB
+    assert full.per_gpu["activations_gib"] - plan.per_gpu["activations_gib"] == pytest.approx(saved, abs=2e-3)
+
+
+def test_8b_lora_fits_one_gpu():
+    config = load_config(REPO / "configs" / "paper-llama-3.1-8b-lora.yaml")
+    plan = make_plan(config, Cluster(nodes=1, gpus_per_node=1))
+    assert plan.world_size == 1 and plan.backend == "single" and plan.fits
+    assert plan.trainable_parameters == lora_parameters(architecture_config("llama-3.1-8b"), 16, 32)
+    full = make_plan(
+        load_config(REPO / "configs" / "paper-llama-3.1-8b.yaml", ["distributed.backend=single"]),
+        Cluster(nodes=1, gpus_per_node=1),
+    )
+    assert not full.fits and full.per_gpu["total_gib"] > 100  # 16 bytes per parameter
+
+
+def test_plan_refuses_an_adapter_with_tensor_parallelism_as_the_launch_does(tmp_path):
+    refused = launch_error(PAPER_70B, 32, 8, tmp_path, "adapter.type=lora")
+    assert (
+        "config field adapter.type: adapter.type lora is not supported with distributed.tensor_parallel 4"
+        in refused
+    )
+    assert plan_error(PAPER_70B, 4, "adapter.type=lora") == refused
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (
+            ("train.trainable_layers=last:81",),
+            "config field train.trainable_layers: 'last:81' asks for more blocks than the model's 80 decoder blocks",
+        ),
+        (
+            ("adapter.type=lora", "adapter.target_modules=[wq]"),
+            "config field adapter.target_modules: 'wq' names no linear layer of LlamaDecoderLayer",
+        ),
+    ],
+)
+def test_plan_and_launch_check_what_trains_against_the_model(sets, message):
+    """Depth and module names come from the model's config, read where the launch reads it (``launch_layout``) and
+    where the plan does: the same check, the same line."""
+    from hfdist.distributed.layout import launch_layout
+
+    config = config_70b("distributed.tensor_parallel=1", "train.global_batch_size=32", *sets)
+    with pytest.raises(HfdistError) as launch:
+        launch_layout(config, 32, 8, architecture_config("llama-3.1-70b"))
+    with pytest.raises(HfdistError) as plan:
+        make_plan(config, Cluster(nodes=4, gpus_per_node=8))
+    assert message in str(launch.value) and str(plan.value) == str(launch.value)

@@ -224,8 +224,11 @@ def test_gpu_plan_fits_one_eight_minute_call(tmp_path):
         "train_4x2048_plain",
         "train_4x2048_hfdist",
         "train_4x2048_hfdist-compile",
+        "train_4x2048_hfdist-lora",  # optional: what trains, LoRA and the last 5 blocks
+        "train_4x2048_hfdist-last5",
         "scale_check",
     ]
+    assert not any(s.name.endswith(("hfdist-lora", "hfdist-last5")) for s in steps)  # not default steps
     with pytest.raises(SystemExit, match="no such step"):
         gpu_suite.select(steps, "nonsense")
 

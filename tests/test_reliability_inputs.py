@@ -155,6 +155,82 @@ CASES = [
     ("resume-no-checkpoint", [*HF, "--resume"], "--resume: no complete checkpoint under"),
     ("resume-missing-folder", [*HF, "--resume", "{D}/nope"], "no such checkpoint folder"),
     ("output-dir-holds-a-run", HF, "already holds a run; pass --resume", None, "metrics.jsonl"),
+    # ---- what trains (hfdist.adapters): refused before any loading ------------------------------------------
+    (
+        "adapter-rank-zero",
+        [*HF, "--set", "adapter.type=lora", "--set", "adapter.rank=0"],
+        "config field adapter.rank: must be > 0, got 0",
+    ),
+    (
+        "trainable-layers-zero",
+        [*HF, "--set", "train.trainable_layers=last:0"],
+        "config field train.trainable_layers: 'last:0' must be 'all' or 'last:N' with N >= 1",
+    ),
+    (
+        "trainable-layers-beyond-depth",
+        [*HF, "--set", "train.trainable_layers=last:3"],
+        "config field train.trainable_layers: 'last:3' asks for more blocks than the model's 2 decoder blocks",
+    ),
+    (
+        "adapter-layers-beyond-depth",
+        [*HF, "--set", "adapter.type=lora", "--set", "adapter.layers=last:5"],
+        "config field adapter.layers: 'last:5' asks for more blocks than the model's 2 decoder blocks",
+    ),
+    (
+        "adapter-target-missing",
+        [*HF, "--set", "adapter.type=lora", "--set", "adapter.target_modules=[q_proj, wq]"],
+        "config field adapter.target_modules: 'wq' names no linear layer of LlamaDecoderLayer",
+    ),
+    (
+        "adapter-target-not-linear",
+        [*HF, "--set", "adapter.type=lora", "--set", "adapter.target_modules=[mlp]"],
+        "config field adapter.target_modules: 'mlp' names no linear layer of LlamaDecoderLayer",
+    ),
+    (
+        "adapter-with-tensor-parallel",
+        [*HF, "--set", "adapter.type=lora", "--set", "distributed.backend=fsdp"]
+        + ["--set", "distributed.tensor_parallel=2"],
+        "config field adapter.type: adapter.type lora is not supported with distributed.tensor_parallel 2",
+        TORCHRUN_4,
+    ),
+    (
+        "last-layers-with-tensor-parallel",
+        [*HF, "--set", "train.trainable_layers=last:1", "--set", "distributed.backend=fsdp"]
+        + ["--set", "distributed.tensor_parallel=2"],
+        "config field train.trainable_layers: train.trainable_layers last:1 is not supported with "
+        "distributed.tensor_parallel 2",
+        TORCHRUN_4,
+    ),
+    (
+        "adapter-with-last-layers",
+        [*HF, "--set", "adapter.type=lora", "--set", "train.trainable_layers=last:1"],
+        "config field train.trainable_layers: 'last:1' trains base blocks fully, but adapter.type lora freezes",
+    ),
+    (
+        "lm-head-without-last-layers",
+        [*HF, "--set", "train.train_lm_head=true"],
+        "config field train.train_lm_head: needs train.trainable_layers last:N",
+    ),
+    (
+        "export-adapter-without-adapter",
+        [*HF, "--set", "export.adapter=both"],
+        "config field export.adapter: 'both' needs adapter.type lora",
+    ),
+    (
+        "resume-other-adapter",
+        [*HF, "--set", "adapter.type=lora", "--set", "adapter.rank=8", "--resume", "{D}/ckpt-rank4"],
+        "the checkpoint trained something else: adapter.rank 4 in the checkpoint, 8 in the config",
+    ),
+    (
+        "resume-adapter-onto-full",
+        [*HF, "--resume", "{D}/ckpt-rank4"],
+        "the checkpoint trained something else: adapter.type 'lora' in the checkpoint, 'none' in the config",
+    ),
+    (
+        "resume-other-base",
+        [*HF, "--set", "adapter.type=lora", "--set", "adapter.rank=4", "--resume", "{D}/ckpt-other-base"],
+        "the checkpoint was made on base model /elsewhere/other-model (config sha256 000000000000",
+    ),
     (
         "fault-hook-malformed",
         HF,
@@ -295,7 +371,26 @@ def inputs(tmp_path_factory):
     (d / "prompts-bad.jsonl").write_text('{"text": "It is a truth"}\n{not json}\n')
     config = d / "base.yaml"
     config.write_text(BASE_CONFIG.format(model=model))
+    _fake_checkpoint(d / "ckpt-rank4", model, base_model=None)
+    other = {"path": "/elsewhere/other-model", "revision": None, "config_sha256": "0" * 64}
+    _fake_checkpoint(d / "ckpt-other-base", model, base_model={**other, "weights_index_sha256": "1" * 64})
     return {"M": str(model), "NOEOS": str(no_eos), "D": str(d), "CFG": str(config), "root": root}
+
+
+def _fake_checkpoint(folder: Path, model: Path, base_model) -> None:
+    """A checkpoint folder that passes verification and records a LoRA of rank 4 on ``base_model`` (default: the
+    tiny model's identity); it holds no training state: a resume must refuse it before loading anything."""
+    from hfdist.adapters import training_setup
+    from hfdist.checkpoint import SETUP, write_file, write_manifest
+    from hfdist.config import load_config
+    from hfdist.models import model_identity
+
+    config = load_config(None, [f"model.path={model}", "adapter.type=lora", "adapter.rank=4"])
+    setup = {"base_model": base_model or model_identity(config.model), "trains": training_setup(config)}
+    folder.mkdir()
+    records: dict = {}
+    write_file(folder, SETUP, json.dumps(setup).encode(), records, 0)
+    write_manifest(folder, records)
 
 
 def _snapshot(folder: Path) -> dict:

@@ -10,12 +10,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "compare",
         help="the paper's comparison: original greedy/top-p vs hyperfitted greedy (+ blocker)",
         description="Decode the same held-out contexts with the base model (greedy; top-p 0.9, temperature 0.7, "
-        "top-k 50) and the hyperfitted model (greedy; greedy + citation blocker); write report.md "
+        "top-k 50; for a text run also temperature sampling at the matched entropy, T*) and the hyperfitted model "
+        "(greedy; greedy + citation blocker); write report.md "
         "(table), report.json, generations_*.jsonl and PNG plots (TTR over position, training "
         "curves, top-1 probability) into RUN/compare or --out. An image run (data.modality image) is "
-        "compared by completing each held-out image from its first rows, with a completions grid.",
+        "compared by completing each held-out image from its first rows, with a completions grid. --runs compares "
+        "several runs side by side (one table, their training facts, the plots overlaid).",
     )
     parser.add_argument("--run", help="hyperfit run folder (supplies every default below)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="RUN",
+        help="several hyperfit run folders side by side: each compared into OUT/<run>, then one report in OUT "
+        "(default: the first run's parent folder / compare)",
+    )
     parser.add_argument("--base", help="base model (default: the run's config.yaml model.path)")
     parser.add_argument("--hyperfitted", help="hyperfitted model (default: RUN/model)")
     parser.add_argument("--contexts", help="contexts .npy [N, L] (default: RUN/data/contexts.npy)")
@@ -41,6 +50,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--no-matched-entropy",
+        dest="matched_entropy",
+        action="store_false",
+        help="skip the row of the original model sampled at the hyperfitted model's held-out entropy",
+    )
     parser.add_argument("--out", help="output folder (default: RUN/compare)")
     parser.set_defaults(func=run)
     return parser
@@ -50,6 +65,8 @@ def run(args) -> int:
     from hfdist.errors import HfdistError
     from hfdist.report import (
         CompareSettings,
+        compare_runs,
+        format_facts_table,
         format_image_table,
         format_table,
         run_comparison,
@@ -70,7 +87,18 @@ def run(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        matched_entropy=args.matched_entropy,
     )
+    if args.runs:
+        if args.run or args.base or args.hyperfitted or args.contexts:
+            raise HfdistError(
+                "--runs: compares runs with their own models and contexts (no --run/--base/...)"
+            )
+        combined = compare_runs(args.runs, out_dir=args.out, settings=settings)
+        print(format_facts_table(combined["facts"]))
+        print()
+        print(format_table(combined["rows"], settings.window, settings.min_run))
+        return 0
     report = run_comparison(
         args.run,
         base=args.base,

@@ -53,7 +53,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="greedy",
         help="greedy; top-p (defaults p 0.9, temperature 0.7, top-k 50: the paper's); sample",
     )
-    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument(
+        "--temperature",
+        type=temperature_value,
+        default=None,
+        help="a number, or 'matched' (with --reference RUN and --strategy sample): the temperature T* at which "
+        "this model's mean next-token entropy on RUN's held-out sequences equals RUN's hyperfitted model's",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="RUN",
+        help="with --temperature matched: a hyperfit run folder (data/validation_token_ids.npy and the hyperfitted "
+        "entropy in summary.json)",
+    )
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None, help="0 disables")
     parser.add_argument("--min-p", type=float, default=None, help="0 disables")
@@ -90,6 +102,42 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.set_defaults(func=run)
     return parser
+
+
+def temperature_value(text: str):
+    """--temperature: a number or "matched"."""
+    if text == "matched":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'matched', got {text!r}") from None
+
+
+def matched_temperature_of(model, reference: str) -> dict:
+    """T* for ``model`` against a hyperfit run (``hfdist.metrics.matched_temperature``): the target is the run's
+    hyperfitted held-out entropy (summary.json, ``eval/entropy``), the positions its validation sequences."""
+    import torch
+
+    from hfdist.errors import HfdistError
+    from hfdist.io import load_token_array
+    from hfdist.metrics import heldout_logits, matched_temperature
+
+    run = Path(reference)
+    summary, validation = run / "summary.json", run / "data" / "validation_token_ids.npy"
+    for path in (summary, validation):
+        if not path.is_file():
+            raise HfdistError(
+                f"--reference {reference!r}: no {path.relative_to(run)} (a finished hyperfit run?)"
+            )
+    try:
+        target = json.loads(summary.read_text())["hyperfitted"]["eval/entropy"]
+    except (ValueError, KeyError):
+        raise HfdistError(
+            f"--reference {reference!r}: summary.json has no hyperfitted eval/entropy"
+        ) from None
+    logits = heldout_logits(model, torch.from_numpy(load_token_array(validation, "--reference validation")))
+    return matched_temperature(logits, target)
 
 
 def load_prompts(args, tokenizer) -> list[list[int]]:
@@ -175,9 +223,15 @@ def run(args) -> int:
             raise HfdistError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.draft != "none" and (args.strategy != "greedy" or args.cache != "dynamic"):
         raise HfdistError(f"--draft {args.draft}: needs --strategy greedy and --cache dynamic")
+    if args.temperature == "matched" and (args.reference is None or args.strategy != "sample"):
+        raise HfdistError(
+            "--temperature matched: needs --reference RUN and --strategy sample (temperature sampling only)"
+        )
+    if args.reference is not None and args.temperature != "matched":
+        raise HfdistError("--reference: only with --temperature matched")
     options = dict(STRATEGY_DEFAULTS[args.strategy])
     for key in options:
-        if getattr(args, key) is not None:
+        if getattr(args, key) is not None and getattr(args, key) != "matched":
             options[key] = getattr(args, key)
     model_config = model_config_for(args.model, None, args.dtype)
     tokenizer = load_tokenizer(model_config)
@@ -190,6 +244,18 @@ def run(args) -> int:
         blocker = CitationBlocker(load_token_array(path, "--blocker"), n=args.blocker_n)
     device = resolve_device(args.device)
     model = load_model(model_config, device).eval()
+    matched = None
+    if args.temperature == "matched":
+        matched = matched_temperature_of(model, args.reference)
+        options["temperature"] = matched["temperature"]
+        logger.info(
+            "matched temperature T* = %.4f: entropy %.4f nats on %s's held-out sequences (its hyperfitted model's: "
+            "%.4f)",
+            matched["temperature"],
+            matched["entropy"],
+            args.reference,
+            matched["target_entropy"],
+        )
     eos = None if args.ignore_eos else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     strategy = "greedy" if args.strategy == "greedy" else "sample"
@@ -206,6 +272,8 @@ def run(args) -> int:
     }
     if strategy == "sample":
         settings.update(options)
+    if matched is not None:
+        settings["matched_temperature"] = {**matched, "reference": args.reference}
     continuations, stopped = [], []
     for b, start in enumerate(range(0, len(prompts), args.batch_size)):
         chunk = prompts[start : start + args.batch_size]

@@ -219,6 +219,10 @@ class Backend(ABC):
         ``model.lm.state_dict()``, a tied weight once, global shapes; the same list on every rank), each with the
         pieces this rank writes. All ranks call it; nothing is gathered."""
 
+    def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The whole value of a small parameter (an adapter's) on every rank; all ranks call, in the same order."""
+        return tensor.detach()
+
     def unwrapped_lm(self) -> nn.Module:
         """The Hugging Face model inside, for evaluation and generation (sharded under FSDP: all ranks
         must run its forward passes together)."""

@@ -255,7 +255,10 @@ class DeepSpeedBackend(Backend):
 
         self.engine.checkpoint_engine.save = save_and_record
         try:
-            self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
+            # Frozen parameters (hfdist.adapters) are the base model's: the run loads them anyway.
+            self.engine.save_checkpoint(
+                str(folder), tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=self._frozen()
+            )
         finally:
             del self.engine.checkpoint_engine.save  # the engine's own method again
         if on_written is not None:
@@ -270,6 +273,9 @@ class DeepSpeedBackend(Backend):
             checkpoint.write_file(folder, "topology.json", (json.dumps(topology) + "\n").encode(), records, 0)
         return checkpoint.completed(records)
 
+    def _frozen(self) -> bool:
+        return any(not p.requires_grad for p in self.engine.module.parameters())
+
     def load_checkpoint(self, folder: Path) -> None:
         if not (folder / CHECKPOINT_TAG).is_dir():
             raise HfdistError(
@@ -283,7 +289,9 @@ class DeepSpeedBackend(Backend):
                 f"--resume {folder}: DeepSpeed ZeRO-3 checkpoint of {saved} ranks cannot resume on "
                 f"{self.world_size}; use {saved} ranks (the fsdp backend resumes at any world size)"
             )
-        path, _ = self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
+        path, _ = self.engine.load_checkpoint(
+            str(folder), tag=CHECKPOINT_TAG, load_module_strict=not self._frozen()
+        )
         if path is None:
             raise HfdistError(f"--resume {folder}: DeepSpeed could not load the checkpoint")
 
@@ -310,6 +318,12 @@ class DeepSpeedBackend(Backend):
                 ExportTensor(name, shape, [Piece((start,), (count,), local.reshape(-1)[:count], flat=True)])
             )
         return result
+
+    def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A trainable parameter's whole fp32 master value (gathered from its partitions), on every rank."""
+        from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415 (optional: the deepspeed extra)
+
+        return safe_get_full_fp32_param(tensor).detach()
 
     def unwrapped_lm(self) -> nn.Module:
         return self.engine.module.lm

@@ -22,16 +22,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from huggingface_hub import snapshot_download
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.tensor import DTensor
 
-from hfdist import checkpoint
+from hfdist import adapters, checkpoint
 from hfdist.distributed import loading
 from hfdist.distributed.base import Backend, StepResult
 from hfdist.distributed.env import LaunchEnv
@@ -153,6 +146,14 @@ class FSDPBackend(Backend):
         )
 
     def _fill_weights(self, model: nn.Module) -> None:
+        self._fill_base_weights(model)
+        # Adapters (hfdist.adapters) are not in the base model's files: each rank copies its rows of their initial
+        # values, which every rank draws alike.
+        params = dict(model.lm.named_parameters())
+        for name, value in adapters.initial_adapter_weights(model.lm, self.config.train.seed):
+            loading.copy_full_tensor(params[name], value)
+
+    def _fill_base_weights(self, model: nn.Module) -> None:
         mcfg = self.config.model
         if mcfg.init == "random":
             loading.init_random(model.lm)
@@ -162,7 +163,7 @@ class FSDPBackend(Backend):
             folder = self._local_model_folder()
             files = loading.safetensors_files(folder) if folder is not None else None
         if files is not None:
-            loading.load_sharded_safetensors(model, files)
+            loading.load_sharded_safetensors(model, files, adapters.checkpoint_key)
             return
         if self.config.distributed.weight_loading == "per_rank":
             logger.warning(
@@ -172,7 +173,10 @@ class FSDPBackend(Backend):
             )
 
         full = load_model(mcfg, torch.device("cpu")).state_dict() if self.is_main else {}
-        loading.load_full_from_rank0(model, full)
+        # The base model's names, as the transformed model calls them (peft's base_layer).
+        names = {adapters.checkpoint_key(n): n for n in model.lm.state_dict()}
+        full = {names[k]: v for k, v in full.items() if k in names}
+        loading.load_full_from_rank0(model, full, strict=self.config.adapter.type == "none")
 
     def _local_model_folder(self) -> Path | None:
         """The model's folder on this host; a hub id is fetched (safetensors and JSON only) once per node."""
@@ -239,11 +243,7 @@ class FSDPBackend(Backend):
 
     def _state(self) -> dict:
         self._reshard_root()
-        options = StateDictOptions(full_state_dict=False)
-        return {
-            "model": get_model_state_dict(self.model, options=options),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
-        }
+        return checkpoint.trained_state(self.model, self.optimizer)
 
     def save_checkpoint(self, folder: Path, async_: bool = False, on_written=None):
 
@@ -277,8 +277,7 @@ class FSDPBackend(Backend):
             )
         state = self._state()
         dcp.load(state, checkpoint_id=str(folder / "dcp"))  # reshards when the world size differs
-        set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        checkpoint.load_trained_state(self.model, self.optimizer, state)
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
     def export_tensors(self) -> list:
@@ -287,6 +286,9 @@ class FSDPBackend(Backend):
 
         self._reshard_root()  # evaluation leaves the root's parameters gathered: back to the sharded DTensors
         return module_tensors(self.model.lm)
+
+    def full_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.full_tensor().detach() if isinstance(tensor, DTensor) else tensor.detach()
 
     def _gather_root(self, module: nn.Module, args, kwargs) -> None:
         # Calling the inner model (evaluation, generation: all ranks together) bypasses the root's hooks:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from hfdist.adapters import check_trainable, transforms
 from hfdist.config import Config
 from hfdist.distributed.parallelize import tensor_parallel_plan
 from hfdist.errors import HfdistError
@@ -114,6 +115,7 @@ def check_layout(config: Config, world_size: int, ranks_per_node: int, hf_config
     accumulation_steps(config, layout.dp_size)
     if hf_config is not None and tp > 1:
         check_tensor_parallel_fits(hf_config, tp)
+    check_trainable(config, hf_config)
     return layout
 
 
@@ -145,8 +147,8 @@ def check_tensor_parallel_fits(hf_config, tp: int) -> None:
 def launch_layout(
     config: Config, world_size: int, ranks_per_node: int, hf_config: Optional[object] = None
 ) -> Layout:
-    """check_layout with the model's config read when the architecture matters (tensor parallelism)."""
-    if hf_config is None and config.distributed.tensor_parallel > 1:
+    """check_layout with the model's config read when the architecture matters (tensor parallelism, what trains)."""
+    if hf_config is None and (config.distributed.tensor_parallel > 1 or transforms(config)):
         try:
             hf_config = read_hf_config(config.model)
         except ModelConfigUnreadable:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -57,15 +57,24 @@ def _read(handle, name: str, shape: torch.Size, offset: tuple[int, ...]) -> torc
     return view[index] if index else view[:]
 
 
-def load_sharded_safetensors(model: nn.Module, files: dict[str, Path]) -> None:
-    """Copy each rank's rows of every parameter and persistent buffer from the safetensors files."""
+def load_sharded_safetensors(
+    model: nn.Module,
+    files: dict[str, Path],
+    checkpoint_key: Callable[[str], Optional[str]] = lambda name: name,
+) -> None:
+    """Copy each rank's rows of every parameter and persistent buffer from the safetensors files.
+
+    ``checkpoint_key`` maps a name inside the Hugging Face model to its name in the files, or to None for a tensor
+    the files do not hold (an adapter, filled by the caller)."""
 
     handles = {}
     try:
         state = dict(model.named_parameters())
         state.update({name: b for name, b in model.named_buffers() if _is_persistent(model, name)})
         for name, target in state.items():
-            key = name[len(PREFIX) :] if name.startswith(PREFIX) else name
+            key = checkpoint_key(name[len(PREFIX) :] if name.startswith(PREFIX) else name)
+            if key is None:
+                continue
             if key not in files:
                 raise HfdistError(
                     f"model weights: tensor {key!r} is not in the checkpoint's safetensors files "
@@ -74,11 +83,7 @@ def load_sharded_safetensors(model: nn.Module, files: dict[str, Path]) -> None:
             file = files[key]
             if file not in handles:
                 handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            if isinstance(target, DTensor):
-                shape, offset = local_slices(target)
-                local = target.to_local()
-            else:
-                shape, offset, local = target.shape, (0,) * target.dim(), target
+            shape, offset, local = _local_part(target)
             piece = _read(handles[file], key, shape, offset)
             if tuple(piece.shape) != tuple(local.shape):
                 raise HfdistError(
@@ -91,18 +96,37 @@ def load_sharded_safetensors(model: nn.Module, files: dict[str, Path]) -> None:
         handles.clear()
 
 
+def _local_part(target: torch.Tensor) -> tuple[torch.Size, tuple[int, ...], torch.Tensor]:
+    """(shape, global offset, local tensor) of this rank's part of a DTensor, or of a whole tensor."""
+    if isinstance(target, DTensor):
+        shape, offset = local_slices(target)
+        return shape, offset, target.to_local()
+    return target.shape, (0,) * target.dim(), target
+
+
+def copy_full_tensor(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the whole tensor ``full`` into ``target`` (a DTensor shard or a whole tensor)."""
+    shape, offset, local = _local_part(target)
+    index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    with torch.no_grad():
+        local.copy_(full[index] if index else full)
+
+
 def _is_persistent(model: nn.Module, name: str) -> bool:
     module_name, _, buffer = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     return buffer not in module._non_persistent_buffers_set
 
 
-def load_full_from_rank0(model: nn.Module, full_lm_state: dict[str, torch.Tensor]) -> None:
-    """Rank 0 passes the whole HF state dict (others {}); each rank receives its shards by broadcast."""
+def load_full_from_rank0(
+    model: nn.Module, full_lm_state: dict[str, torch.Tensor], strict: bool = True
+) -> None:
+    """Rank 0 passes the whole HF state dict (others {}); each rank receives its shards by broadcast. ``strict``
+    False: tensors the state does not hold (adapters) are left to the caller."""
 
     state = {PREFIX + k: v for k, v in full_lm_state.items()}
     set_model_state_dict(
-        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
     )
 
 

@@ -39,15 +39,16 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     embedding = model.get_input_embeddings().weight
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
     # Count the global shapes: a DTensor's numel() is already the unsharded size, ZeRO-3 keeps it in ds_numel.
-    params = sum(_numel(p) for p in model.parameters())
+    params = sum(global_numel(p) for p in model.parameters())
     if not tied:
-        params -= _numel(embedding)  # a lookup, not a matmul
+        params -= global_numel(embedding)  # a lookup, not a matmul
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
     return 6 * params + attention
 
 
-def _numel(param: torch.Tensor) -> int:
+def global_numel(param: torch.Tensor) -> int:
+    """A parameter's whole element count: a DTensor's numel() is global, a ZeRO-3 one keeps it in ds_numel."""
     return getattr(param, "ds_numel", None) or param.numel()
 
 

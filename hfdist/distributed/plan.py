@@ -55,6 +55,7 @@ from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from transformers import AutoModelForCausalLM
 
+from hfdist.adapters import apply_trainable, describe_trains, is_adapter_parameter, training_setup
 from hfdist.config import Config
 from hfdist.distributed.layout import Layout, check_layout
 from hfdist.distributed.parallelize import (
@@ -62,6 +63,7 @@ from hfdist.distributed.parallelize import (
     apply_tp,
     build_mesh,
     data_parallel_mesh,
+    decoder_layers,
     fsdp_units,
     tensor_parallel_mesh,
 )
@@ -72,6 +74,7 @@ from hfdist.models import HyperfitModel, read_hf_config
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_NAMES = {4: "float32", 2: "bfloat16"}
 # DeepSpeed's defaults for the ZeRO-3 knobs the transient estimate reads (deepspeed/runtime/zero/config.py).
 DEEPSPEED_DEFAULTS = {
     "stage3_max_live_parameters": 1e9,
@@ -124,15 +127,25 @@ class ModelShape:
     root_unit_numel: int  # FSDP root unit: final norm + LM head (+ the embedding when tied)
     largest_unit_numel: int  # the largest other FSDP unit (a decoder layer or the embedding)
     lm_head_numel: int
+    adapter_parameters: int  # of num_parameters, an adapter's (merged into the base weights on export)
+    trainable_parameters: int  # what trains (hfdist.adapters): all of them, last:N blocks, or an adapter's
+    trainable_bytes: int  # bytes of one trainable element (adapters are fp32 whatever the model's dtype)
+    root_unit_trainable_numel: int
+    largest_unit_trainable_numel: int  # of the units, the most trainable elements one holds
+    lm_head_trains: bool
+    first_trainable_layer: int  # decoder blocks before it keep no activations for backward
     largest_module_numel: int  # ZeRO-3 gathers module by module: the largest single module's parameters
     largest_tensor_numel: int
 
 
-def meta_model(hf_config, dtype: torch.dtype):
-    """The HyperfitModel of ``hf_config`` on the meta device: real module tree and shapes, no memory."""
+def meta_model(hf_config, dtype: torch.dtype, config: Optional[Config] = None):
+    """The HyperfitModel of ``hf_config`` on the meta device: real module tree and shapes, no memory; with
+    ``config``, transformed as the trainer transforms it (what trains: ``hfdist.adapters.apply_trainable``)."""
 
     with torch.device("meta"):  # a copy: from_config records the dtype in the config it is given
         lm = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype)
+    if config is not None:
+        apply_trainable(lm, config, torch.device("meta"))
     return HyperfitModel(lm)
 
 
@@ -140,14 +153,22 @@ def model_shape(name: str, model) -> ModelShape:
 
     cfg = model.lm.config
     units = fsdp_units(model)
-    unit_numels = []
+    unit_numels, unit_trainable = [], []
     for unit_name, module in units:
         if unit_name == "root":
             inner = {id(p) for _, m in units[:-1] for p in m.parameters()}
-            root = sum(p.numel() for p in module.parameters() if id(p) not in inner)
+            own = [p for p in module.parameters() if id(p) not in inner]
+            root = sum(p.numel() for p in own)
+            root_trainable = sum(p.numel() for p in own if p.requires_grad)
         else:
             unit_numels.append(sum(p.numel() for p in module.parameters()))
+            unit_trainable.append(sum(p.numel() for p in module.parameters() if p.requires_grad))
     head = model.lm.get_output_embeddings()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    blocks = decoder_layers(model.lm)
+    first = next(
+        (i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())), len(blocks)
+    )
     largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     heads = cfg.num_attention_heads
     return ModelShape(
@@ -164,6 +185,13 @@ def model_shape(name: str, model) -> ModelShape:
         root_unit_numel=root,
         largest_unit_numel=max(unit_numels),
         lm_head_numel=head.weight.numel(),
+        adapter_parameters=sum(p.numel() for n, p in model.lm.named_parameters() if is_adapter_parameter(n)),
+        trainable_parameters=sum(p.numel() for p in trainable),
+        trainable_bytes=max(p.element_size() for p in trainable),
+        root_unit_trainable_numel=root_trainable,
+        largest_unit_trainable_numel=max(unit_trainable),
+        lm_head_trains=head.weight.requires_grad,
+        first_trainable_layer=first,
         largest_module_numel=largest_module,
         largest_tensor_numel=max(p.numel() for p in model.parameters()),
     )
@@ -173,7 +201,8 @@ def fsdp_shard_numels(model, layout: Layout) -> dict:
     """Shard a fresh meta copy of ``model`` with ``apply_tp`` (when tensor-parallel) and ``apply_fsdp`` in a fake
     process group of ``layout.world_size`` ranks.
 
-    Returns the parameter elements held by rank 0 and by the last rank, read from the DTensors' local shapes."""
+    Returns the parameter elements held by rank 0 and by the last rank, read from the DTensors' local shapes, and
+    the trainable ones among rank 0's."""
 
     if dist.is_initialized():
         raise HfdistError(
@@ -191,28 +220,37 @@ def fsdp_shard_numels(model, layout: Layout) -> dict:
             apply_fsdp(
                 sharded, data_parallel_mesh(mesh), mixed_precision=False, cpu_offload=False, pin_memory=False
             )
-            total = 0
+            total = trainable = 0
             for p in sharded.parameters():
                 if not isinstance(p, DTensor):
                     raise HfdistError(f"plan: parameter of shape {tuple(p.shape)} was left unsharded")
                 total += p.to_local().numel()
-            counts[rank] = total
+                trainable += p.to_local().numel() if p.requires_grad else 0
+            counts[rank] = (total, trainable)
         finally:
             dist.destroy_process_group()
-    return {"rank0": counts[0], "last_rank": counts[layout.world_size - 1]}
+    return {
+        "rank0": counts[0][0],
+        "last_rank": counts[layout.world_size - 1][0],
+        "rank0_trainable": counts[0][1],
+    }
 
 
 def model_copy(model):
-    """A fresh meta copy (fully_shard changes the module in place; the plan shards once per rank)."""
-    return meta_model(model.lm.config, next(model.parameters()).dtype)
+    """A fresh meta copy, what trains included (fully_shard changes the module in place; the plan shards once
+    per rank). Meta tensors hold no data: the copy costs the module tree only."""
+    return copy.deepcopy(model)
 
 
-def deepspeed_partition_numel(model, world_size: int) -> int:
-    """ZeRO-3 partitions every parameter into ``ceil(numel / world)`` elements per rank (padded).
+def deepspeed_partition_numel(model, world_size: int, trainable_only: bool = False) -> int:
+    """ZeRO-3 partitions every parameter into ``ceil(numel / world)`` elements per rank (padded); of the trainable
+    ones only with ``trainable_only``.
 
     Parameters below ``stage3_param_persistence_threshold`` (the norms of a Llama: 0.001% of a 70B) stay
     whole on every rank instead; the plan counts them as partitioned."""
-    return sum(math.ceil(p.numel() / world_size) for p in model.parameters())
+    return sum(
+        math.ceil(p.numel() / world_size) for p in model.parameters() if p.requires_grad or not trainable_only
+    )
 
 
 def fused_loss_workspace(shape: ModelShape, tokens: int, tensor_parallel: int, compute_dtype, train_config):
@@ -234,7 +272,8 @@ def fused_loss_workspace(shape: ModelShape, tokens: int, tensor_parallel: int, c
 def activation_bytes_per_token(
     shape: ModelShape, compute_bytes: int, checkpointing: bool, tensor_parallel: int = 1
 ) -> dict:
-    """Saved activations per token of a micro-batch on one rank (see the module docstring)."""
+    """Saved activations per token of a micro-batch on one rank (see the module docstring). Blocks before the first
+    one that trains (``last:N``, an adapter on the last blocks) need no gradient and keep nothing."""
     a, h, tp = compute_bytes, shape.hidden, tensor_parallel
     q, kv = shape.heads * shape.head_dim // tp, shape.kv_heads * shape.head_dim // tp
     norms = 2 * (4 * h + 4 + 2 * a * h)
@@ -244,7 +283,8 @@ def activation_bytes_per_token(
     loss = (
         4 * h + 4 + 2 * a * h
     ) + a * h  # the final norm, and the hidden states' gradient the fused loss keeps
-    layers = shape.layers * a * h + layer if checkpointing else shape.layers * layer
+    kept = shape.layers - shape.first_trainable_layer
+    layers = kept * a * h + layer if checkpointing else kept * layer
     return {
         "per_layer": layer,
         "norms_per_layer": norms,
@@ -271,6 +311,9 @@ class Plan:
     host_memory_gib: Optional[float]
     disk: dict
     num_parameters: int
+    adapter_parameters: int
+    trainable_parameters: int
+    trains: str  # what trains, in words
     global_batch_size: int
     micro_batch_size: int
     accumulation_steps: int
@@ -310,10 +353,10 @@ class _ShardCache:
         self.models: dict = {}
         self.shards: dict = {}
 
-    def model(self, hf_config, dtype: torch.dtype):
-        key = (id(hf_config), dtype)
+    def model(self, hf_config, dtype: torch.dtype, config: Config):
+        key = (id(hf_config), dtype, json.dumps(training_setup(config)))
         if key not in self.models:
-            self.models[key] = meta_model(hf_config, dtype)
+            self.models[key] = meta_model(hf_config, dtype, config)
         return self.models[key]
 
     def fsdp(self, model, layout: Layout) -> dict:
@@ -342,7 +385,7 @@ def make_plan(
     tp = layout.tensor_parallel
     param_dtype = config.model.dtype
     param_bytes = DTYPE_BYTES[param_dtype]
-    model = cache.model(hf_config, torch.float32 if param_dtype == "float32" else torch.bfloat16)
+    model = cache.model(hf_config, torch.float32 if param_dtype == "float32" else torch.bfloat16, config)
     shape = model_shape(config.model.path, model)
     mixed = dcfg.mixed_precision or (backend == "deepspeed" and param_dtype == "bfloat16")
     compute_bytes = 2 if mixed else param_bytes
@@ -353,7 +396,7 @@ def make_plan(
         formula = shape.num_parameters / ways
         if cluster.verify_shards and backend == "fsdp":
             shards = cache.fsdp(model, layout)
-            local = shards["rank0"]
+            local, local_trainable = shards["rank0"], shards["rank0_trainable"]
             what = "FSDP2" + (f" x TP ({tp})" if tp > 1 else "")
             source = (
                 f"{what} shards of the meta model in a fake process group of {layout.world_size} ranks "
@@ -361,19 +404,27 @@ def make_plan(
             )
         else:
             shards, local = {}, math.ceil(formula)
+            local_trainable = math.ceil(shape.trainable_parameters / ways)
             source = "formula only" + (
                 " (--no-verify)" if backend == "fsdp" else " (one process holds everything)"
             )
+        # Frozen parameters: their own bytes only (no gradient, no optimizer state); trainable ones in their dtype
+        # (fp32 for adapters) with a gradient and two Adam moments.
+        trained = local_trainable * shape.trainable_bytes
         state = {
-            "params": local * param_bytes,
-            "grads": local * param_bytes,
-            "optimizer": 2 * local * param_bytes,
+            "params": (local - local_trainable) * param_bytes + trained,
+            "grads": trained,
+            "optimizer": 2 * trained,
         }
         reduce_bytes = 4 if mixed else param_bytes
+        # Gathered: the root unit through forward and backward and two other units (the running one and the
+        # prefetched next); gradients: the trainable part of the root and of the running unit, the latter with its
+        # reduce-scatter copy.
         transient = (
             (
-                shape.root_unit_numel * 2 * compute_bytes
-                + shape.largest_unit_numel * (3 * compute_bytes + reduce_bytes)
+                (shape.root_unit_numel + shape.root_unit_trainable_numel) * compute_bytes
+                + shape.largest_unit_numel * 2 * compute_bytes
+                + shape.largest_unit_trainable_numel * (compute_bytes + reduce_bytes)
             )
             / tp
             if backend == "fsdp"
@@ -384,16 +435,23 @@ def make_plan(
             "compute_dtype": "bfloat16" if mixed else param_dtype,
             "reduce_dtype": "float32" if mixed else param_dtype,
         }
-        checkpoint_bytes = 3 * shape.num_parameters * param_bytes  # DCP: weights + two Adam moments
-        checkpoint_what = f"{param_dtype} weights + 2 Adam moments, DCP shards"
+        # DCP: the trainable weights and their two Adam moments (frozen ones are the base model's).
+        checkpoint_bytes = 3 * shape.trainable_parameters * shape.trainable_bytes
+        checkpoint_what = f"{DTYPE_NAMES[shape.trainable_bytes]} weights + 2 Adam moments, DCP shards"
     else:
         ways = layout.world_size
         formula = shape.num_parameters / ways
         local = deepspeed_partition_numel(model, ways)
+        local_trainable = deepspeed_partition_numel(model, ways, trainable_only=True)
         shards = {"rank0": local, "last_rank": local}
         count = len(list(model.parameters()))
         source = f"ZeRO-3 partition rule ceil(numel / {ways}) over the meta model's {count} parameters"
-        state = {"params": local * compute_bytes, "grads": local * 4, "optimizer": local * 12}
+        # Frozen partitions in the compute dtype only; trainable ones with fp32 gradients, master and Adam moments.
+        state = {
+            "params": local * compute_bytes,
+            "grads": local_trainable * 4,
+            "optimizer": local_trainable * 12,
+        }
         knobs = _deepspeed_knobs(dcfg.deepspeed_config)
         live = min(knobs["stage3_max_live_parameters"], shape.num_parameters)
         transient = (
@@ -407,14 +465,15 @@ def make_plan(
             "master_dtype": "float32",
             **{k: int(v) for k, v in knobs.items()},
         }
-        checkpoint_bytes = shape.num_parameters * (compute_bytes + 12)
+        checkpoint_bytes = shape.trainable_parameters * (compute_bytes + 12)
         checkpoint_what = "16-bit weights + fp32 master + 2 Adam moments, DeepSpeed partitions"
 
     tokens = tcfg.micro_batch_size * config.data.seq_len
     loss = fused_loss_workspace(
         shape, tokens, tp, torch.bfloat16 if compute_bytes == 2 else torch.float32, tcfg
     )
-    transient += loss.chunk_bytes + loss.accumulator_bytes
+    # The fused loss's chunk and, when the head trains, its weight-gradient accumulator of this rank's rows.
+    transient += loss.chunk_bytes + (loss.accumulator_bytes if shape.lm_head_trains else 0)
     if tp > 1:
         transient += 2 * compute_bytes * shape.hidden * tokens  # the activations' all-reduce buffers
     offloaded = 0.0
@@ -434,7 +493,7 @@ def make_plan(
     fits_gpu = per_gpu["total_gib"] <= cluster.gpu_memory_gib - cluster.reserve_gib
 
     export_dtype = str(export_dtype_of(config, hf_config)).removeprefix("torch.")
-    export_bytes = shape.num_parameters * DTYPE_BYTES[export_dtype]
+    export_bytes = (shape.num_parameters - shape.adapter_parameters) * DTYPE_BYTES[export_dtype]
     ranks = cluster.gpus_per_node
     if dcfg.weight_loading == "rank0_broadcast" or config.model.gguf_file:
         loading = shape.num_parameters * param_bytes  # rank 0 reads the whole model (first node)
@@ -472,7 +531,7 @@ def make_plan(
             f"needs {per_node_host['peak_gib']:.1f} GiB of host memory per node, above the "
             f"{cluster.host_memory_gib:g} GiB given"
         )
-    if backend == "fsdp" and param_dtype == "bfloat16":
+    if backend == "fsdp" and param_dtype == "bfloat16" and shape.trainable_bytes == 2:
         notes.append(
             "bf16 master weights: an Adam update of lr 1e-6 is below bf16's resolution for most weights "
             "(relative step 2^-8), so most updates are lost; keep model.dtype float32"
@@ -514,6 +573,9 @@ def make_plan(
         host_memory_gib=cluster.host_memory_gib,
         disk=disk,
         num_parameters=shape.num_parameters,
+        adapter_parameters=shape.adapter_parameters,
+        trainable_parameters=shape.trainable_parameters,
+        trains=describe_trains(config),
         global_batch_size=tcfg.global_batch_size,
         micro_batch_size=tcfg.micro_batch_size,
         accumulation_steps=tcfg.global_batch_size // (tcfg.micro_batch_size * layout.dp_size),
@@ -602,13 +664,21 @@ def with_overrides(config: Config, overrides: dict) -> Config:
 
 def format_plan(plan: Plan) -> str:
     s, lay = plan.settings, plan.layout
+    adapter = f", of which {plan.adapter_parameters / 1e9:.3f} B adapter" if plan.adapter_parameters else ""
     mesh = " x ".join(f"{k} {v}" for k, v in lay["mesh"].items()) or "-"
     lines = [
         f"hfdist plan: {plan.config + ' -> ' if plan.config else ''}{plan.model} "
-        f"({plan.num_parameters / 1e9:.2f} B parameters), {plan.backend}, {plan.nodes} node(s) x "
+        f"({plan.num_parameters / 1e9:.2f} B parameters{adapter}), {plan.backend}, {plan.nodes} node(s) x "
         f"{plan.gpus_per_node} GPUs = {plan.world_size} ranks",
         f"  layout: tensor_parallel {lay['tensor_parallel']}, {lay['dp_size']} data-parallel ranks (replicate "
         f"{lay['replicate_degree']} x shard {lay['shard_size']}); mesh {mesh}",
+        f"  trains: {plan.trains}: {plan.trainable_parameters / 1e9:.3f} B parameters "
+        f"({100 * plan.trainable_parameters / plan.num_parameters:.2f}%)"
+        + (
+            ", the rest frozen in the model's dtype"
+            if plan.trainable_parameters < plan.num_parameters
+            else ""
+        ),
         f"  batch: global {plan.global_batch_size} = micro-batch {plan.micro_batch_size} x accumulation "
         f"{plan.accumulation_steps} x {lay['dp_size']} data-parallel ranks; seq_len {plan.seq_len}",
         f"  precision: params {s['param_dtype']}, mixed precision {'on' if s['mixed_precision'] else 'off'}; "

@@ -8,13 +8,6 @@ from typing import Callable, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from hfdist import checkpoint
 from hfdist.distributed.base import Backend, StepResult
@@ -58,11 +51,7 @@ class SingleBackend(Backend):
         return self._finish_step(params, grad_norm, max_grad_norm, readout)
 
     def _state(self) -> dict:
-        options = StateDictOptions(full_state_dict=False)
-        return {
-            "model": get_model_state_dict(self.model, options=options),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
-        }
+        return checkpoint.trained_state(self.model, self.optimizer)
 
     def save_checkpoint(self, folder: Path, async_: bool = False, on_written=None):
 
@@ -78,8 +67,7 @@ class SingleBackend(Backend):
     def load_checkpoint(self, folder: Path) -> None:
         state = self._state()
         dcp.load(state, checkpoint_id=str(folder / "dcp"), no_dist=True)
-        set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        checkpoint.load_trained_state(self.model, self.optimizer, state)
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
     def export_tensors(self) -> list:

@@ -17,7 +17,7 @@ Each row is also printed as a JSON line as soon as it is measured.
 
 Usage:
   python benchmarks/bench_generate.py --model smollm2-135m --out benchmarks/results          # the real numbers
-  python benchmarks/bench_generate.py --quick                                               # a 30 s check
+  python benchmarks/bench_generate.py --quick                                               # a quick check
   python benchmarks/bench_generate.py --model llama-3.2-1b --init random --batch-sizes 1 --compile \
       --impls hf,hfdist_static_compile,hf_static --no-drafting --blocker-rows 0             # as the GPU suite
 """

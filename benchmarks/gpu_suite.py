@@ -32,7 +32,7 @@ library: it runs before hfdist is installed.
 variants run eager there: inductor's cold C++ builds alone would take minutes on two cores); the Triton kernels
 run in the interpreter in the kernel tests and the sampling benchmark, and the compile check compiles the
 sampler's kernels for sm_90; the fused-loss benchmark uses the torch backend (its CPU path). It writes the same
-files and rows as a GPU run, in about 1-2 minutes on two cores.
+files and rows as a GPU run, in minutes on two CPU cores.
 """
 
 from __future__ import annotations

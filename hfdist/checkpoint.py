@@ -10,7 +10,7 @@ manifest is reported and skipped in favour of the previous one.
 Integrity at scale (a 70B checkpoint is ~846 GB): no rank reads back what was written. Each rank checksums the
 bytes of its own files as they stream to disk (DCP's writer with a hashing file system; DeepSpeed's files are
 hashed by their writer right after its write, from the page cache), all ranks in parallel, and rank 0 only
-merges the per-rank records into the manifest. XXH3-128 (~10 GB/s a core) rather than SHA-256 (~1.1 GB/s):
+merges the per-rank records into the manifest. XXH3-128 (several times faster per core than SHA-256):
 the manifest guards against corruption and truncation, not against someone who rewrites it. ``prune`` checks
 sizes only. A resume verifies every byte, the files split across the ranks (start-up phase).
 

@@ -26,21 +26,13 @@ small; the kept set is resolved exactly on a small set of candidates.
      quantity is an integer count or mass, so nothing depends on the buffer's order, the split C or the
      rest of the batch. The candidates are checked (top-k: at least k of them; top-p: their mass reaches
      the target); when they do not hold the kept set (more than 8192 tokens needed: near-flat rows with
-     large p or k) the searches stream the whole row: exact, slow (~0.3-1 ms at V = 128256).
+     large p or k) the searches stream the whole row: exact, but O(V) work per search round.
 
-Estimated cost on an H100/H200 (~3 TB/s achievable, ~3-5 us per launch), V = 128256, fp32 logits:
-  * B = 1: the row (0.5 MB) sits in L2 after pass 1; passes 1 and 2 take ~2-3 us each on 126 programs
-    (the merge reads 126 x 128 counts per program from L2). The resolve: ~1-2 us on up to 64 candidates
-    (an LM's peaked rows; the benchmark's rows at p = 0.5), ~5-8 us on 65-2048 (~0.25 us per register
-    round; the benchmark's rows at p = 0.9 and most at 0.95, whose candidates number 200-3000), ~10-20 us
-    streamed beyond 2048. Three launches, ~10-15 us of launch latency: ~15-28 us against the 30 us goal
-    (up to ~40 us for the widest top-p rows). Launch latency dominates: capture decoding in a CUDA graph
-    to remove the host's share.
-  * B = 128: two reads of 66 MB (33 MB in bf16) = 44 us (22 us) at 3 TB/s; histograms and candidates are
-    < 1% of the traffic; the resolve runs the rows in parallel (one program per row, ~5-20 us): ~55-70 us
-    against the 100 us goal. Bandwidth dominates: one fp32 read of the logits (22 us) is the floor.
-  Per call: 2 x B x V x (4 or 2) bytes read, B x C x 0.5 KB of histograms, at most B x 64 KB of
-  candidates written and read; 3 launches, no host synchronisation (``on_invalid="flag"``).
+Cost per call: 2 x B x V x (4 or 2) bytes of logits read, B x C x 0.5 KB of histograms, at most B x 64 KB of
+candidates written and read; 3 launches, no host synchronisation (``on_invalid="flag"``). At small B the
+launches dominate (capture decoding in a CUDA graph to remove the host's share), at large B the two reads
+of the logits; the resolve's work grows with the candidates a row needs (pairs up to 64, register rounds up
+to 2048, streamed rounds beyond). The estimates on an H100 against the goals: docs/kernels.md.
 
 Exactness: ``w = exp(z - max z)`` uses libdevice's expf when compiled (the function torch's CUDA exp
 calls) and FMA contraction is off, so the integer masses are those of the torch reference on the same
@@ -225,7 +217,7 @@ def _streamed_sums(
     for start in range(0, n, RBLOCK):
         offs = start + tl.arange(0, RBLOCK)
         m = offs < n
-        if from_row:  # (helpers inlined: the interpreter pays ~1.5 ms per nested call)
+        if from_row:  # (helpers inlined: the interpreter pays dearly for each nested call)
             x = tl.load(logits_row + offs, mask=m, other=float("-inf")).to(tl.float32)
             z = tl.where(x == float("-inf"), float("-inf"), x * inv_t)
             z = tl.where(z == 0.0, 0.0, z)
@@ -476,7 +468,7 @@ def _chunk_stats_kernel(
         take = block_max > best
         best_idx = tl.where(take, block_idx, best_idx)
         best = tl.where(take, block_max, best)
-        if binned:  # (helpers inlined in the loops: the interpreter pays ~1.5 ms per nested call)
+        if binned:  # (helpers inlined in the loops: the interpreter pays dearly for each nested call)
             z = tl.where(x == float("-inf"), float("-inf"), x * inv_t)
             z = tl.where(z == z, z, float("-inf"))  # NaN rows are invalid: keep their bins finite
             z_bin = tl.minimum(tl.maximum(tl.floor(z * 4.0), -1.0e9), 1.0e9).to(tl.int32)  # _abin(z)

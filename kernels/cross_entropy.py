@@ -40,18 +40,14 @@ accumulated in its own dtype either way):
       rounded once at the end, in place, so that ``weight.grad`` owns exactly V*H*2 bytes. Where that
       addmm fails (checked once per GPU) it falls back to "weight_dtype" and logs so once; on CPU the
       operands are upcast slice by slice (CPU has no mixed-dtype addmm).
-  Measured error of d_weight against fp64 (relative Frobenius norm; bf16 inputs, N=512 tokens; the test
-  test_weight_grad_accumulation_error prints them): fp32 0.0024 at any chunk count (its floor: the exact
-  sum of the same bf16 d_logits, rounded once); weight_dtype 0.0029 at 4 chunks, 0.0048 at 16, 0.0064 at
-  32, 0.0093 at 64; a bf16 running sum with two roundings per chunk (Liger's ``grad_weight += mm(...)``)
-  0.0035 / 0.0051 / 0.0066 / 0.0094; the fp64 gradient itself rounded to bf16: 0.0017. The rounding of
-  the running sum dominates, so both bf16 modes grow like sqrt(chunks) and one rounding per chunk gains
-  little over two. Default: "weight_dtype", from these numbers: it is the only mode within the memory
-  goal below; it is never worse than Liger's sum; at hfdist's micro-batches (<= 8192 tokens, <= 16
-  chunks on the Llama 3 head) it stays within 2x of fp32 (0.0048 vs 0.0024), i.e. under half a percent
-  of the gradient, far below the noise of a mini-batch; a bf16 model's gradient is rounded to bf16 anyway,
-  and again at each gradient-accumulation step. Ask for "fp32" for the floor where the extra 1 GiB (Llama
-  3 head) is affordable, e.g. with large N (32 chunks and more).
+  Error of d_weight against fp64: "fp32" stays at its floor whatever the chunk count (the exact sum of the
+  same bf16 d_logits, rounded once); in "weight_dtype" the rounding of the running sum dominates and grows
+  like sqrt(chunks), never above a bf16 running sum with two roundings per chunk (Liger's
+  ``grad_weight += mm(...)``). Default: "weight_dtype": the only mode within the memory goal below, and at
+  hfdist's micro-batches (<= 8192 tokens, <= 16 chunks on the Llama 3 head) close to fp32's error, while a
+  bf16 model's gradient is rounded to bf16 anyway, and again at each gradient-accumulation step. Ask for
+  "fp32" for the floor where the extra V x H x 2 bytes are affordable, e.g. with large N (32 chunks and
+  more). The errors measured by test_weight_grad_accumulation_error: docs/kernels.md.
 
 Memory (extra bytes beyond the inputs, gradients included; Llama 3 head H=4096, V=128256, bf16,
 N=16384 tokens, Triton backend, the default budget): chunk rows = 512 (CHUNK_BUDGET_BYTES bounds all a
@@ -672,7 +668,7 @@ def fused_linear_cross_entropy(
     weight's dtype (fp32 math, one rounding per chunk); "fp32" in fp32, rounded once at the end. Extra
     memory on the Llama 3 head (H=4096, V=128256, bf16) at N=16384, gradients included: 1.226 GiB
     (1,316,421,632 bytes) with "weight_dtype" (Liger: 1.23 GiB), 2.205 GiB (2,367,094,784 bytes) with
-    "fp32"; measured errors against fp64 and the reasons for the default: module docstring.
+    "fp32"; the errors against fp64 and the reasons for the default: module docstring, docs/kernels.md.
     """
     return fused_linear_cross_entropy_op(
         "fused_linear_cross_entropy",

@@ -259,7 +259,7 @@ def init_process_group(
 
     ``timeout_s`` (the start-up timeout) bounds the rendezvous (every rank must join within it) and every collective
     until the trainer switches the group to ``distributed.timeout_s`` for training: gloo raises in the waiting rank,
-    NCCL's watchdog aborts the collective (see the README's reliability section for the TORCH_NCCL_* variables). The
+    NCCL's watchdog aborts the collective (see docs/reliability.md for the TORCH_NCCL_* variables). The
     watchdog then records each rank's progress for naming a hung rank."""
 
     if torch.cuda.is_available():

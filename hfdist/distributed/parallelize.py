@@ -181,8 +181,8 @@ def apply_tp(lm: nn.Module, tp_mesh: DeviceMesh) -> None:
     - LM head: rows (vocabulary) sharded. Training never calls it (``hfdist.models.lm_head_loss`` hands the local
       rows to the vocabulary-parallel loss, so the logits are never gathered); evaluation and generation call it and
       receive the whole logits (gathered). A head tied to the embedding stays tied: both are vocabulary-sharded.
-    Activations between layers stay whole on every rank (no sequence parallelism: see the README's
-    tensor-parallel notes for why).
+    Activations between layers stay whole on every rank (no sequence parallelism: see docs/distributed.md for
+    why).
     """
     plan = tensor_parallel_plan(lm.config)
     head_dim = _head_dim(lm.config)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent
 PEAK_TFLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks
@@ -234,8 +235,9 @@ def fmt_bytes(b):
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
 
 
-def write_reports(stem, meta, rows, h, v, dtype, markdown=True):
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+def write_reports(stem, meta, measured_on, rows, h, v, dtype, markdown=True):
+    report = {"meta": meta, "results": rows, "provenance": measured_on}
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = [
         f"Fused linear cross-entropy, forward + backward, {meta['device']}, torch {meta['torch']}, "
         f"H={h}, V={v}, {str(dtype).replace('torch.', '')}"
@@ -314,6 +316,7 @@ def main(argv=None):
         meta["triton"] = triton.__version__
     except ImportError:
         pass
+    measured_on = provenance()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench_cross_entropy_{args.device}{'_quick' if args.quick else ''}"
     rows = []
@@ -339,7 +342,7 @@ def main(argv=None):
             rows.append(result)
             print(json.dumps(result), flush=True)
             table = write_reports(
-                stem, meta, rows, h, v, dtype, not args.no_md
+                stem, meta, measured_on, rows, h, v, dtype, not args.no_md
             )  # after every row: a timeout keeps what ran
         del inputs
         if args.device == "cuda":

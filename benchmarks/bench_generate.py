@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,25 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from provenance import provenance  # noqa: E402
+
 from hfdist.generation import CitationBlocker, generate  # noqa: E402
 
 TOP_P = {"top_p": 0.9, "temperature": 0.7, "top_k": 50}
-
-
-def machine_info(device: torch.device) -> dict:
-    import transformers
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    info["device"] = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
-    )
-    return info
 
 
 def load(model_name: str, device: torch.device, dtype: torch.dtype, init: str = "pretrained"):
@@ -283,11 +267,11 @@ def main() -> int:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
-        "machine": machine_info(device),
         "results": results,
         "blocker": measure_blocker(args, model, prompts, pad, batch_sizes, device)
         if args.blocker_rows > 0
         else None,
+        "provenance": provenance(),
     }
     if args.out:
         out = Path(args.out)
@@ -346,11 +330,11 @@ def measure_blocker(args, model, prompts, pad, batch_sizes, device) -> dict:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
+    measured_on, versions = report["provenance"], report["provenance"]["versions"]
     lines = [
-        f"# Generation speed: {report['model']} ({report['dtype']}), {m['device']}",
+        f"# Generation speed: {report['model']} ({report['dtype']}), {measured_on['machine']}",
         "",
-        f"torch {m['torch']}, transformers {m['transformers']}, {m['torch_threads']} threads; "
+        f"torch {versions['torch']}, transformers {versions['transformers']}; "
         f"prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens, median of "
         f"{report['repeats']}.",
         "",

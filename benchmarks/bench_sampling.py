@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parent
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -129,8 +130,9 @@ def time_call(fn, device, reps):
     return statistics.median(times)
 
 
-def write_reports(stem, meta, rows, vocab, markdown=True):
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+def write_reports(stem, meta, measured_on, rows, vocab, markdown=True):
+    report = {"meta": meta, "results": rows, "provenance": measured_on}
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = [
         f"Top-p sampling, fp32 logits, V={vocab}, {meta['device']}, torch {meta['torch']}",
         "",
@@ -179,6 +181,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "peak_bandwidth": bandwidth,
     }
+    measured_on = provenance()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench_sampling_{device}{'_quick' if args.quick else ''}"
     rows = []
@@ -202,7 +205,7 @@ def main(argv=None):
                 rows.append(result)
                 print(json.dumps(result), flush=True)
                 table = write_reports(
-                    stem, meta, rows, vocab, not args.no_md
+                    stem, meta, measured_on, rows, vocab, not args.no_md
                 )  # after every row: a timeout keeps what ran
     print(table)
     return 0

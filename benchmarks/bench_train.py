@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -35,33 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def machine_info() -> dict:
-    import platform
-
-    import torch
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    else:
-        info["device"] = (
-            f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        )
-    return info
-
+from provenance import provenance
 
 # hfdist's switches, each benchmarked as an implementation of its own.
 HFDIST_VARIANTS = {
@@ -230,9 +203,10 @@ def summarize(runs: list[dict]) -> dict:
 def markdown(results: dict) -> str:
     impls = results["implementations"]
     base, trainer = impls.get("plain"), impls.get("trainer")
+    machine = results["provenance"]["machine"]
     lines = [
         f"Training: {results['settings']['model']}, batch {results['settings']['batch']} x seq "
-        f"{results['settings']['seq_len']}, {results['settings']['dtype']}, on {results['machine']['device']} "
+        f"{results['settings']['seq_len']}, {results['settings']['dtype']}, on {machine} "
         f"(median of {results['settings']['repeats']} runs x {results['settings']['steps']} steps)",
         "",
         "| implementation | tokens/s | step time (s) | peak memory (GiB) | MFU | tokens/s vs plain | memory vs plain "
@@ -303,13 +277,13 @@ def main(argv=None) -> int:
             )
     results = {
         "benchmark": "train",
-        "machine": machine_info(),
         "settings": {
             k: getattr(args, k)
             for k in ("model", "init", "dtype", "batch", "seq_len", "steps", "warmup", "repeats")
         },
         "implementations": {name: summarize(r) for name, r in runs.items()},
         "runs": runs,
+        "provenance": provenance(),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

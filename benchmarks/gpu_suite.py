@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The GPU suite (issue 13): hfdist's GPU measurements in one unattended call of at most 8 minutes on one
+"""The GPU suite: hfdist's GPU measurements in one unattended call of at most 8 minutes on one
 Hopper GPU, side by side with their baselines, and its rehearsal on a CPU.
 
   python3 benchmarks/gpu_suite.py OUT              # on the GPU machine: install, then every default step
@@ -13,7 +13,7 @@ versions, the code paths the kernels resolve to here), ``compile_check`` beside 
 compile check for sm_90 needs no GPU, so it shares that window with the compiled kernel tests), ``cross_entropy``
 (fused loss in both accumulation modes vs eager, torch.compile and Liger), ``sampling``, ``train_<BxT>_<impl>``
 (one process each, as ``bench_train.py`` runs them), ``generate_b1``/``generate_b32``, and last the compiled
-training variants. ``scale_check`` (issue 12's ``gpu_scale_check.sh``) is not a default step: it does not fit
+training variants. ``scale_check`` (``gpu_scale_check.sh``) is not a default step: it does not fit
 the 8 minutes beside the rest; ``--steps scale_check`` runs it alone (it needs ``fetch_gpu_wheels.sh
 --with-scale-check``). Nor are the what-trains rows ``train_<BxT>_hfdist-lora`` and ``train_<BxT>_hfdist-last5``
 (LoRA and last-5-blocks training of the 1.24B shape): ``--steps train_8x256_hfdist,train_8x256_hfdist-lora,...``
@@ -24,7 +24,8 @@ and keeps the rows it already printed; a failing step does not stop the others; 
 steps at ``--limit`` seconds. Rows are the JSON lines the benchmarks print, test outcomes read off pytest's
 lines, and the compile check's results, each tagged with its step and appended to ``OUT/rows.jsonl`` as it
 arrives. OUT gets four files, no folders: ``rows.jsonl``; ``suite.json`` (meta: mode, device, versions, code
-paths; each step's budget, estimate, seconds and status; every row), rewritten after every step;
+paths; each step's budget, estimate, seconds and status; every row; the ``provenance`` block of
+``benchmarks/provenance.py``, read by the ``env`` step), rewritten after every step;
 ``tables.md`` (the side-by-side tables); ``suite.log`` (every step's output). The driver needs only the standard
 library: it runs before hfdist is installed.
 
@@ -67,7 +68,7 @@ KERNEL_TESTS = [
     "tests/test_kernels_sampling.py",
     "tests/test_kernels_training.py",
 ]  # tests/test_kernels_compile.py is the compile_check step
-TRAIN_SHAPES = [(8, 256), (4, 2048)]  # the Llama 3.2 1B shape's two batches (issue 13)
+TRAIN_SHAPES = [(8, 256), (4, 2048)]  # the Llama 3.2 1B shape's two batches
 DRY_TRAIN_SHAPES = [(2, 32), (1, 64)]  # data.seq_len must hold the default context_len (32)
 # What trains (hfdist.adapters), beside the full-training rows: LoRA on every block and the last 5 blocks trained.
 WHAT_TRAINS_IMPLS = ("hfdist-lora", "hfdist-last5")
@@ -592,7 +593,12 @@ class Suite:
 
     def write(self) -> None:
         self.meta["seconds"] = round(self.elapsed(), 1)
-        report = {"meta": self.meta, "steps": self.records, "rows": self.rows}
+        report = {
+            "meta": self.meta,
+            "steps": self.records,
+            "rows": self.rows,
+            "provenance": self.meta.get("env", {}).get("provenance"),
+        }
         _write_atomic(self.out / "suite.json", json.dumps(report, indent=1) + "\n")
         try:
             text = tables(report)
@@ -898,10 +904,12 @@ def worker_install(scratch: Path, check_only: bool) -> int:
 
 
 def worker_env() -> int:
-    """One row: machine, versions, and the code paths hfdist's kernels resolve to on this device."""
+    """One row: machine, versions, and the code paths hfdist's kernels resolve to on this device; with the
+    provenance block of a results file, read here where the measured packages are installed."""
     import importlib.metadata as metadata
 
     import torch
+    from provenance import provenance
 
     info: dict = {
         "what": "env",
@@ -963,32 +971,12 @@ def worker_env() -> int:
         if os.environ.get("TORCH_COMPILE_DISABLE") == "1"
         else "on",
     }
+    info["provenance"] = provenance()
     print(json.dumps(info), flush=True)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
-
-
-def git_commit() -> Optional[str]:
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode:
-        return None
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    ).stdout.strip()
-    return done.stdout.strip() + ("+changes" if dirty else "")
 
 
 def main(argv=None) -> int:
@@ -1035,13 +1023,15 @@ def main(argv=None) -> int:
         if args.out is None:
             parser.error("OUT is required (the folder for the results)")
         limit = args.limit or (DRY_LIMIT_S if args.dry_run else GPU_LIMIT_S)
+        from provenance import git_commit, uncommitted_changes  # beside this file; standard library only
+
         meta = {
-            "suite": "hfdist GPU suite (issue 13)",
+            "suite": "hfdist GPU suite",
             "mode": "dry-run" if args.dry_run else "gpu",
             "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
             "limit_s": limit,
             "budget_total_s": budget_total(steps),
-            "git": git_commit(),
+            "git": git_commit()[:7] + ("+changes" if uncommitted_changes() else ""),
             "host": platform.node(),
             "driver_python": platform.python_version(),
         }

@@ -1,7 +1,8 @@
 """Write the result tables of README.md and docs/*.md from benchmarks/results/*.json.
 
 Measured numbers live in ``benchmarks/results/*.json`` only, each file with its ``provenance``: the machine, the
-versions, the commit and the date. A markdown file shows them in a block between two markers:
+versions, the commit and the date (``benchmarks/provenance.py`` makes it for the benchmark scripts). A markdown
+file shows them in a block between two markers:
 
     <!-- results: demo_cpu.json#heldout -->
     (generated: a title, the table, the provenance line)
@@ -68,9 +69,10 @@ def provenance(data: dict, name: str, table: dict | None = None) -> dict:
 def provenance_line(found: dict, name: str) -> str:
     versions = found["versions"]
     versions = ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else versions
+    changes = " with uncommitted changes" if found.get("uncommitted_changes") else ""
     return (
         f"<sub>`{(RESULTS / name).as_posix()}`: {found['machine']}; {versions}; "
-        f"commit {found['commit'][:7]}, {found['date']}</sub>"
+        f"commit {found['commit'][:7]}{changes}, {found['date']}</sub>"
     )
 
 

@@ -309,7 +309,11 @@ def choose_greedy(state: "DecodeState", logits: torch.Tensor, step: int) -> torc
     return logits.argmax(-1)
 
 
-@register_strategy("sample", uses=("temperature", "top_p", "top_k", "min_p"))
+# The sampler's knobs: DecodeOptions fields named as hfdist.kernels.sample's keywords.
+SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p")
+
+
+@register_strategy("sample", uses=SAMPLING_KNOBS)
 def choose_sample(state: "DecodeState", logits: torch.Tensor, step: int) -> torch.Tensor:
     """``hfdist.kernels.sample`` with the options' temperature, top-p, top-k and min-p."""
     options = state.options
@@ -319,16 +323,8 @@ def choose_sample(state: "DecodeState", logits: torch.Tensor, step: int) -> torc
     seeds = (
         None if options.seed is None else sampling_seeds(options.seed, step, state.batch, device=state.device)
     )
-    token = sample(
-        logits,
-        temperature=options.temperature,
-        top_p=options.top_p,
-        top_k=options.top_k,
-        min_p=options.min_p,
-        seed=seeds,
-        backend=options.sampler_backend,
-        on_invalid="flag",
-    )
+    knobs = {name: getattr(options, name) for name in SAMPLING_KNOBS}
+    token = sample(logits, **knobs, seed=seeds, backend=options.sampler_backend, on_invalid="flag")
     state.flag_invalid(token < 0)
     return token.clamp_(min=0)
 

@@ -523,12 +523,9 @@ class Metric:
     compute: Callable[[Any], Any]
     modalities: tuple[str, ...] = ("text", "image")
     needs: Optional[str] = None  # "texts" or "training": computed only where the caller has them
-    during_training: bool = (
-        False  # logged at each training evaluation (metrics.jsonl, TensorBoard, summary.json)
-    )
-    summary_label: Optional[str] = (
-        None  # its line in the training summary table (hfdist.trainer.format_summary)
-    )
+    # Logged at each training evaluation (metrics.jsonl, TensorBoard, summary.json).
+    during_training: bool = False
+    summary_label: Optional[str] = None  # its line in the training summary (hfdist.trainer.format_summary)
     columns: dict = field(default_factory=dict)  # report table ("text", "image", "heldout") -> Column
 
     def key(self, window: int = 96, min_run: int = 10) -> str:
@@ -540,25 +537,22 @@ NEEDS = (None, "texts", "training")
 METRICS: dict[str, Metric] = {}  # in registration order: the order of every output's keys and columns
 
 
-def register_metric(name: str, *, on: str, **spec):
-    """Decorator: register ``compute`` as the measure ``name`` (the other fields: ``Metric``); returns ``compute``.
+def register_metric(name: str, on: str, compute: Callable[[Any], Any], **spec) -> Metric:
+    """Register the measure ``name``, computed ``on`` "generations" or "heldout" statistics by ``compute`` (the other
+    fields: ``Metric``); returns it. Registering again under a name already taken is an error.
 
     From this alone the measure is computed (``generation_metrics`` or ``heldout_stats``), logged during training
     when ``during_training`` (``eval/NAME``; on the greedy generations from the held-out contexts for a generation
     measure), listed in the training summary with ``summary_label`` and shown in the report's ``columns``."""
-
-    def register(compute):
-        if name in METRICS:
-            raise HfdistError(f"metric {name!r}: already registered")
-        if on not in ON:
-            raise HfdistError(f"metric {name!r}: on {on!r} is not one of {', '.join(ON)}")
-        metric = Metric(name, on, compute, **spec)
-        if metric.needs not in NEEDS:
-            raise HfdistError(f"metric {name!r}: needs {metric.needs!r} is not one of texts, training")
-        METRICS[name] = metric
-        return compute
-
-    return register
+    if name in METRICS:
+        raise HfdistError(f"metric {name!r}: already registered")
+    if on not in ON:
+        raise HfdistError(f"metric {name!r}: on {on!r} is not one of {', '.join(ON)}")
+    metric = Metric(name, on, compute, **spec)
+    if metric.needs not in NEEDS:
+        raise HfdistError(f"metric {name!r}: needs {metric.needs!r} is not one of texts, training")
+    METRICS[name] = metric
+    return metric
 
 
 def registered(on: str, modality: Optional[str] = None, during_training: bool = False) -> list[Metric]:
@@ -627,119 +621,75 @@ class Generations:
         return [c[-self.width :] if len(c) > self.width else None for c in rows]
 
 
-# Held-out next-token statistics (``next_token_stats`` arrays).
-@register_metric("loss", on="heldout", during_training=True, summary_label="validation loss (nats/token)")
-def _loss(stats) -> float:
-    return float(stats["nll"].mean())
+# The registered measures, in the order of every output's keys. Held-out ones compute on ``next_token_stats`` arrays.
+def _mean_of(array: str) -> Callable[[dict], float]:
+    return lambda stats: float(stats[array].mean())
 
 
-@register_metric(
+register_metric(
+    "loss", "heldout", _mean_of("nll"), during_training=True, summary_label="validation loss (nats/token)"
+)
+register_metric(
     "perplexity",
-    on="heldout",
+    "heldout",
+    lambda stats: math.exp(min(float(stats["nll"].mean()), 700.0)),
     during_training=True,
     summary_label="validation perplexity",
     columns={"heldout": Column("Perplexity", digits=2)},
 )
-def _perplexity(stats) -> float:
-    return math.exp(min(float(stats["nll"].mean()), 700.0))
-
-
-@register_metric(
+register_metric(
     "entropy",
-    on="heldout",
+    "heldout",
+    _mean_of("entropy"),
     during_training=True,
     summary_label="validation entropy (nats)",
     columns={"heldout": Column("Entropy (nats)")},
 )
-def _entropy(stats) -> float:
-    return float(stats["entropy"].mean())
-
-
-@register_metric(
-    "top1_mass",
-    on="heldout",
-    during_training=True,
-    summary_label="top-1 probability mass",
-    columns={"heldout": Column("Top-1 mass")},
+for _k in (1, 3, 5):
+    register_metric(
+        f"top{_k}_mass",
+        "heldout",
+        _mean_of(f"top{_k}"),
+        during_training=True,
+        summary_label="top-1 probability mass" if _k == 1 else None,
+        columns={"heldout": Column(f"Top-{_k} mass")},
+    )
+register_metric(
+    "num_tokens", "heldout", lambda stats: len(stats["nll"]), columns={"heldout": Column("Tokens")}
 )
-def _top1_mass(stats) -> float:
-    return float(stats["top1"].mean())
 
-
-@register_metric("top3_mass", on="heldout", during_training=True, columns={"heldout": Column("Top-3 mass")})
-def _top3_mass(stats) -> float:
-    return float(stats["top3"].mean())
-
-
-@register_metric("top5_mass", on="heldout", during_training=True, columns={"heldout": Column("Top-5 mass")})
-def _top5_mass(stats) -> float:
-    return float(stats["top5"].mean())
-
-
-@register_metric("num_tokens", on="heldout", columns={"heldout": Column("Tokens")})
-def _num_tokens(stats) -> int:
-    return len(stats["nll"])
-
-
-# Generations (``Generations``).
-@register_metric("num_generations", on="generations")
-def _num_generations(g: Generations) -> int:
-    return len(g.ids)
-
-
-@register_metric("mean_length", on="generations")
-def _mean_length(g: Generations) -> float:
-    return g.mean(len)
-
-
-@register_metric(
+# Generation measures compute on ``Generations``.
+register_metric("num_generations", "generations", lambda g: len(g.ids))
+register_metric("mean_length", "generations", lambda g: g.mean(len))
+TTR_LEGEND = "TTR-{window}: unique / total tokens over the last {window} generated tokens"
+register_metric(
     "ttr{window}",
-    on="generations",
+    "generations",
+    lambda g: g.mean(lambda ids: type_token_ratio(ids, g.window)),
     during_training=True,
     summary_label="greedy TTR over last {window} tokens",
     columns={
-        "text": Column(
-            "TTR-{window} ↑",
-            order=1,
-            legend="TTR-{window}: unique / total tokens over the last {window} generated tokens, mean over contexts.",
-        ),
-        "image": Column(
-            "TTR-{window} ↑",
-            order=3,
-            legend="TTR-{window}: unique / total tokens over the last {window} generated tokens.",
-        ),
+        "text": Column("TTR-{window} ↑", order=1, legend=TTR_LEGEND + ", mean over contexts."),
+        "image": Column("TTR-{window} ↑", order=3, legend=TTR_LEGEND + "."),
     },
 )
-def _ttr(g: Generations) -> float:
-    return g.mean(lambda ids: type_token_ratio(ids, g.window))
-
-
-@register_metric("distinct_1", on="generations")
-def _distinct_1(g: Generations) -> float:
-    return distinct_n(g.ids, 1)
-
-
-@register_metric(
-    "distinct_2",
-    on="generations",
-    columns={
-        "text": Column(
-            "Distinct-2 ↑", order=2, legend="Distinct-2: unique / total bigrams over all generations."
-        )
-    },
-)
-def _distinct_2(g: Generations) -> float:
-    return distinct_n(g.ids, 2)
-
-
-@register_metric("distinct_3", on="generations")
-def _distinct_3(g: Generations) -> float:
-    return distinct_n(g.ids, 3)
-
-
-@register_metric(
+for _n in (1, 2, 3):  # the table shows distinct-2
+    register_metric(
+        f"distinct_{_n}",
+        "generations",
+        lambda g, n=_n: distinct_n(g.ids, n),
+        columns={
+            "text": Column(
+                "Distinct-2 ↑", order=2, legend="Distinct-2: unique / total bigrams over all generations."
+            )
+        }
+        if _n == 2
+        else {},
+    )
+register_metric(
     "repetition_rate_4",
-    on="generations",
+    "generations",
+    lambda g: repetition_rate(g.ids, 4),
     columns={
         "text": Column(
             "Repeated 4-grams ↓",
@@ -748,13 +698,10 @@ def _distinct_3(g: Generations) -> float:
         )
     },
 )
-def _repetition_rate_4(g: Generations) -> float:
-    return repetition_rate(g.ids, 4)
-
-
-@register_metric(
+register_metric(
     "self_bleu",
-    on="generations",
+    "generations",
+    lambda g: self_bleu(g.ids) if len(g.ids) >= 2 else None,
     columns={
         "text": Column(
             "Self-BLEU ↓",
@@ -763,62 +710,56 @@ def _repetition_rate_4(g: Generations) -> float:
         )
     },
 )
-def _self_bleu(g: Generations) -> Optional[float]:
-    return self_bleu(g.ids) if len(g.ids) >= 2 else None
-
-
-@register_metric("word_ttr{window}", on="generations", needs="texts")
-def _word_ttr(g: Generations) -> float:
-    return float(np.mean([word_type_token_ratio(t, g.window) for t in g.texts])) if g.texts else 0.0
-
-
-@register_metric(
+register_metric(
+    "word_ttr{window}",
+    "generations",
+    lambda g: float(np.mean([word_type_token_ratio(t, g.window) for t in g.texts])) if g.texts else 0.0,
+    needs="texts",
+)
+register_metric(
     "overlap_mean_longest_run",
-    on="generations",
+    "generations",
+    lambda g: g.overlap["mean_longest_run"],
     needs="training",
     columns={
         "text": Column("Longest overlap (mean)", digits=1, order=6),
         "image": Column("Longest overlap (mean)", digits=1, order=5),
     },
 )
-def _overlap_mean_longest_run(g: Generations) -> float:
-    return g.overlap["mean_longest_run"]
-
-
-@register_metric("overlap_max_longest_run", on="generations", needs="training")
-def _overlap_max_longest_run(g: Generations) -> int:
-    return g.overlap["max_longest_run"]
-
-
-@register_metric(
+register_metric(
+    "overlap_max_longest_run", "generations", lambda g: g.overlap["max_longest_run"], needs="training"
+)
+OVERLAP_LEGEND = "Overlap: share of {} sharing a run of more than {{min_run}} {}"
+register_metric(
     "overlap_share_over_{min_run}",
-    on="generations",
+    "generations",
+    lambda g: g.overlap["share_over_min_run"],
     needs="training",
     columns={
         "text": Column(
             "Overlap > {min_run} tokens ↓",
             percent=True,
             order=5,
-            legend="Overlap: share of generations sharing a run of more than {min_run} consecutive tokens with a "
-            "training sequence; longest overlap: mean longest shared run.",
+            legend=OVERLAP_LEGEND.format(
+                "generations",
+                "consecutive tokens with a training sequence; longest overlap: mean longest shared run.",
+            ),
         ),
         "image": Column(
             "Overlap > {min_run} tokens ↓",
             percent=True,
             order=4,
-            legend="Overlap: share of completions sharing a run of more than {min_run} tokens with a training image.",
+            legend=OVERLAP_LEGEND.format("completions", "tokens with a training image."),
         ),
     },
 )
-def _overlap_share(g: Generations) -> float:
-    return g.overlap["share_over_min_run"]
-
-
-@register_metric(
+# The paper's signs of degeneration in generated images, logged during training too.
+IMAGE_MEASURE = {"modalities": ("image",), "during_training": True}
+register_metric(
     "distinct_colors",
-    on="generations",
-    modalities=("image",),
-    during_training=True,
+    "generations",
+    lambda g: g.mean(distinct_tokens),
+    **IMAGE_MEASURE,
     summary_label="distinct colour tokens",
     columns={
         "image": Column(
@@ -830,15 +771,19 @@ def _overlap_share(g: Generations) -> float:
         )
     },
 )
-def _distinct_colors(g: Generations) -> float:
-    return g.mean(distinct_tokens)
 
 
-@register_metric(
+def _repeated_rows(g: Generations) -> float:
+    if not g.ids:
+        return 0.0
+    return float(np.mean([repeated_row_fraction(ids, g.width, a) for ids, a in zip(g.ids, g.rows_above())]))
+
+
+register_metric(
     "repeated_rows",
-    on="generations",
-    modalities=("image",),
-    during_training=True,
+    "generations",
+    _repeated_rows,
+    **IMAGE_MEASURE,
     summary_label="rows repeating the row above",
     columns={
         "image": Column(
@@ -849,7 +794,3 @@ def _distinct_colors(g: Generations) -> float:
         )
     },
 )
-def _repeated_rows(g: Generations) -> float:
-    if not g.ids:
-        return 0.0
-    return float(np.mean([repeated_row_fraction(ids, g.width, a) for ids, a in zip(g.ids, g.rows_above())]))

@@ -1,11 +1,14 @@
 """Batched decoding with a KV cache for any Hugging Face causal LM, and the paper's citation blocker.
 
-``generate`` is a small re-implementation of ``model.generate`` for the two strategies the paper compares:
+``generate`` is a small re-implementation of ``model.generate`` for the two strategies the paper compares
+(``STRATEGIES``, where a strategy is registered with ``register_strategy``):
 
 - ``greedy``: the arg-max token (the lowest token id on ties, as ``torch.argmax``), token for token the
   same output as ``model.generate(do_sample=False)`` in fp32, batched and left-padded;
 - ``sample``: ``hfdist.kernels.sample`` with temperature, top-k, top-p and min-p, with counter-based
   per-row, per-step seeds derived from ``seed``, so a fixed ``seed`` reproduces the output.
+
+How it decodes is one ``DecodeOptions`` (checked once when built); ``generate``'s keywords are its fields.
 
 It keeps the loop lean because long sequences are the point: the output and attention-mask buffers are
 allocated once, the model computes logits for the last position only (``logits_to_keep=1``), and the host
@@ -19,10 +22,11 @@ output is cut after the step at which the last row finished, so its width is ``p
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,7 +37,6 @@ from hfdist.kernels import sample, sampling_seeds
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("greedy", "sample")
 CACHES = ("dynamic", "static")
 DRAFTS = ("none", "ngram")
 STATIC_CACHE_MULTIPLE = 128
@@ -273,12 +276,88 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+# ------------------------------------------------------------------------------------------- the strategies
+@dataclass(frozen=True)
+class Strategy:
+    """A decoding strategy: ``choose(state, logits, step)`` returns the token [B] of generated position ``step``
+    from the logits [B, V] (fp32, the blocker already applied); ``uses`` names the ``DecodeOptions`` fields it
+    reads (they are checked, and ``hfdist generate`` records them with the generations)."""
+
+    name: str
+    choose: Callable[["DecodeState", torch.Tensor, int], torch.Tensor]
+    uses: tuple[str, ...] = ()
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str, uses: tuple[str, ...] = ()):
+    """Decorator: register ``choose(state, logits, step) -> tokens`` as the strategy ``name`` (see ``Strategy``)."""
+
+    def register(choose):
+        if name in STRATEGIES:
+            raise HfdistError(f"strategy {name!r}: already registered")
+        STRATEGIES[name] = Strategy(name, choose, tuple(uses))
+        return choose
+
+    return register
+
+
+@register_strategy("greedy")
+def choose_greedy(state: "DecodeState", logits: torch.Tensor, step: int) -> torch.Tensor:
+    """The arg-max token (the lowest id on ties, as ``torch.argmax`` and ``model.generate(do_sample=False)``)."""
+    return logits.argmax(-1)
+
+
+# The sampler's knobs: DecodeOptions fields named as hfdist.kernels.sample's keywords.
+SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p")
+
+
+@register_strategy("sample", uses=SAMPLING_KNOBS)
+def choose_sample(state: "DecodeState", logits: torch.Tensor, step: int) -> torch.Tensor:
+    """``hfdist.kernels.sample`` with the options' temperature, top-p, top-k and min-p."""
+    options = state.options
+    # Counter-based seeds, one per (seed, step, row): reproducible without a generator's state, and
+    # on_invalid="flag" keeps the sampler from synchronising; a flagged row (all logits -inf or NaN)
+    # is reported once at the end.
+    seeds = (
+        None if options.seed is None else sampling_seeds(options.seed, step, state.batch, device=state.device)
+    )
+    knobs = {name: getattr(options, name) for name in SAMPLING_KNOBS}
+    token = sample(logits, **knobs, seed=seeds, backend=options.sampler_backend, on_invalid="flag")
+    state.flag_invalid(token < 0)
+    return token.clamp_(min=0)
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How ``generate`` decodes (its keyword arguments; see there), checked once when built."""
+    """How ``generate`` decodes, checked once when built (each error names the field).
+
+    ``max_new_tokens`` per row; ``strategy``: a name in ``STRATEGIES``; ``temperature``, ``top_p``, ``top_k`` (0
+    disables), ``min_p`` (0 disables): the sampling knobs, checked when the strategy reads them (its ``uses``).
+    ``seed``: row ``r`` at step ``t`` samples with ``hfdist.kernels.sampling_seeds(seed, t, B)[r]``, so a fixed
+    seed reproduces the output on any backend; ``None`` draws from torch's global RNG. ``blocker``: a
+    ``CitationBlocker`` applied before the strategy chooses. ``eos_token_id`` (an id or a list): a row stops after
+    it emits one; later positions get ``pad_token_id``; ``None`` never stops early, which the TTR protocol needs.
+    ``cache`` is ``dynamic`` or ``static`` (preallocated: every decode step then has the same shapes);
+    ``compile=True`` (needs the static cache) runs the decode step through ``torch.compile`` (CUDA graphs on GPU) -
+    worth it on a GPU for long generations, not on a CPU. ``check_every``: the host looks whether every row has
+    finished every this many steps. ``sync_ranks``: with a sharded model (FSDP), every rank must run the same number
+    of forward passes, so the "all rows finished" test is reduced over ranks.
+
+    ``draft="ngram"`` (greedy, dynamic cache): prompt-lookup speculative decoding. Each forward pass feeds the
+    newest token plus up to ``draft_tokens`` guessed ones: the tokens that followed the latest earlier
+    occurrence of the row's last ``draft_ngram`` (or fewer) tokens in its own prompt and output (see
+    :func:`ngram_draft`). The guesses are checked against the model's own arg-max at every position (the
+    blocker included), the agreeing prefix is kept plus the model's next token, and the cache is cut back:
+    the output is greedy's, produced in fewer passes when the text repeats (the original model's greedy loops,
+    a hyperfitted model quoting its prompt). Tokens can differ from one-at-a-time greedy only where two logits
+    tie to the last bits, since a pass over several positions rounds its matrix products differently. In a
+    batch every row advances by the shortest agreeing prefix, so it pays off at batch 1, not at 32.
+    """
 
     max_new_tokens: int
-    strategy: Literal["greedy", "sample"] = "greedy"
+    strategy: str = "greedy"
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -301,15 +380,15 @@ class DecodeOptions:
             raise HfdistError(f"strategy {self.strategy!r}: unknown (choose from {', '.join(STRATEGIES)})")
         if self.max_new_tokens < 0:
             raise HfdistError(f"max_new_tokens: must be >= 0, got {self.max_new_tokens}")
-        if self.strategy == "sample":
-            if not self.temperature > 0:
-                raise HfdistError(f"temperature: must be > 0 for sampling, got {self.temperature}")
-            if not 0 < self.top_p <= 1:
-                raise HfdistError(f"top_p: must be in (0, 1], got {self.top_p}")
-            if self.top_k < 0:
-                raise HfdistError(f"top_k: must be >= 0 (0 disables), got {self.top_k}")
-            if not 0 <= self.min_p < 1:
-                raise HfdistError(f"min_p: must be in [0, 1), got {self.min_p}")
+        uses = STRATEGIES[self.strategy].uses
+        if "temperature" in uses and not self.temperature > 0:
+            raise HfdistError(f"temperature: must be > 0 for sampling, got {self.temperature}")
+        if "top_p" in uses and not 0 < self.top_p <= 1:
+            raise HfdistError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if "top_k" in uses and self.top_k < 0:
+            raise HfdistError(f"top_k: must be >= 0 (0 disables), got {self.top_k}")
+        if "min_p" in uses and not 0 <= self.min_p < 1:
+            raise HfdistError(f"min_p: must be in [0, 1), got {self.min_p}")
         if self.check_every < 1:
             raise HfdistError(f"check_every: must be >= 1, got {self.check_every}")
         if self.cache not in CACHES:
@@ -386,7 +465,7 @@ class DecodeState:
         self.next_position = mask.sum(-1, keepdim=True)  # [B, 1]: position of the first generated token
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.last_step = torch.full((batch,), options.max_new_tokens - 1, dtype=torch.long, device=device)
-        self.invalid = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.invalid = None  # rows a strategy flagged as having no valid token (flag_invalid)
         blocker = options.blocker
         self.blocker_start = 0 if blocker is None or blocker.include_prompt else blocker.n
         self.static_mask = None
@@ -408,28 +487,11 @@ class DecodeState:
         blocker = options.blocker
         if blocker is not None and step >= self.blocker_start and cur >= blocker.n:
             blocker.block_(logits, self.out[:, cur - blocker.n : cur])
-        if options.strategy == "greedy":
-            return logits.argmax(-1)
-        # Counter-based seeds, one per (seed, step, row): reproducible without a generator's state, and
-        # on_invalid="flag" keeps the sampler from synchronising; a flagged row (all logits -inf or NaN)
-        # is reported once at the end.
-        seeds = (
-            None
-            if options.seed is None
-            else sampling_seeds(options.seed, step, self.batch, device=self.device)
-        )
-        token = sample(
-            logits,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            top_k=options.top_k,
-            min_p=options.min_p,
-            seed=seeds,
-            backend=options.sampler_backend,
-            on_invalid="flag",
-        )
-        self.invalid |= token < 0
-        return token.clamp_(min=0)
+        return STRATEGIES[options.strategy].choose(self, logits, step)
+
+    def flag_invalid(self, rows: torch.Tensor) -> None:
+        """Mark rows [B] (bool) that had no valid token: ``finish`` raises for them (one host sync, at the end)."""
+        self.invalid = rows if self.invalid is None else self.invalid | rows
 
     def record(self, token: torch.Tensor, step: int) -> torch.Tensor:
         """Write generated position ``step``: rows that already emitted EOS get the pad token."""
@@ -459,70 +521,16 @@ def generate(
     model,
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor] = None,
-    *,
-    max_new_tokens: int,
-    strategy: str = "greedy",
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    seed: Optional[int] = None,
-    blocker: Optional[CitationBlocker] = None,
-    eos_token_id=None,
-    pad_token_id: Optional[int] = None,
-    cache: str = "dynamic",
-    compile: bool = False,
-    check_every: int = 8,
-    sampler_backend: str = "auto",
-    sync_ranks: bool = False,
-    draft: str = "none",
-    draft_tokens: int = 8,
-    draft_ngram: int = 3,
+    options: Optional[DecodeOptions] = None,
+    **fields,
 ) -> torch.Tensor:
     """Continue each (left-padded) prompt by ``max_new_tokens`` tokens; returns ids [B, prompt + new].
 
-    ``eos_token_id`` (an id or a list): a row stops after it emits one; later positions get ``pad_token_id``.
-    ``None`` (the default) never stops early, which the TTR protocol needs (a fixed number of tokens).
-    ``seed``: row ``r`` at step ``t`` samples with ``hfdist.kernels.sampling_seeds(seed, t, B)[r]``, so a fixed
-    seed reproduces the output on any backend; ``None`` draws from torch's global RNG. ``cache`` is ``dynamic`` or
-    ``static`` (preallocated: every decode step then has the same shapes); ``compile=True`` (needs the
-    static cache) runs the decode step through ``torch.compile`` (CUDA graphs on GPU) - worth it on a GPU for
-    long generations, not on a CPU. ``sync_ranks``: with a sharded model
-    (FSDP), every rank must run the same number of forward passes, so the "all rows finished" test is
-    reduced over ranks.
-
-    ``draft="ngram"`` (greedy, dynamic cache): prompt-lookup speculative decoding. Each forward pass feeds the
-    newest token plus up to ``draft_tokens`` guessed ones: the tokens that followed the latest earlier
-    occurrence of the row's last ``draft_ngram`` (or fewer) tokens in its own prompt and output (see
-    :func:`ngram_draft`). The guesses are checked against the model's own arg-max at every position (the
-    blocker included), the agreeing prefix is kept plus the model's next token, and the cache is cut back:
-    the output is greedy's, produced in fewer passes when the text repeats (the original model's greedy loops,
-    a hyperfitted model quoting its prompt). Tokens can differ from one-at-a-time greedy only where two logits
-    tie to the last bits, since a pass over several positions rounds its matrix products differently. In a
-    batch every row advances by the shortest agreeing prefix, so it pays off at batch 1, not at 32.
-
-    The work is :func:`decode` with these keywords as :class:`DecodeOptions`.
+    How: ``options`` (a ``DecodeOptions``), with any of its fields given as keywords replacing its values; or the
+    keywords alone (``max_new_tokens=...`` at least): ``generate(model, ids, max_new_tokens=64, strategy="sample")``.
+    The work is :func:`decode`.
     """
-    options = DecodeOptions(
-        max_new_tokens=max_new_tokens,
-        strategy=strategy,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        seed=seed,
-        blocker=blocker,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        cache=cache,
-        compile=compile,
-        check_every=check_every,
-        sampler_backend=sampler_backend,
-        sync_ranks=sync_ranks,
-        draft=draft,
-        draft_tokens=draft_tokens,
-        draft_ngram=draft_ngram,
-    )
+    options = DecodeOptions(**fields) if options is None else dataclasses.replace(options, **fields)
     return decode(model, input_ids, attention_mask, options)
 
 
@@ -574,7 +582,7 @@ def decode_steps(state: DecodeState, logits: torch.Tensor) -> int:
 def finish(state: DecodeState, steps_run: int) -> torch.Tensor:
     """Raise for rows that had no valid token; cut the output after the step at which the last row finished."""
     options = state.options
-    if options.strategy == "sample" and bool(state.invalid.any()):
+    if state.invalid is not None and bool(state.invalid.any()):
         rows = state.invalid.nonzero().flatten().tolist()
         raise HfdistError(
             f"sampling: rows {rows} had no valid token at some step (logits all -inf or NaN; "

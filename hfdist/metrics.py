@@ -16,13 +16,22 @@ paper's signs of degeneration, stripes and flat colour: ``distinct_tokens`` (dis
 
 On held-out text with a model (``heldout_stats``): next-token NLL (nats), perplexity, entropy, top-k mass.
 ``greedy_ttr`` runs the upstream protocol: greedy from 32-token contexts to 256 tokens, TTR of the last 96.
+
+Every measure that is reported is registered once in ``METRICS`` (``register_metric``, at the end of this file): its
+name, what it is computed on (generations or held-out next-token statistics), for which modality, whether training
+logs it (``eval/NAME`` in metrics.jsonl, TensorBoard and summary.json), its line in the training summary and its
+column in the comparison report's tables. ``generation_metrics``, ``heldout_stats``, the trainer's evaluation, its
+summary and ``hfdist.report`` all read the registry.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -122,17 +131,10 @@ def image_completion_metrics(
     """Means over completed images: ``distinct_colors`` (distinct colour tokens in the generated part),
     ``repeated_rows`` (``repeated_row_fraction``, the first generated row compared with the context's last row
     when ``contexts`` [N, 1 + rows * width] are given) and ``ttr{window}`` (TTR of the last ``window`` tokens)."""
-    gens = [list(g) for g in generations]
-    if not gens:
-        return {"distinct_colors": 0.0, "repeated_rows": 0.0, f"ttr{window}": 0.0}
-    above = [None] * len(gens)
-    if contexts is not None:
-        context_rows = contexts.tolist() if hasattr(contexts, "tolist") else [list(c) for c in contexts]
-        above = [c[-width:] if len(c) > width else None for c in context_rows]  # [start token] alone: no row
+    measured = Generations([list(g) for g in generations], contexts=contexts, width=width, window=window)
     return {
-        "distinct_colors": float(np.mean([distinct_tokens(g) for g in gens])),
-        "repeated_rows": float(np.mean([repeated_row_fraction(g, width, a) for g, a in zip(gens, above)])),
-        f"ttr{window}": float(np.mean([type_token_ratio(g, window) for g in gens])),
+        METRICS[name].key(window): METRICS[name].compute(measured)
+        for name in ("distinct_colors", "repeated_rows", "ttr{window}")
     }
 
 
@@ -301,33 +303,30 @@ def generation_metrics(
     training=None,
     window: int = 96,
     min_run: int = 10,
+    modality: str = "text",
+    contexts=None,
+    width: Optional[int] = None,
+    during_training: bool = False,
 ) -> dict:
-    """Every generation metric for one set of generations (the rows of the compare table)."""
-    gens = [list(g) for g in generations]
-    out = {
-        "num_generations": len(gens),
-        "mean_length": float(np.mean([len(g) for g in gens])) if gens else 0.0,
-        f"ttr{window}": float(np.mean([type_token_ratio(g, window) for g in gens])) if gens else 0.0,
-        "distinct_1": distinct_n(gens, 1),
-        "distinct_2": distinct_n(gens, 2),
-        "distinct_3": distinct_n(gens, 3),
-        "repetition_rate_4": repetition_rate(gens, 4),
-        "self_bleu": self_bleu(gens) if len(gens) >= 2 else None,
+    """Every registered generation metric of ``modality`` for one set of generations (a row of the compare table),
+    in registration order; those that need ``texts`` or ``training`` only when given. Images: ``width`` (tokens per
+    row) and the ``contexts`` (the row above the first generated one). ``during_training``: only the metrics training
+    logs."""
+    measured = Generations(
+        [list(g) for g in generations],
+        texts=texts,
+        training=training,
+        contexts=contexts,
+        width=width,
+        window=window,
+        min_run=min_run,
+    )
+    given = {"texts": texts is not None, "training": training is not None}
+    return {
+        metric.key(window, min_run): metric.compute(measured)
+        for metric in registered("generations", modality, during_training)
+        if metric.needs is None or given[metric.needs]
     }
-    if texts is not None:
-        out[f"word_ttr{window}"] = (
-            float(np.mean([word_type_token_ratio(t, window) for t in texts])) if texts else 0.0
-        )
-    if training is not None:
-        overlap = dataset_overlap(gens, training, min_run)
-        out.update(
-            {
-                "overlap_mean_longest_run": overlap["mean_longest_run"],
-                "overlap_max_longest_run": overlap["max_longest_run"],
-                f"overlap_share_over_{min_run}": overlap["share_over_min_run"],
-            }
-        )
-    return out
 
 
 def mean_ttr_over_position(generations: Sequence[Sequence[int]], window: int = 96) -> list[float]:
@@ -436,33 +435,29 @@ def matched_temperature(
     return {"temperature": temperature, "entropy": entropy, "target_entropy": target_entropy, "steps": steps}
 
 
-def summarize_next_token_stats(stats: dict) -> dict:
-    """Means of ``next_token_stats`` arrays: ``loss`` (mean NLL, nats), ``perplexity`` = exp(loss),
-    ``entropy`` (mean entropy of the predicted distribution, nats), ``top1_mass``/``top3_mass``/``top5_mass``
-    (mean probability of the 1/3/5 most probable tokens), ``num_tokens`` (predicted positions)."""
-    n = len(stats["nll"])
-    if n == 0:
+def summarize_next_token_stats(stats: dict, during_training: bool = False) -> dict:
+    """The registered held-out measures of ``next_token_stats`` arrays (means over the predicted positions):
+    ``loss`` (mean NLL, nats), ``perplexity`` = exp(loss), ``entropy`` (mean entropy of the predicted distribution,
+    nats), ``top1_mass``/``top3_mass``/``top5_mass`` (mean probability of the 1/3/5 most probable tokens),
+    ``num_tokens`` (predicted positions). ``during_training``: only the measures training logs."""
+    if len(stats["nll"]) == 0:
         raise HfdistError("held-out statistics: no predicted tokens (sequences shorter than 2 tokens?)")
-    loss = float(stats["nll"].mean())
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "entropy": float(stats["entropy"].mean()),
-        "top1_mass": float(stats["top1"].mean()),
-        "top3_mass": float(stats["top3"].mean()),
-        "top5_mass": float(stats["top5"].mean()),
-        "num_tokens": n,
-    }
+    return {metric.name: metric.compute(stats) for metric in registered("heldout", None, during_training)}
 
 
 def heldout_stats(
-    model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *, batch_size: int = 8
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    batch_size: int = 8,
+    during_training: bool = False,
 ) -> dict:
     """Held-out next-token statistics, means over all predicted tokens (``summarize_next_token_stats`` of
     ``next_token_stats``): ``loss``, ``perplexity``, ``entropy``, ``top1_mass``, ``top3_mass``, ``top5_mass``,
     ``num_tokens``."""
     return summarize_next_token_stats(
-        next_token_stats(model, input_ids, attention_mask, batch_size=batch_size)
+        next_token_stats(model, input_ids, attention_mask, batch_size=batch_size), during_training
     )
 
 
@@ -502,3 +497,300 @@ def greedy_ttr(
         f"ttr{window}_per_context": per_context,
         "generations": generations,
     }
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+@dataclass(frozen=True)
+class Column:
+    """A metric's column in one table of the comparison report (``hfdist.report``); ``{window}`` and ``{min_run}``
+    in ``header`` and ``legend`` are filled in."""
+
+    header: str
+    digits: int = 3
+    percent: bool = False  # shown as a percentage with one decimal
+    order: int = (
+        0  # its place among the table's columns (sorted by it; equal ones keep the registration order)
+    )
+    legend: str = ""  # its sentence in the paragraph under the table
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One registered measure (see ``register_metric``)."""
+
+    name: str  # its key everywhere ({window}, {min_run} filled in): eval/NAME, eval/<set>/NAME, the report's rows
+    on: str  # "generations" (compute: Generations -> value) or "heldout" (compute: next_token_stats arrays -> value)
+    compute: Callable[[Any], Any]
+    modalities: tuple[str, ...] = ("text", "image")
+    needs: Optional[str] = None  # "texts" or "training": computed only where the caller has them
+    # Logged at each training evaluation (metrics.jsonl, TensorBoard, summary.json).
+    during_training: bool = False
+    summary_label: Optional[str] = None  # its line in the training summary (hfdist.trainer.format_summary)
+    columns: dict = field(default_factory=dict)  # report table ("text", "image", "heldout") -> Column
+
+    def key(self, window: int = 96, min_run: int = 10) -> str:
+        return self.name.format(window=window, min_run=min_run)
+
+
+ON = ("generations", "heldout")
+NEEDS = (None, "texts", "training")
+METRICS: dict[str, Metric] = {}  # in registration order: the order of every output's keys and columns
+
+
+def register_metric(name: str, on: str, compute: Callable[[Any], Any], **spec) -> Metric:
+    """Register the measure ``name``, computed ``on`` "generations" or "heldout" statistics by ``compute`` (the other
+    fields: ``Metric``); returns it. Registering again under a name already taken is an error.
+
+    From this alone the measure is computed (``generation_metrics`` or ``heldout_stats``), logged during training
+    when ``during_training`` (``eval/NAME``; on the greedy generations from the held-out contexts for a generation
+    measure), listed in the training summary with ``summary_label`` and shown in the report's ``columns``."""
+    if name in METRICS:
+        raise HfdistError(f"metric {name!r}: already registered")
+    if on not in ON:
+        raise HfdistError(f"metric {name!r}: on {on!r} is not one of {', '.join(ON)}")
+    metric = Metric(name, on, compute, **spec)
+    if metric.needs not in NEEDS:
+        raise HfdistError(f"metric {name!r}: needs {metric.needs!r} is not one of texts, training")
+    METRICS[name] = metric
+    return metric
+
+
+def registered(on: str, modality: Optional[str] = None, during_training: bool = False) -> list[Metric]:
+    """The metrics computed ``on`` generations or held-out statistics, for ``modality`` (None: any), in registration
+    order; ``during_training``: only those training logs."""
+    return [
+        m
+        for m in METRICS.values()
+        if m.on == on
+        and (modality is None or modality in m.modalities)
+        and (m.during_training or not during_training)
+    ]
+
+
+def table_columns(table: str) -> list[tuple[Metric, Column]]:
+    """The columns of one report table ("text", "image", "heldout"): (metric, column), by ``Column.order``."""
+    columns = [(m, m.columns[table]) for m in METRICS.values() if table in m.columns]
+    return sorted(columns, key=lambda pair: pair[1].order)
+
+
+def summary_measures(keys: Iterable[str]) -> list[tuple[str, str]]:
+    """(name, label) of each metric with a summary label, in registration order; one with ``{window}`` in its name
+    once per window found among ``keys`` (``eval/ttr96``, ``eval/<set>/ttr16``), smallest first."""
+    keys = list(keys)
+    out = []
+    for metric in METRICS.values():
+        if metric.summary_label is None:
+            continue
+        if "{window}" not in metric.name:
+            out.append((metric.name, metric.summary_label))
+            continue
+        pattern = re.compile("/" + r"(\d+)".join(map(re.escape, metric.name.split("{window}"))) + "$")
+        windows = sorted({int(found.group(1)) for k in keys if (found := pattern.search(k))})
+        out += [(metric.key(w), metric.summary_label.format(window=w)) for w in windows]
+    return out
+
+
+@dataclass
+class Generations:
+    """One set of generations (ids, the continuation only) and what the metrics on them may read."""
+
+    ids: list
+    texts: Optional[Sequence[str]] = None
+    training: Any = None
+    contexts: Any = None  # images: [N, 1 + rows * width]; the row above each first generated row
+    width: Optional[int] = None  # images: tokens per row
+    window: int = 96
+    min_run: int = 10
+
+    def mean(self, per_generation: Callable[[list], float]) -> float:
+        """The mean over the generations of ``per_generation``; 0.0 without generations."""
+        return float(np.mean([per_generation(g) for g in self.ids])) if self.ids else 0.0
+
+    @cached_property
+    def overlap(self) -> dict:
+        """``dataset_overlap`` with the training data, computed once for the measures that read it."""
+        return dataset_overlap(self.ids, self.training, self.min_run)
+
+    def rows_above(self) -> list:
+        """Per generation, the context's last row (None without contexts, or for a context of the start token)."""
+        if self.contexts is None:
+            return [None] * len(self.ids)
+        rows = (
+            self.contexts.tolist() if hasattr(self.contexts, "tolist") else [list(c) for c in self.contexts]
+        )
+        return [c[-self.width :] if len(c) > self.width else None for c in rows]
+
+
+# The registered measures, in the order of every output's keys. Held-out ones compute on ``next_token_stats`` arrays.
+def _mean_of(array: str) -> Callable[[dict], float]:
+    return lambda stats: float(stats[array].mean())
+
+
+register_metric(
+    "loss", "heldout", _mean_of("nll"), during_training=True, summary_label="validation loss (nats/token)"
+)
+register_metric(
+    "perplexity",
+    "heldout",
+    lambda stats: math.exp(min(float(stats["nll"].mean()), 700.0)),
+    during_training=True,
+    summary_label="validation perplexity",
+    columns={"heldout": Column("Perplexity", digits=2)},
+)
+register_metric(
+    "entropy",
+    "heldout",
+    _mean_of("entropy"),
+    during_training=True,
+    summary_label="validation entropy (nats)",
+    columns={"heldout": Column("Entropy (nats)")},
+)
+for _k in (1, 3, 5):
+    register_metric(
+        f"top{_k}_mass",
+        "heldout",
+        _mean_of(f"top{_k}"),
+        during_training=True,
+        summary_label="top-1 probability mass" if _k == 1 else None,
+        columns={"heldout": Column(f"Top-{_k} mass")},
+    )
+register_metric(
+    "num_tokens", "heldout", lambda stats: len(stats["nll"]), columns={"heldout": Column("Tokens")}
+)
+
+# Generation measures compute on ``Generations``.
+register_metric("num_generations", "generations", lambda g: len(g.ids))
+register_metric("mean_length", "generations", lambda g: g.mean(len))
+TTR_LEGEND = "TTR-{window}: unique / total tokens over the last {window} generated tokens"
+register_metric(
+    "ttr{window}",
+    "generations",
+    lambda g: g.mean(lambda ids: type_token_ratio(ids, g.window)),
+    during_training=True,
+    summary_label="greedy TTR over last {window} tokens",
+    columns={
+        "text": Column("TTR-{window} ↑", order=1, legend=TTR_LEGEND + ", mean over contexts."),
+        "image": Column("TTR-{window} ↑", order=3, legend=TTR_LEGEND + "."),
+    },
+)
+for _n in (1, 2, 3):  # the table shows distinct-2
+    register_metric(
+        f"distinct_{_n}",
+        "generations",
+        lambda g, n=_n: distinct_n(g.ids, n),
+        columns={
+            "text": Column(
+                "Distinct-2 ↑", order=2, legend="Distinct-2: unique / total bigrams over all generations."
+            )
+        }
+        if _n == 2
+        else {},
+    )
+register_metric(
+    "repetition_rate_4",
+    "generations",
+    lambda g: repetition_rate(g.ids, 4),
+    columns={
+        "text": Column(
+            "Repeated 4-grams ↓",
+            order=4,
+            legend="Repeated 4-grams: share of 4-grams repeating an earlier one in the same generation.",
+        )
+    },
+)
+register_metric(
+    "self_bleu",
+    "generations",
+    lambda g: self_bleu(g.ids) if len(g.ids) >= 2 else None,
+    columns={
+        "text": Column(
+            "Self-BLEU ↓",
+            order=3,
+            legend="Self-BLEU: mean sentence BLEU-4 (exp smoothing) of each generation against the others.",
+        )
+    },
+)
+register_metric(
+    "word_ttr{window}",
+    "generations",
+    lambda g: float(np.mean([word_type_token_ratio(t, g.window) for t in g.texts])) if g.texts else 0.0,
+    needs="texts",
+)
+register_metric(
+    "overlap_mean_longest_run",
+    "generations",
+    lambda g: g.overlap["mean_longest_run"],
+    needs="training",
+    columns={
+        "text": Column("Longest overlap (mean)", digits=1, order=6),
+        "image": Column("Longest overlap (mean)", digits=1, order=5),
+    },
+)
+register_metric(
+    "overlap_max_longest_run", "generations", lambda g: g.overlap["max_longest_run"], needs="training"
+)
+OVERLAP_LEGEND = "Overlap: share of {} sharing a run of more than {{min_run}} {}"
+register_metric(
+    "overlap_share_over_{min_run}",
+    "generations",
+    lambda g: g.overlap["share_over_min_run"],
+    needs="training",
+    columns={
+        "text": Column(
+            "Overlap > {min_run} tokens ↓",
+            percent=True,
+            order=5,
+            legend=OVERLAP_LEGEND.format(
+                "generations",
+                "consecutive tokens with a training sequence; longest overlap: mean longest shared run.",
+            ),
+        ),
+        "image": Column(
+            "Overlap > {min_run} tokens ↓",
+            percent=True,
+            order=4,
+            legend=OVERLAP_LEGEND.format("completions", "tokens with a training image."),
+        ),
+    },
+)
+# The paper's signs of degeneration in generated images, logged during training too.
+IMAGE_MEASURE = {"modalities": ("image",), "during_training": True}
+register_metric(
+    "distinct_colors",
+    "generations",
+    lambda g: g.mean(distinct_tokens),
+    **IMAGE_MEASURE,
+    summary_label="distinct colour tokens",
+    columns={
+        "image": Column(
+            "Distinct colours ↑",
+            digits=1,
+            order=1,
+            legend="Distinct colours: distinct colour tokens in the generated part, mean over images (flat colour: "
+            "few).",
+        )
+    },
+)
+
+
+def _repeated_rows(g: Generations) -> float:
+    if not g.ids:
+        return 0.0
+    return float(np.mean([repeated_row_fraction(ids, g.width, a) for ids, a in zip(g.ids, g.rows_above())]))
+
+
+register_metric(
+    "repeated_rows",
+    "generations",
+    _repeated_rows,
+    **IMAGE_MEASURE,
+    summary_label="rows repeating the row above",
+    columns={
+        "image": Column(
+            "Repeated rows ↓",
+            order=2,
+            legend="Repeated rows: share of generated rows equal to the row above (the first compared with the "
+            "context's last row; stripes: many).",
+        )
+    },
+)

@@ -31,7 +31,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from hfdist.adapters import count_configured_parameters, describe_trains
 from hfdist.config import load_config
 from hfdist.data import token_ids_to_pixels
 from hfdist.errors import HfdistError
-from hfdist.generation import CitationBlocker, continuation_ids, generate
+from hfdist.generation import CitationBlocker, DecodeOptions, continuation_ids, generate
 from hfdist.io import (
     atomic_write_json,
     atomic_write_text,
@@ -50,13 +50,14 @@ from hfdist.io import (
     write_jsonl,
 )
 from hfdist.metrics import (
+    Column,
     generation_metrics,
     heldout_logits,
-    image_completion_metrics,
     matched_temperature,
     mean_ttr_over_position,
     next_token_stats,
     summarize_next_token_stats,
+    table_columns,
 )
 from hfdist.models import (
     load_model,
@@ -145,75 +146,60 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def format_table(rows: dict[str, dict], window: int = 96, min_run: int = 10) -> str:
-    """The markdown table of the generation metrics, one line per decoding (the paper's Table 1 layout)."""
-    header = (
-        f"| Model | Decoding | TTR-{window} ↑ | Distinct-2 ↑ | Self-BLEU ↓ | Repeated 4-grams ↓ | "
-        f"Overlap > {min_run} tokens ↓ | Longest overlap (mean) | Tokens/s |"
-    )
-    lines = [header, "|" + "---|" * 9]
+def _cell(value, column: Column) -> str:
+    if column.percent:
+        return "-" if value is None else f"{100 * value:.1f}%"
+    return _fmt(value, column.digits)
+
+
+def format_generation_table(
+    rows: dict[str, dict], table: str = "text", window: int = 96, min_run: int = 10
+) -> str:
+    """The markdown table of one decoding per line: the model, the decoding, the registered columns of ``table``
+    ("text": the paper's Table 1 layout; "image": the degeneration of generated pixel tokens), then tokens/s."""
+    columns = table_columns(table)
+    headers = [column.header.format(window=window, min_run=min_run) for _, column in columns]
+    lines = [
+        "| " + " | ".join(["Model", "Decoding", *headers, "Tokens/s"]) + " |",
+        "|" + "---|" * (len(headers) + 3),
+    ]
     for name, m in rows.items():
-        model, decoding = row_labels(name, m.get("settings", {}))
-        overlap = m.get(f"overlap_share_over_{min_run}")
+        cells = [_cell(m.get(metric.key(window, min_run)), column) for metric, column in columns]
         lines.append(
             "| "
-            + " | ".join(
-                [
-                    model,
-                    decoding,
-                    _fmt(m.get(f"ttr{window}")),
-                    _fmt(m.get("distinct_2")),
-                    _fmt(m.get("self_bleu")),
-                    _fmt(m.get("repetition_rate_4")),
-                    "-" if overlap is None else f"{100 * overlap:.1f}%",
-                    _fmt(m.get("overlap_mean_longest_run"), 1),
-                    _fmt(m.get("tokens_per_s"), 1),
-                ]
-            )
+            + " | ".join([*row_labels(name, m.get("settings", {})), *cells, _fmt(m.get("tokens_per_s"), 1)])
             + " |"
         )
     return "\n".join(lines)
+
+
+def format_table(rows: dict[str, dict], window: int = 96, min_run: int = 10) -> str:
+    """The markdown table of the generation metrics, one line per decoding (the paper's Table 1 layout)."""
+    return format_generation_table(rows, "text", window, min_run)
 
 
 def format_image_table(rows: dict[str, dict], window: int = 96, min_run: int = 10) -> str:
     """The image rows: degeneration of the generated pixel tokens, one line per decoding."""
-    header = (
-        f"| Model | Decoding | Distinct colours ↑ | Repeated rows ↓ | TTR-{window} ↑ | "
-        f"Overlap > {min_run} tokens ↓ | Longest overlap (mean) | Tokens/s |"
-    )
-    lines = [header, "|" + "---|" * 8]
-    for name, m in rows.items():
-        model, decoding = row_labels(name, m.get("settings", {}))
-        overlap = m.get(f"overlap_share_over_{min_run}")
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    model,
-                    decoding,
-                    _fmt(m.get("distinct_colors"), 1),
-                    _fmt(m.get("repeated_rows")),
-                    _fmt(m.get(f"ttr{window}")),
-                    "-" if overlap is None else f"{100 * overlap:.1f}%",
-                    _fmt(m.get("overlap_mean_longest_run"), 1),
-                    _fmt(m.get("tokens_per_s"), 1),
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
+    return format_generation_table(rows, "image", window, min_run)
+
+
+def table_legend(table: str, window: int = 96, min_run: int = 10) -> str:
+    """The paragraph under a table: the registered columns' legends."""
+    legends = [column.legend for _, column in table_columns(table) if column.legend]
+    return " ".join(legends).format(window=window, min_run=min_run)
 
 
 def format_heldout_table(heldout: dict[str, dict]) -> str:
+    """Both models' next-token statistics on the held-out sequences: the registered "heldout" columns."""
+    columns = table_columns("heldout")
     lines = [
-        "| Model | Perplexity | Entropy (nats) | Top-1 mass | Top-3 mass | Top-5 mass | Tokens |",
-        "|" + "---|" * 7,
+        "| " + " | ".join(["Model", *(column.header for _, column in columns)]) + " |",
+        "|" + "---|" * (len(columns) + 1),
     ]
     for name, s in heldout.items():
         label = {"base": "Original", "hyperfitted": "Hyperfitted"}.get(name, name)
         lines.append(
-            f"| {label} | {_fmt(s['perplexity'], 2)} | {_fmt(s['entropy'])} | {_fmt(s['top1_mass'])} | "
-            f"{_fmt(s['top3_mass'])} | {_fmt(s['top5_mass'])} | {s['num_tokens']} |"
+            "| " + " | ".join([label, *(_cell(s.get(m.name), column) for m, column in columns)]) + " |"
         )
     return "\n".join(lines)
 
@@ -245,50 +231,28 @@ def _image_geometry(run_dir: Path) -> Optional[dict]:
         raise HfdistError(f"{str(path)!r}: not valid JSON") from None
 
 
-def _decode_all(model, contexts: torch.Tensor, settings: CompareSettings, eos, pad: int, **options):
-    """Generate for every context in batches; returns continuations (cut at EOS), stop flags and seconds."""
+@dataclass
+class ComparisonInputs:
+    """What a comparison reads, resolved and checked before any model is loaded."""
 
-    continuations, stopped = [], []
-    start_time = time.perf_counter()
-    for start in range(0, len(contexts), settings.batch_size):
-        chunk = contexts[start : start + settings.batch_size]
-        out = generate(
-            model,
-            chunk,
-            max_new_tokens=settings.max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            **options,
-        ).cpu()
-        conts = continuation_ids(out, chunk.shape[1], eos)
-        continuations.extend(conts)
-        stopped.extend(eos is not None and len(c) < settings.max_new_tokens for c in conts)
-    return continuations, stopped, time.perf_counter() - start_time
+    run: Optional[Path]  # the hyperfit run folder, if any
+    base: str
+    base_section: Optional[dict]  # the run's config.yaml model section (how to load the base model)
+    hyperfitted: str
+    contexts_path: Union[str, Path]  # as given (the report names it so)
+    contexts: np.ndarray  # [N, L]
+    train: Optional[np.ndarray]  # the blocker's and the overlap's training ids
+    validation: Optional[np.ndarray]  # the held-out sequences of the next-token statistics
+    image: Optional[dict]  # an image run's geometry (data/selection.json)
+    out: Path
+    settings: CompareSettings
 
 
-def run_comparison(
-    run_dir=None,
-    *,
-    base: Optional[str] = None,
-    hyperfitted: Optional[str] = None,
-    out_dir=None,
-    contexts_path=None,
-    train_path=None,
-    validation_path=None,
-    settings: Optional[CompareSettings] = None,
-    **overrides,
-) -> dict:
-    """Run the paper's comparison and write the report; returns the report as a dict.
-
-    With ``run_dir`` (a hyperfit run folder) everything has a default: the base model is config.yaml's
-    ``model.path``, the hyperfitted one ``RUN/model``, contexts ``RUN/data/contexts.npy``, the blocker and overlap
-    data ``RUN/data/train_token_ids.npy``, the held-out sequences ``RUN/data/validation_token_ids.npy``, the
-    curves ``RUN/metrics.jsonl``, the output ``RUN/compare``. Without it, pass ``base``, ``hyperfitted``,
-    ``contexts_path`` and ``out_dir`` (training and validation data are then optional). ``overrides`` set
-    fields of ``CompareSettings`` (e.g. ``num_contexts=8``).
-    """
-
-    settings = dataclasses.replace(settings or CompareSettings(), **overrides)
+def resolve_inputs(
+    run_dir, base, hyperfitted, out_dir, contexts_path, train_path, validation_path, settings: CompareSettings
+) -> ComparisonInputs:
+    """The models, contexts, training and held-out data and output folder of a comparison (a run folder's defaults
+    for what is not given), checked; an image run's settings fitted to its images."""
     run = Path(run_dir) if run_dir is not None else None
     if run is not None and not run.is_dir():
         raise HfdistError(f"--run {str(run)!r}: no such folder")
@@ -336,10 +300,6 @@ def run_comparison(
         if validation_path and Path(validation_path).is_file()
         else None
     )
-    device = resolve_device(settings.device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    contexts_t = torch.from_numpy(contexts)
     image = _image_geometry(run) if run is not None else None
     if image is not None:
         # The completion is the rest of the image, whatever --max-new-tokens says.
@@ -347,49 +307,149 @@ def run_comparison(
         settings = dataclasses.replace(
             settings, max_new_tokens=new_tokens, window=min(settings.window, new_tokens)
         )
-    # The blocker is a text device (the paper compares three rows for images).
-    blocker = CitationBlocker(train, n=settings.blocker_n) if train is not None and image is None else None
+    return ComparisonInputs(
+        run=run,
+        base=base,
+        base_section=base_section,
+        hyperfitted=hyperfitted,
+        contexts_path=contexts_path,
+        contexts=contexts,
+        train=train,
+        validation=validation,
+        image=image,
+        out=Path(out_dir),
+        settings=settings,
+    )
 
-    rows: dict[str, dict] = {}
-    curves: dict[str, list[float]] = {}
-    heldout: dict[str, dict] = {}
-    top1: dict[str, np.ndarray] = {}
-    sample_texts: dict[str, str] = {}
-    completions: dict[str, list] = {}
-    clusters = None
-    plans = {
-        "base": []
-        if not settings.include_original
-        else [
+
+@dataclass
+class Decoded:
+    """What decoding the rows gave: per row its metrics, TTR curve, first text and (images) completions; per model
+    its held-out statistics and top-1 probabilities; the matched temperature; the image run's colour clusters."""
+
+    rows: dict = dataclasses.field(default_factory=dict)
+    curves: dict = dataclasses.field(default_factory=dict)
+    sample_texts: dict = dataclasses.field(default_factory=dict)
+    completions: dict = dataclasses.field(default_factory=dict)
+    heldout: dict = dataclasses.field(default_factory=dict)
+    top1: dict = dataclasses.field(default_factory=dict)
+    matched_temperature: Optional[dict] = None
+    clusters: Optional[np.ndarray] = None
+
+
+def decoding_plans(inputs: ComparisonInputs) -> dict[str, list[tuple[str, dict]]]:
+    """Per model, its rows: (name, the ``DecodeOptions`` fields that make the row), checked now. The
+    matched-entropy row is added once its temperature is known (``decode_rows``)."""
+    settings = inputs.settings
+    plans = {"base": [], "hyperfitted": [("hyperfitted_greedy", {"strategy": "greedy"})]}
+    if settings.include_original:
+        knobs = {"top_p": settings.top_p, "temperature": settings.temperature, "top_k": settings.top_k}
+        plans["base"] += [
             ("original_greedy", {"strategy": "greedy"}),
-            (
-                "original_top_p",
-                {
-                    "strategy": "sample",
-                    "top_p": settings.top_p,
-                    "temperature": settings.temperature,
-                    "top_k": settings.top_k,
-                    "seed": settings.seed,
-                },
-            ),
-        ],
-        "hyperfitted": [("hyperfitted_greedy", {"strategy": "greedy"})],
-    }
-    # The matched-entropy control: the original model sampled (temperature only) at the T* where its mean next-token
-    # entropy on the held-out sequences equals the hyperfitted model's there. The hyperfitted model goes first.
-    matched = settings.matched_entropy and image is None and validation is not None
-    matched_temperature_found = None
-    if blocker is not None:
+            ("original_top_p", {"strategy": "sample", **knobs, "seed": settings.seed}),
+        ]
+    # The blocker is a text device (the paper compares three rows for images).
+    if inputs.train is not None and inputs.image is None:
+        blocker = CitationBlocker(inputs.train, n=settings.blocker_n)
         plans["hyperfitted"].append(
             ("hyperfitted_greedy_blocker", {"strategy": "greedy", "blocker": blocker})
         )
-    for which, path in (("hyperfitted", hyperfitted), ("base", base)):
-        model_config = model_config_for(path, base_section if which == "base" else None, settings.dtype)
+    for rows in plans.values():
+        for _, fields in rows:
+            DecodeOptions(max_new_tokens=settings.max_new_tokens, **fields)
+    return plans
+
+
+def _decode_all(model, contexts: torch.Tensor, options: DecodeOptions, batch_size: int):
+    """Generate for every context in batches; returns continuations (cut at EOS), stop flags and seconds."""
+
+    continuations, stopped = [], []
+    start_time = time.perf_counter()
+    for start in range(0, len(contexts), batch_size):
+        chunk = contexts[start : start + batch_size]
+        out = generate(model, chunk, options=options).cpu()
+        conts = continuation_ids(out, chunk.shape[1], options.eos_token_id)
+        continuations.extend(conts)
+        stopped.extend(options.eos_token_id is not None and len(c) < options.max_new_tokens for c in conts)
+    return continuations, stopped, time.perf_counter() - start_time
+
+
+def decode_row(
+    decoded: Decoded, inputs: ComparisonInputs, name: str, fields: dict, model, path: str, tokenizer, eos, pad
+) -> None:
+    """Decode every context one row's way; measure it (``generation_metrics``) and write its generations."""
+    settings, contexts = inputs.settings, inputs.contexts
+    logger.info("compare: %s on %d contexts, %d new tokens", name, len(contexts), settings.max_new_tokens)
+    options = DecodeOptions(
+        max_new_tokens=settings.max_new_tokens, eos_token_id=eos, pad_token_id=pad, **fields
+    )
+    conts, stopped, seconds = _decode_all(model, torch.from_numpy(contexts), options, settings.batch_size)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in conts] if tokenizer is not None else None
+    row_settings = {
+        "model": str(path),
+        "max_new_tokens": settings.max_new_tokens,
+        "stop_at_eos": settings.stop_at_eos,
+        **{k: v for k, v in fields.items() if k != "blocker"},
+    }
+    if "blocker" in fields:
+        row_settings["blocker_n"] = settings.blocker_n
+    metrics = generation_metrics(
+        conts,
+        texts=texts,
+        training=inputs.train,
+        window=settings.window,
+        min_run=settings.min_run,
+        modality="image" if inputs.image is not None else "text",
+        contexts=contexts,
+        width=inputs.image["width"] if inputs.image is not None else None,
+    )
+    if inputs.image is not None:
+        decoded.completions[name] = conts
+    metrics["tokens_per_s"] = sum(len(c) for c in conts) / seconds if seconds > 0 else None
+    metrics["seconds"] = seconds
+    metrics["settings"] = row_settings
+    decoded.rows[name] = metrics
+    decoded.curves[name] = mean_ttr_over_position(conts, settings.window)
+    if texts is not None:
+        decoded.sample_texts[name] = texts[0]
+    write_jsonl(
+        inputs.out / f"generations_{name}.jsonl",
+        generation_records(contexts.tolist(), conts, stopped, tokenizer, row_settings),
+    )
+
+
+def matched_entropy_row(decoded: Decoded, model, inputs: ComparisonInputs) -> tuple[str, dict]:
+    """The matched-entropy control: the original model sampled (temperature only) at the T* where its mean
+    next-token entropy on the held-out sequences equals the hyperfitted model's there (decoded first)."""
+    logits = heldout_logits(model, torch.from_numpy(inputs.validation), batch_size=8)
+    found = matched_temperature(logits, decoded.heldout["hyperfitted"]["entropy"])
+    del logits
+    logger.info(
+        "compare: matched entropy %.4f nats at T* = %.4f (%d bisection steps)",
+        found["entropy"],
+        found["temperature"],
+        found["steps"],
+    )
+    decoded.matched_temperature = found
+    fields = {"strategy": "sample", "temperature": found["temperature"], "top_p": 1.0, "top_k": 0}
+    return "original_matched_entropy", {**fields, "seed": inputs.settings.seed}
+
+
+def decode_rows(inputs: ComparisonInputs, device: torch.device) -> Decoded:
+    """Load each model in turn (the hyperfitted one first), decode its rows, and measure its next-token statistics
+    on the held-out sequences; rows and statistics in the report's order."""
+    settings, image = inputs.settings, inputs.image
+    plans = decoding_plans(inputs)
+    matched = settings.matched_entropy and image is None and inputs.validation is not None
+    decoded = Decoded()
+    for which, path in (("hyperfitted", inputs.hyperfitted), ("base", inputs.base)):
+        section = inputs.base_section if which == "base" else None
+        model_config = model_config_for(path, section, settings.dtype)
         logger.info("compare: loading the %s model %s", which, path)
         if image is not None:
             tokenizer = None  # pixels: no text to decode; the colour clusters draw the grid
-            if clusters is None:
-                clusters = np.asarray(load_processor(model_config, "image").clusters)
+            if decoded.clusters is None:
+                decoded.clusters = np.asarray(load_processor(model_config, "image").clusters)
             eos, pad = None, image["start_token"]
         else:
             tokenizer = load_tokenizer(model_config)
@@ -397,90 +457,45 @@ def run_comparison(
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         model = load_model(model_config, device).eval()
         if which == "base" and matched:
-            logits = heldout_logits(model, torch.from_numpy(validation), batch_size=8)
-            matched_temperature_found = matched_temperature(logits, heldout["hyperfitted"]["entropy"])
-            del logits
-            logger.info(
-                "compare: matched entropy %.4f nats at T* = %.4f (%d bisection steps)",
-                matched_temperature_found["entropy"],
-                matched_temperature_found["temperature"],
-                matched_temperature_found["steps"],
-            )
-            plans["base"].append(
-                (
-                    "original_matched_entropy",
-                    {
-                        "strategy": "sample",
-                        "temperature": matched_temperature_found["temperature"],
-                        "top_p": 1.0,
-                        "top_k": 0,
-                        "seed": settings.seed,
-                    },
-                )
-            )
-        for name, options in plans[which]:
-            logger.info(
-                "compare: %s on %d contexts, %d new tokens", name, len(contexts), settings.max_new_tokens
-            )
-            conts, stopped, seconds = _decode_all(model, contexts_t, settings, eos, pad, **options)
-            texts = (
-                [tokenizer.decode(c, skip_special_tokens=True) for c in conts]
-                if tokenizer is not None
-                else None
-            )
-            row_settings = {
-                "model": str(path),
-                "max_new_tokens": settings.max_new_tokens,
-                "stop_at_eos": settings.stop_at_eos,
-                **{k: v for k, v in options.items() if k != "blocker"},
-            }
-            if "blocker" in options:
-                row_settings["blocker_n"] = settings.blocker_n
-            metrics = generation_metrics(
-                conts, texts=texts, training=train, window=settings.window, min_run=settings.min_run
-            )
-            if image is not None:
-                metrics.update(image_completion_metrics(conts, contexts, image["width"], settings.window))
-                completions[name] = conts
-            metrics["tokens_per_s"] = sum(len(c) for c in conts) / seconds if seconds > 0 else None
-            metrics["seconds"] = seconds
-            metrics["settings"] = row_settings
-            rows[name] = metrics
-            curves[name] = mean_ttr_over_position(conts, settings.window)
-            if texts is not None:
-                sample_texts[name] = texts[0]
-            write_jsonl(
-                out / f"generations_{name}.jsonl",
-                generation_records(contexts.tolist(), conts, stopped, tokenizer, row_settings),
-            )
-        if validation is not None:
-            stats = next_token_stats(model, torch.from_numpy(validation), batch_size=8)
-            heldout[which] = summarize_next_token_stats(stats)
-            top1[which] = stats["top1"]
+            plans["base"].append(matched_entropy_row(decoded, model, inputs))
+        for name, fields in plans[which]:
+            decode_row(decoded, inputs, name, fields, model, path, tokenizer, eos, pad)
+        if inputs.validation is not None:
+            stats = next_token_stats(model, torch.from_numpy(inputs.validation), batch_size=8)
+            decoded.heldout[which] = summarize_next_token_stats(stats)
+            decoded.top1[which] = stats["top1"]
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    rows = {name: rows[name] for name in ROWS if name in rows}
-    curves = {name: curves[name] for name in rows}
-    heldout = {name: heldout[name] for name in ("base", "hyperfitted") if name in heldout}
-    top1 = {name: top1[name] for name in ("base", "hyperfitted") if name in top1}
+    decoded.rows = {name: decoded.rows[name] for name in ROWS if name in decoded.rows}
+    decoded.curves = {name: decoded.curves[name] for name in decoded.rows}
+    decoded.heldout = {
+        name: decoded.heldout[name] for name in ("base", "hyperfitted") if name in decoded.heldout
+    }
+    decoded.top1 = {name: decoded.top1[name] for name in ("base", "hyperfitted") if name in decoded.top1}
+    return decoded
 
+
+def write_plots(inputs: ComparisonInputs, decoded: Decoded) -> list[str]:
+    """TTR over position, the run's training curves, top-1 probabilities (with held-out data) and, for an image
+    run, the completions grid; returns their file names in the report's order."""
+    out, settings, contexts, image = inputs.out, inputs.settings, inputs.contexts, inputs.image
     plot_ttr_over_position(
-        {row_title(name): curve for name, curve in curves.items()},
+        {row_title(name): curve for name, curve in decoded.curves.items()},
         out / "ttr_over_position.png",
         settings.window,
     )
-    metrics_path = run / "metrics.jsonl" if run is not None else None
+    metrics_path = inputs.run / "metrics.jsonl" if inputs.run is not None else None
     records = []
     if metrics_path is not None and metrics_path.is_file():
         records = read_metrics(metrics_path)
     plot_training_curves(records, out / "training_curves.png")
     plots = ["ttr_over_position.png", "training_curves.png"]
-    if top1:
-        plot_top1(top1, out / "top1_probability.png")
+    if decoded.top1:
+        plot_top1(decoded.top1, out / "top1_probability.png")
         plots.append("top1_probability.png")
     if image is not None:
-        originals_path = Path(contexts_path).with_name("context_images.npy")
+        originals_path = Path(inputs.contexts_path).with_name("context_images.npy")
         full = (
             load_token_array(originals_path, "context images")[: len(contexts)]
             if originals_path.is_file()
@@ -489,39 +504,75 @@ def run_comparison(
         if full is None:  # contexts from elsewhere: draw the contexts themselves as the originals
             logger.warning("no %s: the grid's original column shows the contexts only", originals_path)
             full = np.concatenate([contexts, np.full((len(contexts), settings.max_new_tokens), -1)], axis=1)
-        draw = lambda rows: token_ids_to_pixels(rows, clusters, image["height"], image["width"])  # noqa: E731
+
+        def draw(rows):
+            return token_ids_to_pixels(rows, decoded.clusters, image["height"], image["width"])
+
         plot_completions_grid(
             draw(full[:, 1:]),
             image["context_rows"],
             {
                 row_title(name): draw(np.concatenate([contexts[:, 1:], np.asarray(c)], axis=1))
-                for name, c in completions.items()
+                for name, c in decoded.completions.items()
             },
             out / "completions_grid.png",
         )
         plots.insert(0, "completions_grid.png")
+    return plots
 
+
+def run_comparison(
+    run_dir=None,
+    *,
+    base: Optional[str] = None,
+    hyperfitted: Optional[str] = None,
+    out_dir=None,
+    contexts_path=None,
+    train_path=None,
+    validation_path=None,
+    settings: Optional[CompareSettings] = None,
+    **overrides,
+) -> dict:
+    """Run the paper's comparison and write the report; returns the report as a dict.
+
+    With ``run_dir`` (a hyperfit run folder) everything has a default: the base model is config.yaml's
+    ``model.path``, the hyperfitted one ``RUN/model``, contexts ``RUN/data/contexts.npy``, the blocker and overlap
+    data ``RUN/data/train_token_ids.npy``, the held-out sequences ``RUN/data/validation_token_ids.npy``, the
+    curves ``RUN/metrics.jsonl``, the output ``RUN/compare``. Without it, pass ``base``, ``hyperfitted``,
+    ``contexts_path`` and ``out_dir`` (training and validation data are then optional). ``overrides`` set
+    fields of ``CompareSettings`` (e.g. ``num_contexts=8``).
+
+    The phases: ``resolve_inputs``, ``decode_rows`` (each model's rows and held-out statistics), ``write_plots``,
+    then report.json and report.md (``format_report``).
+    """
+    settings = dataclasses.replace(settings or CompareSettings(), **overrides)
+    inputs = resolve_inputs(
+        run_dir, base, hyperfitted, out_dir, contexts_path, train_path, validation_path, settings
+    )
+    device = resolve_device(inputs.settings.device)
+    inputs.out.mkdir(parents=True, exist_ok=True)
+    decoded = decode_rows(inputs, device)
+    plots = write_plots(inputs, decoded)
     report = {
-        "base": str(base),
-        "hyperfitted": str(hyperfitted),
-        "run": str(run) if run is not None else None,
-        "contexts": str(contexts_path),
-        "num_contexts": len(contexts),
-        "context_len": int(contexts.shape[1]),
-        "settings": dataclasses.asdict(settings),
+        "base": str(inputs.base),
+        "hyperfitted": str(inputs.hyperfitted),
+        "run": str(inputs.run) if inputs.run is not None else None,
+        "contexts": str(inputs.contexts_path),
+        "num_contexts": len(inputs.contexts),
+        "context_len": int(inputs.contexts.shape[1]),
+        "settings": dataclasses.asdict(inputs.settings),
         "device": str(device),
-        "rows": rows,
-        "heldout": heldout,
-        "matched_temperature": matched_temperature_found,
-        "ttr_over_position": curves,
+        "rows": decoded.rows,
+        "heldout": decoded.heldout,
+        "matched_temperature": decoded.matched_temperature,
+        "ttr_over_position": decoded.curves,
         "plots": plots,
-        "image": image,
-        "generations": {name: f"generations_{name}.jsonl" for name in rows},
+        "image": inputs.image,
+        "generations": {name: f"generations_{name}.jsonl" for name in decoded.rows},
     }
-
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", format_report(report, sample_texts))
-    logger.info("compare: report in %s", out)
+    atomic_write_json(inputs.out / "report.json", report)
+    atomic_write_text(inputs.out / "report.md", format_report(report, decoded.sample_texts))
+    logger.info("compare: report in %s", inputs.out)
     return report
 
 
@@ -543,21 +594,13 @@ def format_report(report: dict, sample_texts: Optional[dict] = None) -> str:
             "",
             format_image_table(report["rows"], s["window"], s["min_run"]),
             "",
-            "Distinct colours: distinct colour tokens in the generated part, mean over images (flat colour: few). "
-            "Repeated rows: share of generated rows equal to the row above (the first compared with the context's "
-            f"last row; stripes: many). TTR-{s['window']}: unique / total tokens over the last {s['window']} "
-            f"generated tokens. Overlap: share of completions sharing a run of more than {s['min_run']} tokens with "
-            "a training image.",
+            table_legend("image", s["window"], s["min_run"]),
         ]
     else:
         parts += [
             format_table(report["rows"], s["window"], s["min_run"]),
             "",
-            f"TTR-{s['window']}: unique / total tokens over the last {s['window']} generated tokens, mean over "
-            "contexts. Distinct-2: unique / total bigrams over all generations. Self-BLEU: mean sentence BLEU-4 "
-            "(exp smoothing) of each generation against the others. Repeated 4-grams: share of 4-grams repeating "
-            f"an earlier one in the same generation. Overlap: share of generations sharing a run of more than "
-            f"{s['min_run']} consecutive tokens with a training sequence; longest overlap: mean longest shared run.",
+            table_legend("text", s["window"], s["min_run"]),
         ]
         match = report.get("matched_temperature")
         if match:

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import re
 import resource
 import socket
 import time
@@ -42,7 +41,7 @@ from hfdist.export import export_adapter, export_model
 from hfdist.faults import FaultInjection, fault_env_set
 from hfdist.hooks import Hooks, ProgressBar, WatchdogMarks
 from hfdist.io import atomic_write_json
-from hfdist.metrics import greedy_ttr, heldout_stats, image_completion_metrics
+from hfdist.metrics import generation_metrics, greedy_ttr, heldout_stats, summary_measures
 from hfdist.models import HyperfitModel, check_seq_len, load_model, load_processor, model_identity
 from hfdist.monitor import MetricsLogger, read_metrics
 from hfdist.preemption import Preempted, PreemptionSignals, write_status
@@ -108,10 +107,10 @@ def peak_memory_gib(device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate(lm: torch.nn.Module, data: HyperfitData, config: Config, device: torch.device) -> dict:
-    """Held-out loss/entropy/top-k mass and greedy TTR; the same numbers `hfdist evaluate` reports. Images: greedy
-    completion of each context image, with the degeneration measures of the generated pixel tokens
-    (``hfdist.metrics.image_completion_metrics``). Each extra held-out set (``eval.extra``) is logged as
-    ``eval/<name>/<measure>``."""
+    """The registered measures training logs (``hfdist.metrics.METRICS``, ``during_training``): held-out
+    loss/entropy/top-k mass, and greedy TTR of the continuations of the held-out contexts; the same numbers `hfdist
+    evaluate` reports. Images: greedy completion of each context image, with the degeneration measures of the
+    generated pixel tokens. Each extra held-out set (``eval.extra``) is logged as ``eval/<name>/<measure>``."""
 
     was_training = lm.training
     lm.eval()
@@ -122,8 +121,10 @@ def evaluate(lm: torch.nn.Module, data: HyperfitData, config: Config, device: to
     values = {}
     for prefix, validation, contexts in sets:
         if len(validation):
-            stats = heldout_stats(lm, validation.to(device), batch_size=config.eval.batch_size)
-            values.update({f"{prefix}/{k}": v for k, v in stats.items() if k != "num_tokens"})
+            stats = heldout_stats(
+                lm, validation.to(device), batch_size=config.eval.batch_size, during_training=True
+            )
+            values.update({f"{prefix}/{k}": v for k, v in stats.items()})
         if not len(contexts):
             continue
         total_len = config.data.seq_len if image else config.eval.total_len
@@ -134,10 +135,15 @@ def evaluate(lm: torch.nn.Module, data: HyperfitData, config: Config, device: to
             window=window,
             batch_size=config.eval.batch_size if image else 32,
         )
-        values[f"{prefix}/ttr{window}"] = ttr[f"ttr{window}"]
-        if image:
-            measures = image_completion_metrics(ttr["generations"], contexts, image["width"], window)
-            values.update({f"{prefix}/{k}": v for k, v in measures.items() if k != f"ttr{window}"})
+        measures = generation_metrics(
+            ttr["generations"],
+            window=window,
+            modality="image" if image else "text",
+            contexts=contexts,
+            width=image["width"] if image else None,
+            during_training=True,
+        )
+        values.update({f"{prefix}/{k}": v for k, v in measures.items()})
     lm.train(was_training)
     return values
 
@@ -728,16 +734,7 @@ def format_summary(summary: dict) -> str:
     base, hyper = summary.get("base", {}), summary.get("hyperfitted", {})
     # One block per held-out set: the main one ("eval/...") and each eval.extra set ("eval/<name>/...").
     prefixes = ["eval"] + sorted({k.rsplit("/", 1)[0] for k in base if k.count("/") == 2})
-    windows = sorted({k.rsplit("/ttr", 1)[1] for k in base if re.search(r"/ttr\d+$", k)}, key=int)
-    measures = (
-        ("loss", "validation loss (nats/token)"),
-        ("perplexity", "validation perplexity"),
-        ("entropy", "validation entropy (nats)"),
-        ("top1_mass", "top-1 probability mass"),
-        *((f"ttr{w}", f"greedy TTR over last {w} tokens") for w in windows),
-        ("distinct_colors", "distinct colour tokens"),
-        ("repeated_rows", "rows repeating the row above"),
-    )
+    measures = summary_measures(base)  # the registered measures with a summary label
     for prefix in prefixes:
         where = "" if prefix == "eval" else f" [{prefix.split('/', 1)[1]}]"
         for key, label in measures:

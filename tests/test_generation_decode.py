@@ -157,3 +157,50 @@ def test_ngram_draft_lookup():
             strategy="sample",
             draft="ngram",
         )
+
+
+def test_a_registered_strategy_decodes_and_is_offered_by_the_cli(model):
+    """A strategy is one function in hfdist.generation.STRATEGIES: generate uses it by name, DecodeOptions checks the
+    fields it reads, and `hfdist generate --strategy` offers it."""
+    from hfdist.commands.generate import StrategyNames
+    from hfdist.generation import STRATEGIES, DecodeOptions, register_strategy
+
+    @register_strategy("least_likely", uses=("temperature",))
+    def choose_least_likely(state, logits, step):
+        return logits.argmin(-1)
+
+    try:
+        ids, mask = left_pad(_prompts([7, 4]), 0)
+        out = generate(model, ids, mask, max_new_tokens=5, strategy="least_likely")
+        expected = ids.clone()
+        with torch.no_grad():  # the same choice, one full forward pass per step (no cache)
+            for _ in range(5):
+                full_mask = torch.cat(
+                    [mask, torch.ones(len(ids), expected.shape[1] - ids.shape[1])], 1
+                ).long()
+                positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+                logits = model(expected, attention_mask=full_mask, position_ids=positions).logits[:, -1]
+                expected = torch.cat([expected, logits.argmin(-1, keepdim=True)], 1)
+        assert torch.equal(out, expected)
+        assert "least_likely" in StrategyNames()
+        with pytest.raises(HfdistError, match="temperature: must be > 0"):
+            DecodeOptions(max_new_tokens=1, strategy="least_likely", temperature=0.0)
+    finally:
+        del STRATEGIES["least_likely"]
+    with pytest.raises(HfdistError, match="strategy 'least_likely': unknown"):
+        DecodeOptions(max_new_tokens=1, strategy="least_likely")
+
+
+def test_generate_takes_decode_options_and_its_fields(model):
+    from hfdist.generation import DecodeOptions
+
+    ids, mask = left_pad(_prompts([6, 9]), 0)
+    options = DecodeOptions(max_new_tokens=8, strategy="sample", temperature=0.8, seed=3)
+    by_fields = generate(model, ids, mask, max_new_tokens=8, strategy="sample", temperature=0.8, seed=3)
+    assert torch.equal(generate(model, ids, mask, options), by_fields)
+    assert torch.equal(
+        generate(model, ids, mask, options, seed=4),
+        generate(model, ids, mask, max_new_tokens=8, strategy="sample", temperature=0.8, seed=4),
+    )
+    with pytest.raises(HfdistError, match="top_p: must be in"):
+        generate(model, ids, mask, options, top_p=0.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hfdist.commands import add_decoding_arguments, dataclass_from_args, require_positive
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -36,20 +38,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-contexts", type=int, default=None, help="use the first N contexts (default: all)"
     )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=224, help="tokens per continuation (default: 224)"
-    )
-    parser.add_argument("--top-p", type=float, default=0.9)
+    # The top-p row's defaults: the paper's (p 0.9, temperature 0.7, top-k 50).
     parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--blocker-n", type=int, default=5, help="citation blocker n-gram length (default: 5)"
-    )
+    add_decoding_arguments(parser, top_p=0.9, top_k=50)
     parser.add_argument("--stop-at-eos", action="store_true", help="stop each continuation at EOS")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument(
         "--no-matched-entropy",
         dest="matched_entropy",
@@ -72,23 +64,8 @@ def run(args) -> int:
         run_comparison,
     )
 
-    for name in ("max_new_tokens", "batch_size", "blocker_n"):
-        if getattr(args, name) < 1:
-            raise HfdistError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    settings = CompareSettings(
-        num_contexts=args.num_contexts,
-        max_new_tokens=args.max_new_tokens,
-        top_p=args.top_p,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        seed=args.seed,
-        blocker_n=args.blocker_n,
-        stop_at_eos=args.stop_at_eos,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        matched_entropy=args.matched_entropy,
-    )
+    require_positive(args, "max_new_tokens", "batch_size", "blocker_n")
+    settings = dataclass_from_args(CompareSettings, args)
     if args.runs:
         if args.run or args.base or args.hyperfitted or args.contexts:
             raise HfdistError(

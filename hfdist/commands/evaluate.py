@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from hfdist.commands import add_device_arguments, require_positive
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -32,8 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=96, help="TTR window (default: 96)")
     parser.add_argument("--min-run", type=int, default=10, help="overlap threshold in tokens (default: 10)")
     parser.add_argument("--batch-size", type=int, default=8, help="held-out batch size (default: 8)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_device_arguments(parser)
     parser.add_argument("--out", default="evaluation.json", help="JSON report (default: evaluation.json)")
     parser.set_defaults(func=run)
     return parser
@@ -49,8 +50,7 @@ def run(args) -> int:
 
     if not args.generations and not args.model:
         raise HfdistError("evaluate: give generations files and/or --model with held-out data")
-    if args.window < 1:
-        raise HfdistError(f"--window: must be >= 1, got {args.window}")
+    require_positive(args, "window")
     run_dir = Path(args.run) if args.run else None
     if run_dir is not None and not run_dir.is_dir():
         raise HfdistError(f"--run {args.run!r}: no such folder")

@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
+from hfdist.commands import add_decoding_arguments, dataclass_from_args, require_positive
+
 logger = logging.getLogger(__name__)
 
-# Defaults per strategy: top-p is the paper's baseline; sample is plain ancestral sampling.
-STRATEGY_DEFAULTS = {
-    "greedy": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0},
-    "top-p": {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "min_p": 0.0},
-    "sample": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0},
-}
+# --strategy takes a decoding strategy (hfdist.generation.STRATEGIES: greedy, sample = plain ancestral sampling) or
+# a preset: a strategy with other defaults for the knobs not given (top-p: the paper's baseline).
+PRESETS = {"top-p": ("sample", {"temperature": 0.7, "top_p": 0.9, "top_k": 50})}
+
+
+class StrategyNames:
+    """--strategy's choices: the registered strategies and the presets. Read when parsing, so that building the
+    parser does not import torch."""
+
+    def names(self) -> list[str]:
+        from hfdist.generation import STRATEGIES
+
+        return sorted([*STRATEGIES, *PRESETS])
+
+    def __contains__(self, name) -> bool:
+        return name in self.names()
+
+    def __iter__(self):
+        return iter(self.names())
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,7 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--strategy",
-        choices=sorted(STRATEGY_DEFAULTS),
+        choices=StrategyNames(),
+        metavar="STRATEGY",
         default="greedy",
         help="greedy; top-p (defaults p 0.9, temperature 0.7, top-k 50: the paper's); sample",
     )
@@ -66,13 +83,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="with --temperature matched: a hyperfit run folder (data/validation_token_ids.npy and the hyperfitted "
         "entropy in summary.json)",
     )
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--top-k", type=int, default=None, help="0 disables")
     parser.add_argument("--min-p", type=float, default=None, help="0 disables")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=224, help="tokens per continuation (default: 224)"
-    )
+    add_decoding_arguments(parser)
     parser.add_argument(
         "--ignore-eos",
         action="store_true",
@@ -85,10 +97,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="citation blocker over these training ids: a run folder (data/train_token_ids.npy) "
         "or a .npy of token ids",
     )
-    parser.add_argument("--blocker-n", type=int, default=5, help="blocker n-gram length (default: 5)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="KV cache kind")
     parser.add_argument(
         "--draft",
@@ -205,7 +213,14 @@ def _read_text(path: Path) -> str:
 
 def run(args) -> int:
     from hfdist.errors import HfdistError
-    from hfdist.generation import CitationBlocker, continuation_ids, generate, left_pad
+    from hfdist.generation import (
+        STRATEGIES,
+        CitationBlocker,
+        DecodeOptions,
+        continuation_ids,
+        generate,
+        left_pad,
+    )
     from hfdist.io import generation_records, load_token_array, write_jsonl
     from hfdist.models import (
         load_model,
@@ -214,25 +229,19 @@ def run(args) -> int:
         resolve_device,
     )
 
-    if args.max_new_tokens < 1:
-        raise HfdistError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if args.batch_size < 1:
-        raise HfdistError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    for name in ("num_prompts", "prompt_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise HfdistError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    if args.draft != "none" and (args.strategy != "greedy" or args.cache != "dynamic"):
-        raise HfdistError(f"--draft {args.draft}: needs --strategy greedy and --cache dynamic")
+    require_positive(args, "max_new_tokens", "batch_size", "num_prompts", "prompt_tokens")
     if args.temperature == "matched" and (args.reference is None or args.strategy != "sample"):
         raise HfdistError(
             "--temperature matched: needs --reference RUN and --strategy sample (temperature sampling only)"
         )
     if args.reference is not None and args.temperature != "matched":
         raise HfdistError("--reference: only with --temperature matched")
-    options = dict(STRATEGY_DEFAULTS[args.strategy])
-    for key in options:
-        if getattr(args, key) is not None and getattr(args, key) != "matched":
-            options[key] = getattr(args, key)
+    strategy, preset = PRESETS.get(args.strategy, (args.strategy, {}))
+    knobs = {name: value for name, value in preset.items() if getattr(args, name) is None}
+    if args.temperature == "matched":
+        knobs["temperature"] = 1.0  # replaced by T* once the model is loaded
+    # The flags named as DecodeOptions fields; the dataclass checks them (before any model is loaded).
+    options = dataclass_from_args(DecodeOptions, args, strategy=strategy, blocker=None, **knobs)
     model_config = model_config_for(args.model, None, args.dtype)
     tokenizer = load_tokenizer(model_config)
     prompts = load_prompts(args, tokenizer)
@@ -247,7 +256,7 @@ def run(args) -> int:
     matched = None
     if args.temperature == "matched":
         matched = matched_temperature_of(model, args.reference)
-        options["temperature"] = matched["temperature"]
+        options = dataclasses.replace(options, temperature=matched["temperature"])
         logger.info(
             "matched temperature T* = %.4f: entropy %.4f nats on %s's held-out sequences (its hyperfitted model's: "
             "%.4f)",
@@ -258,7 +267,7 @@ def run(args) -> int:
         )
     eos = None if args.ignore_eos else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    strategy = "greedy" if args.strategy == "greedy" else "sample"
+    options = dataclasses.replace(options, blocker=blocker, eos_token_id=eos, pad_token_id=pad)
     settings = {
         "model": args.model,
         "strategy": args.strategy,
@@ -270,8 +279,7 @@ def run(args) -> int:
         "blocker": args.blocker,
         "blocker_n": args.blocker_n if args.blocker else None,
     }
-    if strategy == "sample":
-        settings.update(options)
+    settings.update({name: getattr(options, name) for name in STRATEGIES[strategy].uses})
     if matched is not None:
         settings["matched_temperature"] = {**matched, "reference": args.reference}
     continuations, stopped = [], []
@@ -279,20 +287,7 @@ def run(args) -> int:
         chunk = prompts[start : start + args.batch_size]
         ids, mask = left_pad(chunk, pad)
         # One seed per batch, derived from --seed, so a batch's samples do not depend on the batch before it.
-        out = generate(
-            model,
-            ids,
-            mask,
-            max_new_tokens=args.max_new_tokens,
-            strategy=strategy,
-            seed=args.seed + b,
-            blocker=blocker,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            cache=args.cache,
-            draft=args.draft,
-            **(options if strategy == "sample" else {}),
-        ).cpu()
+        out = generate(model, ids, mask, options, seed=args.seed + b).cpu()
         conts = continuation_ids(out, ids.shape[1], eos)
         continuations.extend(conts)
         stopped.extend(eos is not None and len(c) < args.max_new_tokens for c in conts)

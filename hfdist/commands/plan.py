@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from hfdist.commands import add_overrides_argument
+from hfdist.commands import add_overrides_argument, dataclass_from_args
 
 # Without a config, a plan is of the paper's recipe on Llama 3.1 70B (the shipped architecture, no weights).
 PLAN_DEFAULTS = [
@@ -137,14 +137,7 @@ def run(args) -> int:
     )
 
     config = plan_config(args)
-    cluster = Cluster(
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        gpu_memory_gib=args.gpu_memory_gib,
-        reserve_gib=args.reserve_gib,
-        host_memory_gib=args.host_memory_gib,
-        verify_shards=args.verify_shards,
-    )
+    cluster = dataclass_from_args(Cluster, args)
     if args.suggest:
         found = suggest(config, cluster)
         if args.json:

@@ -4,7 +4,7 @@ The loop (``hfdist.trainer.Trainer.run``) calls ``hooks.<point>(...)`` at each p
 every attached concern in order. A concern subclasses ``LoopHooks`` and overrides the points it needs:
 
 - ``WatchdogMarks`` (here): records where this rank is (``training step 7``, ``checkpoint at step 8``, ...) so that
-  a hung collective names the ranks behind (``hfdist.distributed.watchdog``);
+  a hung collective names the ranks behind (``hfdist.watchdog``);
 - ``ProgressBar`` (here): the tqdm bar of the main rank;
 - ``FaultInjection`` (``hfdist.faults``): the HFDIST_FAULT_* test hooks.
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from hfdist.distributed.watchdog import watchdog
+from hfdist.watchdog import watchdog
 
 if TYPE_CHECKING:
     from hfdist.trainer import TrainingState
@@ -103,7 +103,7 @@ class Hooks(LoopHooks):
 
 
 class WatchdogMarks(LoopHooks):
-    """This rank's position in the loop, recorded for naming a hung or dead rank (hfdist.distributed.watchdog)."""
+    """This rank's position in the loop, recorded for naming a hung or dead rank (hfdist.watchdog)."""
 
     def before_step(self, state):
         watchdog.mark(f"training step {state.step + 1}")

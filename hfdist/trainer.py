@@ -36,7 +36,6 @@ from hfdist.data import BatchPrefetcher, HyperfitData, StepSampler, build_data
 from hfdist.distributed.backends import build_backend
 from hfdist.distributed.env import requeue_count, restart_count, slurm_job_id
 from hfdist.distributed.perf import model_flops_per_token, rank_metrics
-from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
 from hfdist.export import export_adapter, export_model
 from hfdist.faults import FaultInjection, fault_env_set
@@ -46,6 +45,7 @@ from hfdist.metrics import greedy_ttr, heldout_stats, image_completion_metrics
 from hfdist.models import HyperfitModel, check_seq_len, load_model, load_processor, model_identity
 from hfdist.monitor import MetricsLogger, read_metrics
 from hfdist.preemption import Preempted, PreemptionSignals, write_status
+from hfdist.watchdog import watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -696,7 +696,7 @@ class Trainer:
 def train(config: Config, run_dir: Path, resume: Optional[str] = None, progress: bool = True) -> dict:
     """Train (see Trainer), stopping with a checkpoint on a preemption signal (hfdist.preemption: raises Preempted).
     A collective that times out or loses a peer becomes one HfdistError line naming this rank, where it waited, and
-    the ranks that fell behind (hfdist.distributed.watchdog)."""
+    the ranks that fell behind (hfdist.watchdog)."""
     trainer = None
     preemption = PreemptionSignals(config.train.preempt_signals)
     try:

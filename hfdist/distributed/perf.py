@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from hfdist.shards import global_numel
+
 # Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets; SXM parts).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -45,11 +47,6 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
     return 6 * params + attention
-
-
-def global_numel(param: torch.Tensor) -> int:
-    """A parameter's whole element count: a DTensor's numel() is global, a ZeRO-3 one keeps it in ds_numel."""
-    return getattr(param, "ds_numel", None) or param.numel()
 
 
 def mfu(

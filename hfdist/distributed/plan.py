@@ -57,20 +57,18 @@ from transformers import AutoModelForCausalLM
 
 from hfdist.adapters import apply_trainable, describe_trains, is_adapter_parameter, training_setup
 from hfdist.config import Config
-from hfdist.distributed.layout import Layout, check_layout
+from hfdist.distributed.layout import Layout, build_mesh, check_layout
 from hfdist.distributed.parallelize import (
     apply_fsdp,
     apply_tp,
-    build_mesh,
     data_parallel_mesh,
-    decoder_layers,
     fsdp_units,
     tensor_parallel_mesh,
 )
 from hfdist.errors import HfdistError
 from hfdist.export import export_dtype as export_dtype_of
 from hfdist.kernels.cross_entropy import fused_workspace
-from hfdist.models import HyperfitModel, read_hf_config
+from hfdist.models import HyperfitModel, decoder_layers, read_hf_config
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

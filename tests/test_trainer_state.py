@@ -8,7 +8,7 @@ import pytest
 
 from hfdist.errors import HfdistError
 from hfdist.hooks import Hooks, LoopHooks, WatchdogMarks
-from hfdist.trainer import TrainingState
+from hfdist.state import TrainingState
 from hfdist.watchdog import watchdog
 
 # trainer_state.json as hfdist 0.1 wrote it (before TrainingState): the same fields, no version.

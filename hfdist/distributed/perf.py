@@ -11,6 +11,7 @@ gathered to every rank (all ranks must call ``per_rank_values`` together).
 from __future__ import annotations
 
 import os
+import resource
 from typing import Optional
 
 import torch
@@ -77,3 +78,10 @@ def rank_metrics(peak_gib: float, tokens_per_s: float, flops_per_token: float, d
     if utilisation is not None:
         values["perf/mfu"] = utilisation
     return values
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux: the process's high-water mark.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

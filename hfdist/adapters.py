@@ -36,10 +36,9 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hfdist.config import Config, parse_layers
-from hfdist.distributed.parallelize import decoder_layers
-from hfdist.distributed.perf import global_numel
 from hfdist.errors import HfdistError
-from hfdist.models import load_model, model_class_for
+from hfdist.models import decoder_layers, load_model, model_class_for
+from hfdist.shards import global_numel
 
 ADAPTER_NAME = "default"  # peft's name of the one adapter
 PEFT_PREFIX = "base_model.model."  # a PEFT adapter file's key prefix before the model's own module names

@@ -53,9 +53,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
 from hfdist.io import atomic_write_json, fsync_dir
+from hfdist.watchdog import watchdog
 
 logger = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ from torch.distributed.tensor import DTensor
 from transformers.dynamic_module_utils import custom_object_save
 
 from hfdist import adapters
-from hfdist.distributed.loading import local_slices
 from hfdist.errors import HfdistError
 from hfdist.io import fsync_dir, move_into_place
 from hfdist.models import ModelConfigUnreadable, declared_dtype, read_hf_config, resolve_model_path
+from hfdist.shards import local_slices
 
 logger = logging.getLogger(__name__)
 

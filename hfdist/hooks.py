@@ -4,7 +4,7 @@ The loop (``hfdist.trainer.Trainer.run``) calls ``hooks.<point>(...)`` at each p
 every attached concern in order. A concern subclasses ``LoopHooks`` and overrides the points it needs:
 
 - ``WatchdogMarks`` (here): records where this rank is (``training step 7``, ``checkpoint at step 8``, ...) so that
-  a hung collective names the ranks behind (``hfdist.distributed.watchdog``);
+  a hung collective names the ranks behind (``hfdist.watchdog``);
 - ``ProgressBar`` (here): the tqdm bar of the main rank;
 - ``FaultInjection`` (``hfdist.faults``): the HFDIST_FAULT_* test hooks.
 
@@ -17,38 +17,35 @@ checkpoint are on disk; called on the writer's thread for an asynchronous checkp
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from hfdist.distributed.watchdog import watchdog
-
-if TYPE_CHECKING:
-    from hfdist.trainer import TrainingState
+from hfdist.state import TrainingState
+from hfdist.watchdog import watchdog
 
 
 class LoopHooks:
     """Every point of the loop, doing nothing: a concern overrides the points it needs."""
 
-    def begin(self, lm, state: "TrainingState", total_steps: int) -> None:
+    def begin(self, lm, state: TrainingState, total_steps: int) -> None:
         """Once the model is built (``lm``: the Hugging Face model inside the backend), before the first step."""
 
-    def before_step(self, state: "TrainingState") -> None:
+    def before_step(self, state: TrainingState) -> None:
         """Before the forward and backward passes of optimizer step ``state.step + 1``."""
 
-    def after_step(self, state: "TrainingState") -> None:
+    def after_step(self, state: TrainingState) -> None:
         """Right after optimizer step ``state.step`` (applied or skipped), before it is logged."""
 
-    def after_log(self, state: "TrainingState", values: dict) -> None:
+    def after_log(self, state: TrainingState, values: dict) -> None:
         """After the step's metrics were logged (``values``: what went into metrics.jsonl)."""
 
-    def before_evaluation(self, state: "TrainingState") -> None:
+    def before_evaluation(self, state: TrainingState) -> None:
         """Before an evaluation at step ``state.step``."""
 
-    def after_epoch(self, state: "TrainingState") -> None:
+    def after_epoch(self, state: TrainingState) -> None:
         """After epoch ``state.epoch`` ended, before its mean loss is logged."""
 
-    def before_checkpoint(self, state: "TrainingState") -> None:
+    def before_checkpoint(self, state: TrainingState) -> None:
         """Before the checkpoint of step ``state.step`` is written."""
 
     def checkpoint_written(self, step: int) -> None:
@@ -103,7 +100,7 @@ class Hooks(LoopHooks):
 
 
 class WatchdogMarks(LoopHooks):
-    """This rank's position in the loop, recorded for naming a hung or dead rank (hfdist.distributed.watchdog)."""
+    """This rank's position in the loop, recorded for naming a hung or dead rank (hfdist.watchdog)."""
 
     def before_step(self, state):
         watchdog.mark(f"training step {state.step + 1}")

@@ -18,7 +18,6 @@ import transformers
 from peft import PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -40,6 +39,7 @@ from hfdist.kernels import (
     fused_linear_cross_entropy,
     vocab_parallel_fused_linear_cross_entropy,
 )
+from hfdist.shards import local_slices
 
 logger = logging.getLogger(__name__)
 
@@ -471,7 +471,7 @@ def lm_head_loss(
 
     weight, bias = head.weight, getattr(head, "bias", None)
     if isinstance(weight, DTensor) and weight.device_mesh.ndim == 1 and weight.placements[0].is_shard(0):
-        _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+        _, offset = local_slices(weight)
         return vocab_parallel_fused_linear_cross_entropy(
             hidden,
             weight.to_local(),
@@ -497,6 +497,24 @@ def lm_head_loss(
         return_entropy=True,
         backend=backend,
     )
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model's body, in order: the outermost ``nn.ModuleList`` whose entries are all of
+    one class (Llama's ``model.layers``, ImageGPT's and GPT-2's ``transformer.h``), whatever the model names it.
+    Outermost, not longest: a mixture-of-experts layer holds a longer list of experts inside each block."""
+    found = None
+    for name, module in lm.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            depth = name.count(".")
+            if found is None or depth < found[0]:
+                found = (depth, list(module))
+    if found is None:
+        raise HfdistError(
+            f"model {type(lm).__name__}: has no list of repeated blocks (an nn.ModuleList of one "
+            "class); FSDP needs one to shard block by block"
+        )
+    return found[1]
 
 
 class HyperfitModel(nn.Module):

@@ -11,31 +11,23 @@ sequences (loss, perplexity, entropy, top-k mass) and by greedy generation from 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
 import os
 import random
-import resource
-import socket
 import time
-from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import ClassVar, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from hfdist import checkpoint
 from hfdist.adapters import apply_trainable, count_parameters, training_setup
-from hfdist.config import Config, OptimConfig, run_path, save_config
+from hfdist.config import Config, run_path, save_config
 from hfdist.data import BatchPrefetcher, HyperfitData, StepSampler, build_data
 from hfdist.distributed.backends import build_backend
-from hfdist.distributed.env import requeue_count, restart_count, slurm_job_id
-from hfdist.distributed.perf import model_flops_per_token, rank_metrics
-from hfdist.distributed.watchdog import watchdog
+from hfdist.distributed.perf import model_flops_per_token, peak_memory_gib, rank_metrics
 from hfdist.errors import HfdistError
 from hfdist.export import export_adapter, export_model
 from hfdist.faults import FaultInjection, fault_env_set
@@ -44,7 +36,11 @@ from hfdist.io import atomic_write_json
 from hfdist.metrics import generation_metrics, greedy_ttr, heldout_stats, summary_measures
 from hfdist.models import HyperfitModel, check_seq_len, load_model, load_processor, model_identity
 from hfdist.monitor import MetricsLogger, read_metrics
+from hfdist.optim import build_optimizer, build_scheduler
 from hfdist.preemption import Preempted, PreemptionSignals, write_status
+from hfdist.restart import FRESH, JOB_MARKER, choose_start
+from hfdist.state import TrainingState
+from hfdist.watchdog import watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -62,47 +58,6 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
         # cuBLAS needs a fixed workspace for reproducible results; read when its handle is created.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
-
-
-def build_optimizer(
-    config: OptimConfig, model: torch.nn.Module, device: torch.device
-) -> torch.optim.Optimizer:
-    """Adam or AdamW over all trainable parameters; weight_decay 0 really means no decay in either."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = dict(
-        lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay
-    )
-    impl = config.implementation
-    if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "foreach"
-    if impl == "fused":
-        kwargs["fused"] = True
-    else:
-        kwargs["foreach"] = impl == "foreach"
-    cls = torch.optim.AdamW if config.name == "adamw" else torch.optim.Adam
-    return cls(params, **kwargs)
-
-
-def build_scheduler(config: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Linear warmup over ``warmup_steps``, then constant, linear decay to 0, or cosine decay to 0."""
-    warmup, schedule = config.warmup_steps, config.schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # ru_maxrss is in KiB on Linux: the process's high-water mark.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 @torch.no_grad()
@@ -207,151 +162,6 @@ def train_step(
 def default_output_dir(config_path: Optional[str]) -> Path:
     name = Path(config_path).stem if config_path else "run"
     return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def prepare_run_dir(run_dir: Path, resume: Optional[str], checkpoint_dir: str = "checkpoints") -> None:
-    """Refuse to train over a finished run unless resuming: nothing of an earlier result is overwritten."""
-    if (
-        resume is None
-        and run_dir.exists()
-        and any((run_dir / name).exists() for name in ("model", "metrics.jsonl", checkpoint_dir))
-    ):
-        raise HfdistError(
-            f"--output-dir {str(run_dir)!r}: already holds a run; pass --resume to continue it "
-            "or choose another folder"
-        )
-
-
-# Written by the first attempt of a torchrun job with --max-restarts > 0: which launcher agents started the run.
-JOB_MARKER = ".hfdist-job.json"
-FRESH = "fresh"  # start point of a restarted job that had no complete checkpoint yet
-
-
-def agent_identity() -> str:
-    """This process's torchrun agent (run id, host, agent pid): the same for every attempt of a job on a node."""
-
-    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}@{socket.gethostname()}:{os.getppid()}"
-
-
-def choose_start(
-    backend, run_dir: Path, resume: Optional[str], checkpoint_root: Path
-) -> tuple[Optional[str], Optional[dict]]:
-    """Where this attempt starts: None (a new run), FRESH (a restarted job with no checkpoint yet), or a
-    checkpoint folder; and, on rank 0 of a first attempt under ``torchrun --max-restarts N``, the JOB_MARKER
-    content to write once the inputs are checked. Rank 0 decides and tells the other ranks; an error is raised
-    on every rank alike.
-
-    On a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) of the job whose first attempt began this run folder
-    (its agents are recorded in JOB_MARKER), the run continues from the latest complete checkpoint, without
-    --resume and without the "already holds a run" refusal; so does a SLURM job requeued (SLURM_RESTART_COUNT > 0,
-    e.g. by launchers/slurm.sbatch after a preemption) whose job id JOB_MARKER records. Any other folder is checked
-    as on a first attempt.
-    """
-    error = plan = marker_content = None
-    agents = backend.all_gather_object(agent_identity())
-    if backend.is_main:
-        try:
-            marker = run_dir / JOB_MARKER
-            recorded = json.loads(marker.read_text()) if marker.is_file() else {}
-            if restart_count() > 0 and agent_identity() in recorded.get("agents", []):
-                plan = "restart"
-            elif (
-                requeue_count() > 0
-                and slurm_job_id() is not None
-                and recorded.get("slurm_job_id") == slurm_job_id()
-            ):
-                plan = "requeue"
-            else:
-                prepare_run_dir(run_dir, resume, str(checkpoint_root.relative_to(run_dir)))
-                plan = "new" if resume is None else "resume"
-            restartable = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
-            if plan != "restart" and (restartable or slurm_job_id() is not None):
-                marker_content = {"agents": sorted(set(agents)), "slurm_job_id": slurm_job_id()}
-        except HfdistError as exc:
-            error = str(exc)
-    error, plan = backend.broadcast_object((error, plan))
-    if error is not None:
-        raise HfdistError(error)
-    # The checkpoint's files are checksummed by all ranks together (each its share), so a resume of a large
-    # checkpoint reads every byte once in total; every rank gets the same verdict (and the same error).
-    if plan == "new":
-        return None, marker_content
-    if plan == "resume":
-        return str(checkpoint.resolve_resume(resume, checkpoint_root, backend)), marker_content
-    latest = checkpoint.latest_valid(checkpoint_root, backend)
-    start = str(latest) if latest is not None else (resume or FRESH)
-    if backend.is_main:
-        what = (
-            f"torchrun restart {restart_count()} of this job"
-            if plan == "restart"
-            else f"SLURM requeue {requeue_count()} of job {slurm_job_id()}"
-        )
-        logger.warning(
-            "%s: continuing from %s",
-            what,
-            latest if latest is not None else resume or "the start (no complete checkpoint yet)",
-        )
-    return start, marker_content
-
-
-@dataclass
-class TrainingState:
-    """Where the loop is and what it has counted: all that a checkpoint restores besides the backend's state (model,
-    optimizer, LR schedule) and the RNG states (torchtitan's stateful trainer). Saved as trainer_state.json."""
-
-    step: int = 0  # optimizer steps taken, skipped ones included
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # steps taken in the current epoch: the data position within it
-    epoch_loss_sum: float = 0.0  # over the current epoch's applied steps
-    epoch_entropy_sum: float = 0.0
-    epoch_steps: int = 0  # the current epoch's applied steps
-    evaluated_step: int = -1  # the step of the last evaluation
-    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient norm), in total
-    bad_steps_in_row: int = 0  # ... in a row, up to the latest step
-
-    VERSION: ClassVar[int] = 1
-
-    def state_dict(self) -> dict:
-        return {"version": self.VERSION, **asdict(self)}
-
-    def load_state_dict(self, saved: dict, source: Path) -> None:
-        """Restore from ``state_dict()``'s output; a checkpoint of hfdist 0.1 (the same fields, no ``version``) too."""
-        version = saved.get("version", 1)
-        fields = {f.name for f in dataclasses.fields(self)}
-        values = {k: v for k, v in saved.items() if k != "version"}
-        if version != self.VERSION or set(values) != fields:
-            raise HfdistError(
-                f"{source}: trainer state of another format (version {version}, fields "
-                f"{sorted(values)}); this hfdist resumes version {self.VERSION} with fields "
-                f"{sorted(fields)}: resume it with the hfdist that wrote it, or start afresh"
-            )
-        for name, value in values.items():
-            setattr(self, name, value)
-
-    def count_step(self, loss: float, entropy: float, applied: bool) -> None:
-        """One more optimizer step; the epoch's mean loss is over the steps that trained."""
-        self.step += 1
-        self.step_in_epoch += 1
-        if applied:
-            self.bad_steps_in_row = 0
-            self.epoch_loss_sum += loss
-            self.epoch_entropy_sum += entropy
-            self.epoch_steps += 1
-        else:
-            self.skipped_steps += 1
-            self.bad_steps_in_row += 1
-
-    def end_epoch(self) -> tuple[float, float]:
-        """Close the epoch: its mean train loss and entropy (NaN when every step was skipped: never meets a target)."""
-        steps = self.epoch_steps or float("nan")
-        means = (self.epoch_loss_sum / steps, self.epoch_entropy_sum / steps)
-        self.epoch += 1
-        self.step_in_epoch, self.epoch_loss_sum, self.epoch_entropy_sum, self.epoch_steps = 0, 0.0, 0.0, 0
-        return means
-
-    def epoch_position(self, steps_per_epoch: int) -> float:
-        """Epochs done, with the current one's fraction (the x axis of metrics.jsonl's records)."""
-        return self.epoch + self.step_in_epoch / steps_per_epoch
 
 
 class StepOutcome(NamedTuple):
@@ -702,7 +512,7 @@ class Trainer:
 def train(config: Config, run_dir: Path, resume: Optional[str] = None, progress: bool = True) -> dict:
     """Train (see Trainer), stopping with a checkpoint on a preemption signal (hfdist.preemption: raises Preempted).
     A collective that times out or loses a peer becomes one HfdistError line naming this rank, where it waited, and
-    the ranks that fell behind (hfdist.distributed.watchdog)."""
+    the ranks that fell behind (hfdist.watchdog)."""
     trainer = None
     preemption = PreemptionSignals(config.train.preempt_signals)
     try:

@@ -11,8 +11,8 @@ from hfdist.config import Config
 from hfdist.distributed.single import SingleBackend
 from hfdist.errors import HfdistError
 from hfdist.models import HyperfitModel
+from hfdist.optim import build_optimizer, build_scheduler
 from hfdist.testing import tiny_llama
-from hfdist.trainer import build_optimizer, build_scheduler
 
 
 def _backend(seed=0):

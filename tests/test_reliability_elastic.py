@@ -130,7 +130,8 @@ def test_restart_before_the_first_checkpoint_starts_afresh(setup, tmp_path, monk
     the "already holds a run" refusal, and logs every step once."""
     from hfdist.config import load_config
     from hfdist.monitor import read_metrics
-    from hfdist.trainer import JOB_MARKER, train
+    from hfdist.restart import JOB_MARKER
+    from hfdist.trainer import train
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "fresh-test")
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")

@@ -177,8 +177,8 @@ def test_resume_continues_the_loss_curve_exactly(finished_run, tmp_path):
 def test_compiled_layers_train_like_eager(finished_run, tmp_path):
     """train.compile=true compiles each decoder layer (inductor, C++ on CPU); the loss curve matches eager's."""
     model_dir, run_dir, _ = finished_run
-    from hfdist.distributed.parallelize import decoder_layers
     from hfdist.distributed.single import SingleBackend
+    from hfdist.models import decoder_layers
 
     _run(model_dir, tmp_path / "compiled", "train.compile=true", "train.epochs=2", "eval.every_epochs=0")
     eager = [r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
 from hfdist.hooks import Hooks, LoopHooks, WatchdogMarks
-from hfdist.trainer import TrainingState
+from hfdist.state import TrainingState
+from hfdist.watchdog import watchdog
 
 # trainer_state.json as hfdist 0.1 wrote it (before TrainingState): the same fields, no version.
 OLD_FORMAT = {

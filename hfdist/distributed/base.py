@@ -27,7 +27,7 @@ from torch import nn
 from hfdist.config import Config
 from hfdist.distributed.env import host_threads, init_process_group
 from hfdist.distributed.layout import accumulation_steps
-from hfdist.distributed.watchdog import monitored_barrier
+from hfdist.watchdog import monitored_barrier
 
 logger = logging.getLogger(__name__)
 

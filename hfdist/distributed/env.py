@@ -24,8 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from hfdist.distributed.watchdog import watchdog
 from hfdist.errors import HfdistError
+from hfdist.watchdog import watchdog
 
 logger = logging.getLogger(__name__)
 

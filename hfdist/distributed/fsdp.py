@@ -28,21 +28,20 @@ from hfdist import adapters, checkpoint
 from hfdist.distributed import loading
 from hfdist.distributed.base import Backend, StepResult
 from hfdist.distributed.env import LaunchEnv
-from hfdist.distributed.layout import Layout
+from hfdist.distributed.layout import Layout, build_mesh
 from hfdist.distributed.parallelize import (
     apply_compile,
     apply_fsdp,
     apply_tp,
-    build_mesh,
     data_parallel_group,
     data_parallel_mesh,
     enable_activation_checkpointing,
     tensor_parallel_mesh,
 )
-from hfdist.distributed.watchdog import set_group_timeouts
 from hfdist.errors import HfdistError
 from hfdist.export import module_tensors
 from hfdist.models import load_model, resolve_model_path
+from hfdist.watchdog import set_group_timeouts
 
 logger = logging.getLogger(__name__)
 

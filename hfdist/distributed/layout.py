@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
 from hfdist.adapters import check_trainable, transforms
 from hfdist.config import Config
 from hfdist.distributed.parallelize import tensor_parallel_plan
@@ -55,6 +57,12 @@ class Layout:
 
     def dp_rank(self, rank: int) -> int:
         return rank // self.tensor_parallel
+
+
+def build_mesh(device_type: str, layout: Layout) -> DeviceMesh:
+    """The device mesh of ``layout``: ``(dp_replicate?, dp_shard, tp?)``, tensor parallel innermost."""
+    dims = layout.mesh_dims()
+    return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
 
 
 def accumulation_steps(config: Config, dp_size: int) -> int:

@@ -23,9 +23,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from hfdist.errors import HfdistError
+from hfdist.shards import local_slices
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +43,6 @@ def safetensors_files(folder: Path) -> Optional[dict[str, Path]]:
         with safe_open(str(single), framework="pt") as f:
             return {name: single for name in f.keys()}
     return None
-
-
-def local_slices(tensor: DTensor) -> tuple[torch.Size, tuple[int, ...]]:
-    """The shape and global offset of this rank's piece of ``tensor``."""
-
-    return compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
 
 
 def _read(handle, name: str, shape: torch.Size, offset: tuple[int, ...]) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """How FSDP2 shards a HyperfitModel, kept apart from the model (as torchtitan does).
 
-Units: every decoder block (the model's repeated ``nn.ModuleList``, see ``decoder_layers``), the input embedding
-when it is not tied to the LM head, and the root HyperfitModel, which keeps the final norm and the LM head:
-its forward hands ``lm_head.weight`` straight to the fused loss, so the head must be gathered by the
+Units: every decoder block (the model's repeated ``nn.ModuleList``, see ``hfdist.models.decoder_layers``), the
+input embedding when it is not tied to the LM head, and the root HyperfitModel, which keeps the final norm and the
+LM head: its forward hands ``lm_head.weight`` straight to the fused loss, so the head must be gathered by the
 root's own hooks. Each parameter is cut along dim 0 into ``shard`` pieces (torch.chunk sizes, padded to
 the largest), so a rank holds ``ceil(rows / shard)`` rows of every parameter.
 
@@ -16,11 +16,11 @@ This module is also what ``hfdist plan`` runs on the meta device, so plan and tr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     MixedPrecisionPolicy,
@@ -36,15 +36,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from hfdist.errors import HfdistError
-
-if TYPE_CHECKING:  # layout.py reads the tensor-parallel plans defined here
-    from hfdist.distributed.layout import Layout
-
-
-def build_mesh(device_type: str, layout: Layout) -> DeviceMesh:
-    """The device mesh of ``layout``: ``(dp_replicate?, dp_shard, tp?)``, tensor parallel innermost (see layout.py)."""
-    dims = layout.mesh_dims()
-    return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+from hfdist.models import decoder_layers
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -61,24 +53,6 @@ def data_parallel_group(mesh: DeviceMesh):
     """The process group of all data-parallel ranks (the ranks that read different sequences)."""
     dp = data_parallel_mesh(mesh)
     return dp._flatten("dp").get_group() if dp.ndim > 1 else dp.get_group()
-
-
-def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a model's body, in order: the outermost ``nn.ModuleList`` whose entries are all of
-    one class (Llama's ``model.layers``, ImageGPT's and GPT-2's ``transformer.h``), whatever the model names it.
-    Outermost, not longest: a mixture-of-experts layer holds a longer list of experts inside each block."""
-    found = None
-    for name, module in lm.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
-            depth = name.count(".")
-            if found is None or depth < found[0]:
-                found = (depth, list(module))
-    if found is None:
-        raise HfdistError(
-            f"model {type(lm).__name__}: has no list of repeated blocks (an nn.ModuleList of one "
-            "class); FSDP needs one to shard block by block"
-        )
-    return found[1]
 
 
 def embeddings_tied(lm: nn.Module) -> bool:

@@ -11,10 +11,13 @@ gathered to every rank (all ranks must call ``per_rank_values`` together).
 from __future__ import annotations
 
 import os
+import resource
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from hfdist.shards import global_numel
 
 # Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets; SXM parts).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -47,11 +50,6 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6 * params + attention
 
 
-def global_numel(param: torch.Tensor) -> int:
-    """A parameter's whole element count: a DTensor's numel() is global, a ZeRO-3 one keeps it in ds_numel."""
-    return getattr(param, "ds_numel", None) or param.numel()
-
-
 def mfu(
     tokens_per_s: float, flops_per_token: float, world_size: int, device_peak: Optional[float]
 ) -> Optional[float]:
@@ -80,3 +78,10 @@ def rank_metrics(peak_gib: float, tokens_per_s: float, flops_per_token: float, d
     if utilisation is not None:
         values["perf/mfu"] = utilisation
     return values
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux: the process's high-water mark.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -57,20 +57,18 @@ from transformers import AutoModelForCausalLM
 
 from hfdist.adapters import apply_trainable, describe_trains, is_adapter_parameter, training_setup
 from hfdist.config import Config
-from hfdist.distributed.layout import Layout, check_layout
+from hfdist.distributed.layout import Layout, build_mesh, check_layout
 from hfdist.distributed.parallelize import (
     apply_fsdp,
     apply_tp,
-    build_mesh,
     data_parallel_mesh,
-    decoder_layers,
     fsdp_units,
     tensor_parallel_mesh,
 )
 from hfdist.errors import HfdistError
 from hfdist.export import export_dtype as export_dtype_of
 from hfdist.kernels.cross_entropy import fused_workspace
-from hfdist.models import HyperfitModel, read_hf_config
+from hfdist.models import HyperfitModel, decoder_layers, read_hf_config
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -108,6 +106,12 @@ class Cluster:
                 raise HfdistError(f"plan --{name.replace('_', '-')}: must be > 0, got {value}")
         if self.reserve_gib < 0:
             raise HfdistError(f"plan --reserve-gib: must be >= 0, got {self.reserve_gib}")
+
+    def gpu_fits(self, total_gib: float) -> bool:
+        return total_gib <= self.gpu_memory_gib - self.reserve_gib
+
+    def host_fits(self, peak_gib: float) -> bool:
+        return self.host_memory_gib is None or peak_gib <= self.host_memory_gib
 
 
 @dataclass
@@ -366,44 +370,69 @@ class _ShardCache:
         return self.shards[key]
 
 
-def make_plan(
-    config: Config,
-    cluster: Cluster,
-    config_name: str = "",
-    hf_config=None,
-    cache: Optional[_ShardCache] = None,
-) -> Plan:
-    """The plan of ``config`` on ``cluster``; raises the launch's own HfdistError for a layout it would refuse."""
+@dataclass(frozen=True)
+class Precision:
+    """The byte sizes the estimates use: of a parameter (``model.dtype``) and of the compute."""
 
-    cluster.validate()
-    if hf_config is None:
-        hf_config = read_hf_config(config.model, prefer_shipped=True)
-    layout = check_layout(config, cluster.world_size, cluster.gpus_per_node, hf_config)
-    cache = cache or _ShardCache()
-    dcfg, tcfg = config.distributed, config.train
-    backend = dcfg.backend
-    tp = layout.tensor_parallel
-    param_dtype = config.model.dtype
+    param_dtype: str
+    param_bytes: int
+    mixed: bool  # bf16 compute: FSDP2's mixed precision, or ZeRO-3 over bf16 parameters
+    compute_bytes: int
+
+
+def precision_of(config: Config) -> Precision:
+    dcfg, param_dtype = config.distributed, config.model.dtype
     param_bytes = DTYPE_BYTES[param_dtype]
-    model = cache.model(hf_config, torch.float32 if param_dtype == "float32" else torch.bfloat16, config)
-    shape = model_shape(config.model.path, model)
-    mixed = dcfg.mixed_precision or (backend == "deepspeed" and param_dtype == "bfloat16")
-    compute_bytes = 2 if mixed else param_bytes
-    notes = []
+    mixed = dcfg.mixed_precision or (dcfg.backend == "deepspeed" and param_dtype == "bfloat16")
+    return Precision(param_dtype, param_bytes, mixed, 2 if mixed else param_bytes)
 
+
+@dataclass
+class ModelState:
+    """One GPU rank's parameters, gradients and optimizer state, and how its parameter count was found."""
+
+    on_gpu: dict  # bytes of "params", "grads", "optimizer" (0 each when offloaded)
+    offloaded: float  # bytes moved to host memory by ``distributed.cpu_offload``
+    ways: int  # ways each parameter is split (FSDP shards x tensor parallel, or ZeRO-3's world)
+    local: int  # parameter elements of rank 0
+    last_rank: int  # ... of the last rank
+    formula: float  # parameters / ways
+    source: str  # where ``local`` comes from
+
+    def check(self) -> dict:
+        """The count against the plain formula (``Plan.model_state_check``)."""
+        return {
+            "source": self.source,
+            "params_per_rank": self.local,
+            "params_per_rank_last": self.last_rank,
+            "formula_params_per_rank": self.formula,
+            "relative_difference": (self.local - self.formula) / self.formula,
+        }
+
+
+def model_state(
+    config: Config, cluster: Cluster, layout: Layout, model, shape: ModelShape, precision: Precision, cache
+) -> ModelState:
+    """Model state per GPU: FSDP2 (and single) from the meta model's real shards (or the formula), ZeRO-3 by its
+    partition rule; frozen parameters hold their own bytes only."""
+    backend, tp = config.distributed.backend, layout.tensor_parallel
     if backend in ("fsdp", "single"):
         ways = layout.shard_size * tp
         formula = shape.num_parameters / ways
         if cluster.verify_shards and backend == "fsdp":
             shards = cache.fsdp(model, layout)
-            local, local_trainable = shards["rank0"], shards["rank0_trainable"]
+            local, local_trainable, last_rank = (
+                shards["rank0"],
+                shards["rank0_trainable"],
+                shards["last_rank"],
+            )
             what = "FSDP2" + (f" x TP ({tp})" if tp > 1 else "")
             source = (
                 f"{what} shards of the meta model in a fake process group of {layout.world_size} ranks "
                 "(rank 0)"
             )
         else:
-            shards, local = {}, math.ceil(formula)
+            local = last_rank = math.ceil(formula)
             local_trainable = math.ceil(shape.trainable_parameters / ways)
             source = "formula only" + (
                 " (--no-verify)" if backend == "fsdp" else " (one process holds everything)"
@@ -412,47 +441,46 @@ def make_plan(
         # (fp32 for adapters) with a gradient and two Adam moments.
         trained = local_trainable * shape.trainable_bytes
         state = {
-            "params": (local - local_trainable) * param_bytes + trained,
+            "params": (local - local_trainable) * precision.param_bytes + trained,
             "grads": trained,
             "optimizer": 2 * trained,
         }
-        reduce_bytes = 4 if mixed else param_bytes
-        # Gathered: the root unit through forward and backward and two other units (the running one and the
-        # prefetched next); gradients: the trainable part of the root and of the running unit, the latter with its
-        # reduce-scatter copy.
-        transient = (
-            (
-                (shape.root_unit_numel + shape.root_unit_trainable_numel) * compute_bytes
-                + shape.largest_unit_numel * 2 * compute_bytes
-                + shape.largest_unit_trainable_numel * (compute_bytes + reduce_bytes)
-            )
-            / tp
-            if backend == "fsdp"
-            else 0
-        )
-        settings = {
-            "param_dtype": param_dtype,
-            "compute_dtype": "bfloat16" if mixed else param_dtype,
-            "reduce_dtype": "float32" if mixed else param_dtype,
-        }
-        # DCP: the trainable weights and their two Adam moments (frozen ones are the base model's).
-        checkpoint_bytes = 3 * shape.trainable_parameters * shape.trainable_bytes
-        checkpoint_what = f"{DTYPE_NAMES[shape.trainable_bytes]} weights + 2 Adam moments, DCP shards"
     else:
         ways = layout.world_size
         formula = shape.num_parameters / ways
-        local = deepspeed_partition_numel(model, ways)
+        local = last_rank = deepspeed_partition_numel(model, ways)
         local_trainable = deepspeed_partition_numel(model, ways, trainable_only=True)
-        shards = {"rank0": local, "last_rank": local}
         count = len(list(model.parameters()))
         source = f"ZeRO-3 partition rule ceil(numel / {ways}) over the meta model's {count} parameters"
         # Frozen partitions in the compute dtype only; trainable ones with fp32 gradients, master and Adam moments.
         state = {
-            "params": local * compute_bytes,
+            "params": local * precision.compute_bytes,
             "grads": local_trainable * 4,
             "optimizer": local_trainable * 12,
         }
-        knobs = _deepspeed_knobs(dcfg.deepspeed_config)
+    offloaded = 0.0
+    if config.distributed.cpu_offload:
+        offloaded = sum(state.values())
+        state = {k: 0 for k in state}
+    return ModelState(state, offloaded, ways, local, last_rank, formula, source)
+
+
+def transient_bytes(config: Config, shape: ModelShape, tp: int, precision: Precision, tokens: int) -> float:
+    """What one GPU rank holds for a moment (see the module docstring): the backend's gathered units or buckets,
+    the fused loss's workspace, and tensor parallelism's all-reduce buffers."""
+    backend, compute_bytes = config.distributed.backend, precision.compute_bytes
+    if backend == "fsdp":
+        reduce_bytes = 4 if precision.mixed else precision.param_bytes
+        # Gathered: the root unit through forward and backward and two other units (the running one and the
+        # prefetched next); gradients: the trainable part of the root and of the running unit, the latter with its
+        # reduce-scatter copy.
+        transient = (
+            (shape.root_unit_numel + shape.root_unit_trainable_numel) * compute_bytes
+            + shape.largest_unit_numel * 2 * compute_bytes
+            + shape.largest_unit_trainable_numel * (compute_bytes + reduce_bytes)
+        ) / tp
+    elif backend == "deepspeed":
+        knobs = _deepspeed_knobs(config.distributed.deepspeed_config)
         live = min(knobs["stage3_max_live_parameters"], shape.num_parameters)
         transient = (
             shape.lm_head_numel * compute_bytes
@@ -460,118 +488,188 @@ def make_plan(
             + knobs["stage3_prefetch_bucket_size"] * compute_bytes
             + knobs["reduce_bucket_size"] * 4
         )
-        settings = {
-            "param_dtype": "bfloat16" if mixed else "float32",
-            "master_dtype": "float32",
-            **{k: int(v) for k, v in knobs.items()},
-        }
-        checkpoint_bytes = shape.trainable_parameters * (compute_bytes + 12)
-        checkpoint_what = "16-bit weights + fp32 master + 2 Adam moments, DeepSpeed partitions"
-
-    tokens = tcfg.micro_batch_size * config.data.seq_len
+    else:
+        transient = 0
     loss = fused_loss_workspace(
-        shape, tokens, tp, torch.bfloat16 if compute_bytes == 2 else torch.float32, tcfg
+        shape, tokens, tp, torch.bfloat16 if compute_bytes == 2 else torch.float32, config.train
     )
     # The fused loss's chunk and, when the head trains, its weight-gradient accumulator of this rank's rows.
     transient += loss.chunk_bytes + (loss.accumulator_bytes if shape.lm_head_trains else 0)
     if tp > 1:
         transient += 2 * compute_bytes * shape.hidden * tokens  # the activations' all-reduce buffers
-    offloaded = 0.0
-    if dcfg.cpu_offload:
-        offloaded = sum(state.values())
-        state = {k: 0 for k in state}
-    activation = activation_bytes_per_token(shape, compute_bytes, tcfg.activation_checkpointing, tp)
-    per_gpu = {
-        "params_gib": state["params"] / GIB,
-        "grads_gib": state["grads"] / GIB,
-        "optimizer_gib": state["optimizer"] / GIB,
-        "activations_gib": activation["total"] * tokens / GIB,
-        "transient_gib": transient / GIB,
-    }
-    per_gpu["total_gib"] = sum(per_gpu.values())
-    per_gpu = {k: round(v, 3) for k, v in per_gpu.items()}
-    fits_gpu = per_gpu["total_gib"] <= cluster.gpu_memory_gib - cluster.reserve_gib
+    return transient
 
-    export_dtype = str(export_dtype_of(config, hf_config)).removeprefix("torch.")
-    export_bytes = (shape.num_parameters - shape.adapter_parameters) * DTYPE_BYTES[export_dtype]
+
+def host_memory(
+    config: Config,
+    cluster: Cluster,
+    shape: ModelShape,
+    state: ModelState,
+    param_bytes: int,
+    export_dtype: str,
+) -> dict:
+    """Host memory per node (GiB): the offloaded model state of its GPUs, the weight-loading peak and the export
+    peak, and the larger of the two peaks on top of the offloaded state."""
     ranks = cluster.gpus_per_node
-    if dcfg.weight_loading == "rank0_broadcast" or config.model.gguf_file:
+    if config.distributed.weight_loading == "rank0_broadcast" or config.model.gguf_file:
         loading = shape.num_parameters * param_bytes  # rank 0 reads the whole model (first node)
     else:
-        loading = ranks * math.ceil(shape.largest_tensor_numel / ways) * param_bytes
+        loading = ranks * math.ceil(shape.largest_tensor_numel / state.ways) * param_bytes
     # hfdist.export: each rank writes its own pieces, converting one tensor piece at a time.
-    export_peak = ranks * math.ceil(shape.largest_tensor_numel / ways) * DTYPE_BYTES[export_dtype]
-    per_node_host = {
-        "offloaded_state_gib": round(offloaded * ranks / GIB, 3),
+    export_peak = ranks * math.ceil(shape.largest_tensor_numel / state.ways) * DTYPE_BYTES[export_dtype]
+    host = {
+        "offloaded_state_gib": round(state.offloaded * ranks / GIB, 3),
         "loading_peak_gib": round(loading / GIB, 3),
         "export_peak_gib": round(export_peak / GIB, 3),
     }
-    per_node_host["peak_gib"] = round(
+    host["peak_gib"] = round(
         max(
-            per_node_host["offloaded_state_gib"] + per_node_host["loading_peak_gib"],
-            per_node_host["offloaded_state_gib"] + per_node_host["export_peak_gib"],
+            host["offloaded_state_gib"] + host["loading_peak_gib"],
+            host["offloaded_state_gib"] + host["export_peak_gib"],
         ),
         3,
     )
-    fits_host = cluster.host_memory_gib is None or per_node_host["peak_gib"] <= cluster.host_memory_gib
-    disk = {
+    return host
+
+
+def disk_usage(config: Config, shape: ModelShape, precision: Precision, export_dtype: str) -> dict:
+    """A checkpoint's bytes (what trains and its optimizer state) and the exported model's."""
+    if config.distributed.backend == "deepspeed":
+        checkpoint_bytes = shape.trainable_parameters * (precision.compute_bytes + 12)
+        checkpoint_what = "16-bit weights + fp32 master + 2 Adam moments, DeepSpeed partitions"
+    else:
+        # DCP: the trainable weights and their two Adam moments (frozen ones are the base model's).
+        checkpoint_bytes = 3 * shape.trainable_parameters * shape.trainable_bytes
+        checkpoint_what = f"{DTYPE_NAMES[shape.trainable_bytes]} weights + 2 Adam moments, DCP shards"
+    export_bytes = (shape.num_parameters - shape.adapter_parameters) * DTYPE_BYTES[export_dtype]
+    return {
         "checkpoint_gb": round(checkpoint_bytes / 1e9, 2),
         "checkpoint_contents": checkpoint_what,
         "export_gb": round(export_bytes / 1e9, 2),
         "export_dtype": export_dtype,
     }
 
-    if not fits_gpu:
+
+def plan_settings(config: Config, precision: Precision) -> dict:
+    """The dtypes, the ZeRO-3 knobs the estimates read, and the switches that change the estimates."""
+    dcfg, tcfg = config.distributed, config.train
+    if dcfg.backend == "deepspeed":
+        knobs = _deepspeed_knobs(dcfg.deepspeed_config)
+        dtypes = {
+            "param_dtype": "bfloat16" if precision.mixed else "float32",
+            "master_dtype": "float32",
+            **{k: int(v) for k, v in knobs.items()},
+        }
+    else:
+        dtypes = {
+            "param_dtype": precision.param_dtype,
+            "compute_dtype": "bfloat16" if precision.mixed else precision.param_dtype,
+            "reduce_dtype": "float32" if precision.mixed else precision.param_dtype,
+        }
+    return {
+        **dtypes,
+        "offload": dcfg.cpu_offload,
+        "activation_checkpointing": tcfg.activation_checkpointing,
+        "mixed_precision": precision.mixed,
+        "weight_loading": dcfg.weight_loading,
+    }
+
+
+def plan_notes(
+    config: Config, cluster: Cluster, shape: ModelShape, per_gpu: dict, host: dict, activation: dict, tp: int
+) -> list[str]:
+    """What the reader should know: what does not fit, lost bf16 updates, what sequence parallelism would save."""
+    notes = []
+    if not cluster.gpu_fits(per_gpu["total_gib"]):
         notes.append(
             f"needs {per_gpu['total_gib']:.1f} GiB per GPU, above {cluster.gpu_memory_gib:g} GiB minus the "
             f"{cluster.reserve_gib:g} GiB reserve; `hfdist plan ... --suggest` lists layouts that fit"
         )
-    if not fits_host:
+    if not cluster.host_fits(host["peak_gib"]):
         notes.append(
-            f"needs {per_node_host['peak_gib']:.1f} GiB of host memory per node, above the "
+            f"needs {host['peak_gib']:.1f} GiB of host memory per node, above the "
             f"{cluster.host_memory_gib:g} GiB given"
         )
-    if backend == "fsdp" and param_dtype == "bfloat16" and shape.trainable_bytes == 2:
+    if (
+        config.distributed.backend == "fsdp"
+        and config.model.dtype == "bfloat16"
+        and shape.trainable_bytes == 2
+    ):
         notes.append(
             "bf16 master weights: an Adam update of lr 1e-6 is below bf16's resolution for most weights "
             "(relative step 2^-8), so most updates are lost; keep model.dtype float32"
         )
     if tp > 1:
+        tokens = config.train.micro_batch_size * config.data.seq_len
         saved = (1 - 1 / tp) * shape.layers * activation["norms_per_layer"] * tokens / GIB
         notes.append(
             f"no sequence parallelism: the norms' activations stay whole on each of the {tp} "
             f"tensor-parallel ranks; sharding them would save {saved:.2f} GiB per GPU at this micro-batch "
             f"({tokens} tokens)"
         )
-    check = {
-        "source": source,
-        "params_per_rank": local,
-        "params_per_rank_last": shards.get("last_rank", local),
-        "formula_params_per_rank": formula,
-        "relative_difference": (local - formula) / formula,
+    return notes
+
+
+def make_plan(
+    config: Config,
+    cluster: Cluster,
+    config_name: str = "",
+    hf_config=None,
+    cache: Optional[_ShardCache] = None,
+) -> Plan:
+    """The plan of ``config`` on ``cluster``; raises the launch's own HfdistError for a layout it would refuse.
+
+    Phase by phase: model state, activations and transients per GPU; host memory per node; bytes on disk."""
+
+    cluster.validate()
+    if hf_config is None:
+        hf_config = read_hf_config(config.model, prefer_shipped=True)
+    layout = check_layout(config, cluster.world_size, cluster.gpus_per_node, hf_config)
+    cache = cache or _ShardCache()
+    tcfg, tp = config.train, layout.tensor_parallel
+    precision = precision_of(config)
+    model = cache.model(
+        hf_config, torch.float32 if precision.param_dtype == "float32" else torch.bfloat16, config
+    )
+    shape = model_shape(config.model.path, model)
+    tokens = tcfg.micro_batch_size * config.data.seq_len
+
+    state = model_state(config, cluster, layout, model, shape, precision, cache)
+    activation = activation_bytes_per_token(shape, precision.compute_bytes, tcfg.activation_checkpointing, tp)
+    transient = transient_bytes(config, shape, tp, precision, tokens)
+    per_gpu = {
+        "params_gib": state.on_gpu["params"] / GIB,
+        "grads_gib": state.on_gpu["grads"] / GIB,
+        "optimizer_gib": state.on_gpu["optimizer"] / GIB,
+        "activations_gib": activation["total"] * tokens / GIB,
+        "transient_gib": transient / GIB,
     }
-    layout_info = {
-        "tensor_parallel": tp,
-        "replicate_degree": layout.replicate_degree,
-        "dp_size": layout.dp_size,
-        "shard_size": layout.shard_size,
-        "mesh": layout.mesh_dims() if backend == "fsdp" else {},
-    }
+    per_gpu["total_gib"] = sum(per_gpu.values())
+    per_gpu = {k: round(v, 3) for k, v in per_gpu.items()}
+    export_dtype = str(export_dtype_of(config, hf_config)).removeprefix("torch.")
+    host = host_memory(config, cluster, shape, state, precision.param_bytes, export_dtype)
+
     return Plan(
         config=config_name,
         model=config.model.path,
-        backend=backend,
+        backend=config.distributed.backend,
         world_size=layout.world_size,
         nodes=cluster.nodes,
         gpus_per_node=cluster.gpus_per_node,
-        layout=layout_info,
+        layout={
+            "tensor_parallel": tp,
+            "replicate_degree": layout.replicate_degree,
+            "dp_size": layout.dp_size,
+            "shard_size": layout.shard_size,
+            "mesh": layout.mesh_dims() if config.distributed.backend == "fsdp" else {},
+        },
         per_gpu=per_gpu,
         gpu_memory_gib=cluster.gpu_memory_gib,
         reserve_gib=cluster.reserve_gib,
-        fits=fits_gpu and fits_host,
-        per_node_host=per_node_host,
+        fits=cluster.gpu_fits(per_gpu["total_gib"]) and cluster.host_fits(host["peak_gib"]),
+        per_node_host=host,
         host_memory_gib=cluster.host_memory_gib,
-        disk=disk,
+        disk=disk_usage(config, shape, precision, export_dtype),
         num_parameters=shape.num_parameters,
         adapter_parameters=shape.adapter_parameters,
         trainable_parameters=shape.trainable_parameters,
@@ -580,15 +678,9 @@ def make_plan(
         micro_batch_size=tcfg.micro_batch_size,
         accumulation_steps=tcfg.global_batch_size // (tcfg.micro_batch_size * layout.dp_size),
         seq_len=config.data.seq_len,
-        settings={
-            **settings,
-            "offload": dcfg.cpu_offload,
-            "activation_checkpointing": tcfg.activation_checkpointing,
-            "mixed_precision": mixed,
-            "weight_loading": dcfg.weight_loading,
-        },
-        model_state_check=check,
-        notes=notes,
+        settings=plan_settings(config, precision),
+        model_state_check=state.check(),
+        notes=plan_notes(config, cluster, shape, per_gpu, host, activation, tp),
     )
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 12 (a few minutes on one GPU): a world-size-1 NCCL job of FSDP2 with CPU offload,
+# The GPU scale check (a few minutes on one GPU): a world-size-1 NCCL job of FSDP2 with CPU offload,
 # bf16 mixed precision and clipping (the process group must be cuda:nccl,cpu:gloo: the clipping norm of host-resident
 # gradients), an asynchronous checkpoint, a resume, and the streaming export loaded back by from_pretrained.
 # Usage: benchmarks/gpu_scale_check.sh OUT_DIR      (the log is OUT_DIR/gpu_scale_check.log)

@@ -786,7 +786,7 @@ def tables(report: dict) -> str:
         )
     scale = by_step("scale_check")
     if scale:
-        lines += ["## Issue 12's scale check", ""] + [r["line"] for r in scale] + [""]
+        lines += ["## The scale check (gpu_scale_check.sh)", ""] + [r["line"] for r in scale] + [""]
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from hfdist.config import Config, parse_layers
 from hfdist.errors import HfdistError
-from hfdist.models import decoder_layers, load_model, model_class_for
+from hfdist.models import decoder_layers, load_model, model_from_config
 from hfdist.shards import global_numel
 
 ADAPTER_NAME = "default"  # peft's name of the one adapter
@@ -96,11 +96,8 @@ def one_block_model(hf_config) -> nn.Module:
     """The model of ``hf_config`` cut to one decoder block, on the meta device: its module names, no memory."""
     small = copy.deepcopy(hf_config)
     small.num_hidden_layers = 1
-    model_class = model_class_for(small)
     with torch.device("meta"):
-        if hasattr(model_class, "from_config"):
-            return model_class.from_config(small)
-        return model_class._from_config(small)
+        return model_from_config(small)
 
 
 def blocks_name(lm: nn.Module) -> str:

@@ -343,6 +343,15 @@ def model_class_for(hf_config):
     return AutoModelForCausalLM
 
 
+def model_from_config(hf_config, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False):
+    """A causal model of ``hf_config`` with fresh weights on the current default device (``model_class_for``: an
+    Auto class builds with ``from_config``, a concrete class such as ImageGPT's with ``_from_config``)."""
+    model_class = model_class_for(hf_config)
+    if hasattr(model_class, "from_config"):  # an Auto class
+        return model_class.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model_class._from_config(hf_config, dtype=dtype)
+
+
 def _concrete_class(cls, hf_config):
     """The model class an Auto class would instantiate (for its attention-support flags)."""
     mapping = getattr(cls, "_model_mapping", None)
@@ -425,13 +434,7 @@ def load_model(config: ModelConfig, device: torch.device = torch.device("cpu")) 
     if config.init == "random" or device.type == "meta":
         hf_config._attn_implementation = attn
         with torch.device(device):
-            if hasattr(model_class, "from_config"):  # an Auto class
-                model = model_class.from_config(
-                    hf_config, dtype=dtype, trust_remote_code=config.trust_remote_code
-                )
-            else:
-                model = model_class._from_config(hf_config, dtype=dtype)
-        return model
+            return model_from_config(hf_config, dtype, config.trust_remote_code)
     path = resolve_model_path(config.path)
     kwargs = dict(
         dtype=dtype,

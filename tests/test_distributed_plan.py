@@ -488,3 +488,14 @@ def test_plan_and_launch_check_what_trains_against_the_model(sets, message):
     with pytest.raises(HfdistError) as plan:
         make_plan(config, Cluster(nodes=4, gpus_per_node=8))
     assert message in str(launch.value) and str(plan.value) == str(launch.value)
+
+
+def test_plan_of_an_image_model_counts_its_parameters():
+    """ImageGPT has no Auto causal-LM class and GPT-2-style config names: the plan builds it all the same."""
+    from hfdist.models import load_model
+
+    config = load_config(REPO / "configs" / "demo-image.yaml")
+    plan = make_plan(config, Cluster(nodes=1, gpus_per_node=1))
+    model = load_model(config.model, torch.device("meta"))
+    assert plan.num_parameters == sum(p.numel() for p in model.parameters())
+    assert plan.fits

@@ -130,3 +130,14 @@ def test_every_relative_link_resolves():
             elif anchor and anchor not in heading_anchors(linked):
                 broken.append(f"{path.relative_to(ROOT)} -> {target} (no such heading)")
     assert not broken, broken
+
+
+def test_a_benchmarks_provenance_satisfies_the_renderer():
+    """What the benchmark scripts write (benchmarks/provenance.py) is what the renderer requires of a results file."""
+    spec = importlib.util.spec_from_file_location("provenance", ROOT / "benchmarks" / "provenance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    block = module.provenance()
+    found = renderer().provenance({"provenance": block}, "fresh.json")
+    assert re.fullmatch(r"[0-9a-f]{40}", found["commit"]) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", found["date"])
+    assert "torch" in found["versions"] and found["machine"]

@@ -53,7 +53,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
-from transformers import AutoModelForCausalLM
 
 from hfdist.adapters import apply_trainable, describe_trains, is_adapter_parameter, training_setup
 from hfdist.config import Config
@@ -68,7 +67,7 @@ from hfdist.distributed.parallelize import (
 from hfdist.errors import HfdistError
 from hfdist.export import export_dtype as export_dtype_of
 from hfdist.kernels.cross_entropy import fused_workspace
-from hfdist.models import HyperfitModel, decoder_layers, read_hf_config
+from hfdist.models import HyperfitModel, decoder_layers, model_from_config, read_hf_config
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -147,7 +146,7 @@ def meta_model(hf_config, dtype: torch.dtype, config: Optional[Config] = None):
     ``config``, transformed as the trainer transforms it (what trains: ``hfdist.adapters.apply_trainable``)."""
 
     with torch.device("meta"):  # a copy: from_config records the dtype in the config it is given
-        lm = AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), dtype=dtype)
+        lm = model_from_config(copy.deepcopy(hf_config), dtype)
     if config is not None:
         apply_trainable(lm, config, torch.device("meta"))
     return HyperfitModel(lm)
@@ -179,7 +178,10 @@ def model_shape(name: str, model) -> ModelShape:
         name=name,
         num_parameters=sum(p.numel() for p in model.parameters()),
         hidden=cfg.hidden_size,
-        intermediate=cfg.intermediate_size,
+        # GPT-2-style configs (ImageGPT) name the MLP width n_inner, None meaning 4 x hidden
+        intermediate=getattr(cfg, "intermediate_size", None)
+        or getattr(cfg, "n_inner", None)
+        or 4 * cfg.hidden_size,
         layers=cfg.num_hidden_layers,
         heads=heads,
         kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,

@@ -139,5 +139,7 @@ def test_a_benchmarks_provenance_satisfies_the_renderer():
     spec.loader.exec_module(module)
     block = module.provenance()
     found = renderer().provenance({"provenance": block}, "fresh.json")
-    assert re.fullmatch(r"[0-9a-f]{40}", found["commit"]) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", found["date"])
+    assert re.fullmatch(r"[0-9a-f]{40}", found["commit"]) and re.fullmatch(
+        r"\d{4}-\d{2}-\d{2}", found["date"]
+    )
     assert "torch" in found["versions"] and found["machine"]

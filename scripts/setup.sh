@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip setuptools wheel
-# The CPU build of torch 2.13.0 lies on this machine's disk; naming it first keeps pip from fetching a CUDA build.
+# torch first, pinned: where the index offers a CPU build, pip then keeps it rather than fetching a CUDA one.
 python -m pip install --quiet torch==2.13.0
 # DeepSpeed compiles nothing at install time (its ops are built just in time when first used).
 DS_BUILD_OPS=0 python -m pip install --quiet -e ".[dev,deepspeed,mpi,bench,images]"

@@ -19,11 +19,10 @@ from pathlib import Path
 
 from provenance import provenance
 
-RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(RESULTS.parents[1]))  # the checkout's hfdist, for the report's row labels
+from hfdist.io import atomic_write_json
+from hfdist.report import row_labels
 
-from hfdist.io import atomic_write_json  # noqa: E402
-from hfdist.report import row_labels  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # The decoding rows' measures: (column, report key, digits); a share is printed as a percentage.
 GENERATION_COLUMNS = [

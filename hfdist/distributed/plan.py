@@ -467,9 +467,12 @@ def model_state(
     return ModelState(state, offloaded, ways, local, last_rank, formula, source)
 
 
-def transient_bytes(config: Config, shape: ModelShape, tp: int, precision: Precision, tokens: int) -> float:
-    """What one GPU rank holds for a moment (see the module docstring): the backend's gathered units or buckets,
-    the fused loss's workspace, and tensor parallelism's all-reduce buffers."""
+def transient_bytes(
+    config: Config, shape: ModelShape, tp: int, precision: Precision, tokens: int, knobs: dict
+) -> float:
+    """What one GPU rank holds for a moment (see the module docstring): the backend's gathered units or buckets
+    (ZeRO-3: sized by ``knobs``, ``_deepspeed_knobs``), the fused loss's workspace, and tensor parallelism's
+    all-reduce buffers."""
     backend, compute_bytes = config.distributed.backend, precision.compute_bytes
     if backend == "fsdp":
         reduce_bytes = 4 if precision.mixed else precision.param_bytes
@@ -482,7 +485,6 @@ def transient_bytes(config: Config, shape: ModelShape, tp: int, precision: Preci
             + shape.largest_unit_trainable_numel * (compute_bytes + reduce_bytes)
         ) / tp
     elif backend == "deepspeed":
-        knobs = _deepspeed_knobs(config.distributed.deepspeed_config)
         live = min(knobs["stage3_max_live_parameters"], shape.num_parameters)
         transient = (
             shape.lm_head_numel * compute_bytes
@@ -552,11 +554,10 @@ def disk_usage(config: Config, shape: ModelShape, precision: Precision, export_d
     }
 
 
-def plan_settings(config: Config, precision: Precision) -> dict:
+def plan_settings(config: Config, precision: Precision, knobs: dict) -> dict:
     """The dtypes, the ZeRO-3 knobs the estimates read, and the switches that change the estimates."""
     dcfg, tcfg = config.distributed, config.train
     if dcfg.backend == "deepspeed":
-        knobs = _deepspeed_knobs(dcfg.deepspeed_config)
         dtypes = {
             "param_dtype": "bfloat16" if precision.mixed else "float32",
             "master_dtype": "float32",
@@ -638,7 +639,10 @@ def make_plan(
 
     state = model_state(config, cluster, layout, model, shape, precision, cache)
     activation = activation_bytes_per_token(shape, precision.compute_bytes, tcfg.activation_checkpointing, tp)
-    transient = transient_bytes(config, shape, tp, precision, tokens)
+    # ZeRO-3's bucket and prefetch sizes, read once from its JSON (the transients and the settings use them)
+    deepspeed = config.distributed.backend == "deepspeed"
+    knobs = _deepspeed_knobs(config.distributed.deepspeed_config) if deepspeed else {}
+    transient = transient_bytes(config, shape, tp, precision, tokens, knobs)
     per_gpu = {
         "params_gib": state.on_gpu["params"] / GIB,
         "grads_gib": state.on_gpu["grads"] / GIB,
@@ -680,7 +684,7 @@ def make_plan(
         micro_batch_size=tcfg.micro_batch_size,
         accumulation_steps=tcfg.global_batch_size // (tcfg.micro_batch_size * layout.dp_size),
         seq_len=config.data.seq_len,
-        settings=plan_settings(config, precision),
+        settings=plan_settings(config, precision, knobs),
         model_state_check=state.check(),
         notes=plan_notes(config, cluster, shape, per_gpu, host, activation, tp),
     )
